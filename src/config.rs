@@ -1,0 +1,727 @@
+//! Typed configuration: the built-in defaults (`config/default.toml`), an optional file, then
+//! environment overrides (contract §6), then `validate()`.
+//!
+//! Every key exists in `config/default.toml`; that file is the single list of keys and defaults, so
+//! an environment variable or file key that is not there is an error naming it, never ignored.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::{Table, Value};
+
+/// The defaults, compiled in so that the binary runs without any file beside it.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of the per-key environment overrides: `SWR_STAGE_WORKER__<SECTION>__<KEY>`.
+const ENV_PREFIX: &str = "SWR_STAGE_WORKER__";
+
+/// Everything that can go wrong while loading configuration; each names the key or file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{origin}: unknown key `{key}` (every key is listed in config/default.toml)")]
+    UnknownKey { origin: String, key: String },
+    #[error("{origin}: key `{key}` expects {expected}, got {got:?}")]
+    BadOverride {
+        origin: String,
+        key: String,
+        expected: &'static str,
+        got: String,
+    },
+    #[error("configuration: {0}")]
+    Shape(String),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// A value that must never be printed: tokens, passwords. `Debug` and `Display` redact it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The only way to read the value; grep for it to audit where a secret goes.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+/// The whole configuration, one struct per section of `config/default.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Broker connection and topology names.
+    pub amqp: AmqpConfig,
+    /// Where SWR is and how to authenticate.
+    pub swr: SwrConfig,
+    /// Per-attempt HTTP limits.
+    pub http: HttpConfig,
+    /// The retry schedule for transient failures.
+    pub retry: RetryConfig,
+    /// Parallelism and identity of this worker.
+    pub worker: WorkerConfig,
+    /// Input size limits.
+    pub limits: LimitsConfig,
+    /// The idempotency store.
+    pub idempotency: IdempotencyConfig,
+    /// Drain behaviour on SIGTERM/SIGINT.
+    pub shutdown: ShutdownConfig,
+    /// Log level and format.
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// Broker URL; holds the password, so it is a secret (see [`redact_url`] for logging).
+    pub url: Secret,
+    /// Queue consumed for requests.
+    pub request_queue: String,
+    /// Extra exchanges bound to the request queue (routing key = queue name).
+    pub request_exchanges: Vec<String>,
+    /// Fanout exchange for unreadable or invalid requests.
+    pub dead_letter_exchange: String,
+    /// Queue bound to the DLX.
+    pub dead_letter_queue: String,
+    /// Topic exchange for outcomes.
+    pub results_exchange: String,
+    /// Connection name shown by the broker, so operators (and tests) can find this connection.
+    pub connection_name: String,
+    /// Handshake limit per connection attempt.
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Limit for a publisher confirm; past it the delivery is requeued.
+    #[serde(deserialize_with = "duration")]
+    pub confirm_timeout: Duration,
+    /// Cap on the pause between reconnection attempts.
+    #[serde(deserialize_with = "duration")]
+    pub reconnect_max_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwrConfig {
+    /// Base URL of the SWR API.
+    pub endpoint: String,
+    /// Token source settings.
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Which token source to use; only "static" exists today.
+    pub kind: String,
+    /// The static token.
+    pub token: Secret,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Whole-attempt limit.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// TCP connect limit.
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Cap on the answer body read, so a misbehaving server cannot make us buffer without bound.
+    pub max_response_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// First back-off interval.
+    #[serde(deserialize_with = "duration")]
+    pub initial_interval: Duration,
+    /// Growth factor per attempt.
+    pub multiplier: f64,
+    /// Cap on one interval.
+    #[serde(deserialize_with = "duration")]
+    pub max_interval: Duration,
+    /// Budget for all attempts of one job.
+    #[serde(deserialize_with = "duration")]
+    pub max_elapsed: Duration,
+    /// Most attempts for one job.
+    pub max_attempts: u32,
+    /// Jitter fraction.
+    pub randomization_factor: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Jobs at once, and the prefetch.
+    pub concurrency: u32,
+    /// Worker name in outcomes; empty means hostname/pid.
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest accepted request body.
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// "embedded", "postgres" or "off".
+    pub backend: String,
+    /// SQLite file for the embedded backend.
+    pub path: String,
+    /// PostgreSQL URL (may hold a password).
+    pub url: Secret,
+    /// Lifetime of records.
+    #[serde(deserialize_with = "duration")]
+    pub ttl: Duration,
+    /// Claim lease.
+    #[serde(deserialize_with = "duration")]
+    pub lease: Duration,
+    /// Longest wait of a duplicate for the running copy.
+    #[serde(deserialize_with = "duration")]
+    pub hold: Duration,
+    /// Pruning period.
+    #[serde(deserialize_with = "duration")]
+    pub prune_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Drain budget for in-flight jobs.
+    #[serde(deserialize_with = "duration")]
+    pub grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Default filter when RUST_LOG is unset.
+    pub level: String,
+    /// "text" or "json".
+    pub format: String,
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "expected a duration such as \"200ms\", \"30s\", \"5m\", \"7d\", got {text:?} ({e})"
+        ))
+    })
+}
+
+impl Config {
+    /// Loads the defaults, then `file` (if any), then the given environment, and validates.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: Table = DEFAULT_TOML
+            .parse()
+            .expect("config/default.toml is valid TOML");
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let overlay: Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                        path: path.to_owned(),
+                        message: e.message().to_owned(),
+                    })?;
+            merge(&mut table, overlay, &path.display().to_string(), "")?;
+        }
+        for (name, raw) in env {
+            let key = match name.as_str() {
+                "AMQP_URL" => "amqp.url".to_owned(),
+                "SWR_ENDPOINT" => "swr.endpoint".to_owned(),
+                "SWR_AUTH_TOKEN" => "swr.auth.token".to_owned(),
+                _ => match name.strip_prefix(ENV_PREFIX) {
+                    Some(rest) => rest.to_ascii_lowercase().replace("__", "."),
+                    None => continue,
+                },
+            };
+            set_from_env(&mut table, &name, &key, &raw)?;
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(Value::Table(table)).map_err(|e| {
+                ConfigError::Shape(format!("key `{}`: {}", e.path(), e.inner().message()))
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Loads from the process: `--config` path (or SWR_STAGE_WORKER_CONFIG) and the environment.
+    pub fn from_process(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let env_file = std::env::var_os("SWR_STAGE_WORKER_CONFIG").map(PathBuf::from);
+        Config::load(file.or(env_file.as_deref()), std::env::vars())
+    }
+
+    /// Checks every value a type cannot express; the error names the key and what is allowed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        }
+        let url = self.amqp.url.expose();
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return invalid("amqp.url", "expected an amqp:// or amqps:// URL");
+        }
+        for (key, name) in [
+            ("amqp.request_queue", &self.amqp.request_queue),
+            ("amqp.dead_letter_exchange", &self.amqp.dead_letter_exchange),
+            ("amqp.dead_letter_queue", &self.amqp.dead_letter_queue),
+            ("amqp.results_exchange", &self.amqp.results_exchange),
+        ] {
+            if name.is_empty() || name.len() > 255 {
+                return invalid(key, "expected a name of 1..=255 bytes");
+            }
+        }
+        if self.amqp.request_exchanges.iter().any(|e| e.is_empty()) {
+            return invalid(
+                "amqp.request_exchanges",
+                "expected exchange names, not empty strings (the default exchange is always bound)",
+            );
+        }
+        let endpoint = &self.swr.endpoint;
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+            || reqwest::Url::parse(endpoint).is_err()
+        {
+            return invalid(
+                "swr.endpoint",
+                format!("expected an http:// or https:// base URL, got {endpoint:?}"),
+            );
+        }
+        if self.swr.auth.kind != "static" {
+            return invalid(
+                "swr.auth.kind",
+                format!("expected \"static\", got {:?}", self.swr.auth.kind),
+            );
+        }
+        for (key, value) in [
+            ("amqp.connect_timeout", self.amqp.connect_timeout),
+            ("amqp.confirm_timeout", self.amqp.confirm_timeout),
+            (
+                "amqp.reconnect_max_interval",
+                self.amqp.reconnect_max_interval,
+            ),
+            ("http.timeout", self.http.timeout),
+            ("http.connect_timeout", self.http.connect_timeout),
+            ("retry.initial_interval", self.retry.initial_interval),
+            ("retry.max_interval", self.retry.max_interval),
+            ("retry.max_elapsed", self.retry.max_elapsed),
+            ("idempotency.ttl", self.idempotency.ttl),
+            ("idempotency.lease", self.idempotency.lease),
+            ("idempotency.hold", self.idempotency.hold),
+            (
+                "idempotency.prune_interval",
+                self.idempotency.prune_interval,
+            ),
+        ] {
+            if value.is_zero() {
+                return invalid(key, "expected a duration greater than zero");
+            }
+        }
+        if self.retry.max_interval < self.retry.initial_interval {
+            return invalid(
+                "retry.max_interval",
+                "expected a value at least retry.initial_interval",
+            );
+        }
+        if !(self.retry.multiplier >= 1.0 && self.retry.multiplier.is_finite()) {
+            return invalid("retry.multiplier", "expected a number >= 1.0");
+        }
+        if !(0.0..=1.0).contains(&self.retry.randomization_factor) {
+            return invalid(
+                "retry.randomization_factor",
+                "expected a number in 0.0..=1.0",
+            );
+        }
+        if self.retry.max_attempts == 0 {
+            return invalid("retry.max_attempts", "expected at least 1");
+        }
+        if !(1..=65535).contains(&self.worker.concurrency) {
+            return invalid(
+                "worker.concurrency",
+                "expected 1..=65535 (it is also the AMQP prefetch count)",
+            );
+        }
+        if self.limits.max_message_bytes == 0 {
+            return invalid("limits.max_message_bytes", "expected at least 1");
+        }
+        if self.http.max_response_bytes == 0 {
+            return invalid("http.max_response_bytes", "expected at least 1");
+        }
+        let idem = &self.idempotency;
+        match idem.backend.as_str() {
+            "off" => {}
+            "embedded" if idem.path.is_empty() => {
+                return invalid(
+                    "idempotency.path",
+                    "expected a file path for the embedded store",
+                )
+            }
+            "embedded" => {}
+            "postgres"
+                if !idem.url.expose().starts_with("postgres://")
+                    && !idem.url.expose().starts_with("postgresql://") =>
+            {
+                return invalid(
+                    "idempotency.url",
+                    "expected a postgres:// URL when idempotency.backend = \"postgres\"",
+                )
+            }
+            "postgres" => {}
+            other => {
+                return invalid(
+                    "idempotency.backend",
+                    format!("expected \"embedded\", \"postgres\" or \"off\", got {other:?}"),
+                )
+            }
+        }
+        let longest_job = self.retry.max_elapsed + self.http.timeout;
+        if idem.lease <= longest_job {
+            return invalid(
+                "idempotency.lease",
+                format!(
+                    "expected more than retry.max_elapsed + http.timeout ({}), or a second worker could take over a job that is still running",
+                    humantime::format_duration(longest_job)
+                ),
+            );
+        }
+        if idem.ttl < idem.lease {
+            return invalid("idempotency.ttl", "expected at least idempotency.lease");
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return invalid(
+                "log.format",
+                format!("expected \"text\" or \"json\", got {:?}", self.log.format),
+            );
+        }
+        Ok(())
+    }
+
+    /// The checks that only matter when the worker will call SWR (not for `sim` or `submit`).
+    pub fn validate_for_worker(&self) -> Result<(), ConfigError> {
+        if self.swr.auth.kind == "static" && self.swr.auth.token.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "swr.auth.token",
+                message: "expected a token: set SWR_AUTH_TOKEN (or swr.auth.token)".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The name this worker gives itself in outcomes and logs.
+    pub fn worker_id(&self) -> String {
+        if !self.worker.id.is_empty() {
+            return self.worker.id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unknown-host".to_owned());
+        format!("{host}/{}", std::process::id())
+    }
+}
+
+/// Deep-merges `overlay` into `base`, refusing keys that `base` (the defaults) does not have.
+fn merge(base: &mut Table, overlay: Table, origin: &str, prefix: &str) -> Result<(), ConfigError> {
+    for (key, value) in overlay {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match (base.get_mut(&key), value) {
+            (None, _) => {
+                return Err(ConfigError::UnknownKey {
+                    origin: origin.to_owned(),
+                    key: path,
+                })
+            }
+            (Some(Value::Table(inner)), Value::Table(over)) => merge(inner, over, origin, &path)?,
+            (Some(slot), value) => *slot = value,
+        }
+    }
+    Ok(())
+}
+
+/// Sets one key from an environment variable, converting the text to the default's type.
+fn set_from_env(table: &mut Table, var: &str, key: &str, raw: &str) -> Result<(), ConfigError> {
+    let unknown = || ConfigError::UnknownKey {
+        origin: format!("environment variable {var}"),
+        key: key.to_owned(),
+    };
+    let mut parts = key.split('.').peekable();
+    let mut current = table;
+    let slot = loop {
+        let part = parts.next().ok_or_else(unknown)?;
+        let entry = current.get_mut(part).ok_or_else(unknown)?;
+        if parts.peek().is_none() {
+            break entry;
+        }
+        current = match entry {
+            Value::Table(inner) => inner,
+            _ => return Err(unknown()),
+        };
+    };
+    let bad = |expected: &'static str| ConfigError::BadOverride {
+        origin: format!("environment variable {var}"),
+        key: key.to_owned(),
+        expected,
+        // Never echo a secret back, even in an error.
+        got: if key.ends_with("token") || key.ends_with("url") || key.ends_with("password") {
+            "<redacted>".into()
+        } else {
+            raw.to_owned()
+        },
+    };
+    *slot = match slot {
+        Value::String(_) => Value::String(raw.to_owned()),
+        Value::Integer(_) => Value::Integer(raw.trim().parse().map_err(|_| bad("an integer"))?),
+        Value::Float(_) => Value::Float(raw.trim().parse().map_err(|_| bad("a number"))?),
+        Value::Boolean(_) => Value::Boolean(raw.trim().parse().map_err(|_| bad("true or false"))?),
+        Value::Array(_) => Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_owned()))
+                .collect(),
+        ),
+        Value::Table(_) | Value::Datetime(_) => return Err(unknown()),
+    };
+    Ok(())
+}
+
+/// An AMQP URL with its password replaced, for log lines.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "<unparsable url>".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_match_the_contract() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.amqp.request_queue, "swr.stage.requests");
+        assert_eq!(c.amqp.dead_letter_exchange, "swr.stage.dlx");
+        assert_eq!(c.amqp.dead_letter_queue, "swr.stage.dead");
+        assert_eq!(c.amqp.results_exchange, "swr.stage.results");
+        assert_eq!(c.worker.concurrency, 64);
+        assert_eq!(c.retry.max_attempts, 8);
+        assert_eq!(c.retry.initial_interval, Duration::from_millis(200));
+        assert_eq!(c.retry.max_elapsed, Duration::from_secs(300));
+        assert_eq!(c.http.timeout, Duration::from_secs(10));
+        assert_eq!(c.limits.max_message_bytes, 65536);
+        assert_eq!(c.shutdown.grace, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn environment_overrides_use_double_underscores_and_named_variables() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("SWR_STAGE_WORKER__RETRY__MAX_ATTEMPTS", "3"),
+                ("SWR_STAGE_WORKER__RETRY__MAX_ELAPSED", "90s"),
+                ("SWR_STAGE_WORKER__IDEMPOTENCY__TTL", "14d"),
+                ("SWR_STAGE_WORKER__AMQP__REQUEST_QUEUE", "q1"),
+                ("SWR_STAGE_WORKER__SWR__AUTH__KIND", "static"),
+                ("AMQP_URL", "amqp://u:p@h:1/%2f"),
+                ("SWR_ENDPOINT", "http://127.0.0.1:1"),
+                ("SWR_AUTH_TOKEN", "tok"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.retry.max_attempts, 3);
+        assert_eq!(c.retry.max_elapsed, Duration::from_secs(90));
+        assert_eq!(c.idempotency.ttl, Duration::from_secs(14 * 86400));
+        assert_eq!(c.amqp.request_queue, "q1");
+        assert_eq!(c.amqp.url.expose(), "amqp://u:p@h:1/%2f");
+        assert_eq!(c.swr.endpoint, "http://127.0.0.1:1");
+        assert_eq!(c.swr.auth.token.expose(), "tok");
+    }
+
+    #[test]
+    fn unknown_environment_key_is_named() {
+        let err = Config::load(None, env(&[("SWR_STAGE_WORKER__RETRY__MAX_ATEMPTS", "3")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retry.max_atempts"), "{err}");
+        assert!(
+            err.contains("SWR_STAGE_WORKER__RETRY__MAX_ATEMPTS"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_typed_override_names_key_and_expectation() {
+        let err = Config::load(
+            None,
+            env(&[("SWR_STAGE_WORKER__WORKER__CONCURRENCY", "many")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("worker.concurrency") && err.contains("an integer"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_duration_names_key() {
+        let err = Config::load(None, env(&[("SWR_STAGE_WORKER__HTTP__TIMEOUT", "soon")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("timeout") && err.contains("duration"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_key_and_range() {
+        for (var, value, key) in [
+            (
+                "SWR_STAGE_WORKER__WORKER__CONCURRENCY",
+                "0",
+                "worker.concurrency",
+            ),
+            (
+                "SWR_STAGE_WORKER__WORKER__CONCURRENCY",
+                "70000",
+                "worker.concurrency",
+            ),
+            (
+                "SWR_STAGE_WORKER__RETRY__MAX_ATTEMPTS",
+                "0",
+                "retry.max_attempts",
+            ),
+            (
+                "SWR_STAGE_WORKER__RETRY__MULTIPLIER",
+                "0.5",
+                "retry.multiplier",
+            ),
+            ("SWR_STAGE_WORKER__HTTP__TIMEOUT", "0s", "http.timeout"),
+            ("SWR_ENDPOINT", "ftp://x", "swr.endpoint"),
+            ("AMQP_URL", "http://x", "amqp.url"),
+            ("SWR_STAGE_WORKER__LOG__FORMAT", "xml", "log.format"),
+            (
+                "SWR_STAGE_WORKER__SWR__AUTH__KIND",
+                "magic",
+                "swr.auth.kind",
+            ),
+            (
+                "SWR_STAGE_WORKER__IDEMPOTENCY__BACKEND",
+                "redis",
+                "idempotency.backend",
+            ),
+            (
+                "SWR_STAGE_WORKER__IDEMPOTENCY__LEASE",
+                "1m",
+                "idempotency.lease",
+            ),
+        ] {
+            let err = Config::load(None, env(&[(var, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn file_overlay_merges_and_refuses_unknown_keys() {
+        let dir = std::env::temp_dir().join(format!("swr-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(
+            &good,
+            "[retry]\nmax_attempts = 4\n[swr.auth]\ntoken = \"t\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&good), env(&[])).unwrap();
+        assert_eq!(c.retry.max_attempts, 4);
+        assert_eq!(c.retry.multiplier, 2.0, "untouched keys keep defaults");
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "[retry]\nmax_attempt = 4\n").unwrap();
+        let err = Config::load(Some(&bad), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("retry.max_attempt"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn worker_needs_a_token_and_secrets_do_not_print() {
+        let c = Config::load(None, env(&[("SWR_AUTH_TOKEN", "very-secret")])).unwrap();
+        c.validate_for_worker().unwrap();
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("very-secret"), "{printed}");
+        assert!(!printed.contains("guest:guest"), "{printed}");
+        let c = Config::load(None, env(&[])).unwrap();
+        assert!(c
+            .validate_for_worker()
+            .unwrap_err()
+            .to_string()
+            .contains("SWR_AUTH_TOKEN"));
+        let err = Config::load(None, env(&[("AMQP_URL", "nope://user:pw@x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("pw"), "{err}");
+    }
+
+    #[test]
+    fn redact_url_hides_password() {
+        assert_eq!(
+            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+    }
+}

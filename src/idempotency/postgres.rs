@@ -1,0 +1,249 @@
+//! The fleet store: a PostgreSQL table shared by every worker. Each claim is one
+//! `INSERT … ON CONFLICT DO UPDATE … WHERE` statement, which PostgreSQL runs atomically under
+//! the row lock, so two workers can never both take a live key. Times come from the database's
+//! clock, so workers with skewed clocks still agree on leases.
+//!
+//! One connection, pipelined (tokio-postgres sends concurrent queries without waiting for each
+//! other); it is re-opened on the next call after it breaks.
+
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use std::sync::Arc;
+
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, NoTls};
+
+use super::{Claim, Store, StoreError};
+use crate::config::{redact_url, IdempotencyConfig, Secret};
+use crate::outcome::Outcome;
+
+/// Limit for connecting and for any one statement.
+const OP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Versioned migrations, applied in order inside one transaction each.
+const MIGRATIONS: [&str; 1] = ["CREATE TABLE IF NOT EXISTS swr_stage_idempotency (
+         key         TEXT PRIMARY KEY,
+         fingerprint TEXT NOT NULL,
+         state       TEXT NOT NULL CHECK (state IN ('running', 'finished')),
+         owner       TEXT NOT NULL,
+         lease_until TIMESTAMPTZ NOT NULL,
+         outcome     TEXT,
+         expires_at  TIMESTAMPTZ NOT NULL
+     );
+     CREATE INDEX IF NOT EXISTS swr_stage_idempotency_expires ON swr_stage_idempotency (expires_at);"];
+
+/// The PostgreSQL-backed store.
+pub struct PostgresStore {
+    /// Connection URL (may hold a password).
+    url: Secret,
+    /// The live connection, if any.
+    client: Mutex<Option<Arc<Client>>>,
+    /// Claim lease in milliseconds.
+    lease_ms: i64,
+    /// Record lifetime in milliseconds.
+    ttl_ms: i64,
+}
+
+impl PostgresStore {
+    /// Connects and applies the migrations.
+    pub async fn connect(config: &IdempotencyConfig) -> Result<PostgresStore, StoreError> {
+        let store = PostgresStore {
+            url: config.url.clone(),
+            client: Mutex::new(None),
+            lease_ms: i64::try_from(config.lease.as_millis()).unwrap_or(i64::MAX),
+            ttl_ms: i64::try_from(config.ttl.as_millis()).unwrap_or(i64::MAX),
+        };
+        let client = store.open().await?;
+        *store.client.lock().await = Some(Arc::new(client));
+        Ok(store)
+    }
+
+    async fn open(&self) -> Result<Client, StoreError> {
+        let shown = redact_url(self.url.expose());
+        let (mut client, connection) = tokio::time::timeout(
+            OP_TIMEOUT,
+            tokio_postgres::connect(self.url.expose(), NoTls),
+        )
+        .await
+        .map_err(|_| {
+            StoreError(format!(
+                "cannot connect to PostgreSQL at {shown}: no answer within {OP_TIMEOUT:?}"
+            ))
+        })?
+        .map_err(|e| StoreError(format!("cannot connect to PostgreSQL at {shown}: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "PostgreSQL connection closed");
+            }
+        });
+        let migrate = async {
+            client
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS swr_stage_schema (version INTEGER NOT NULL)",
+                )
+                .await?;
+            let tx = client.transaction().await?;
+            // One migrator at a time across the fleet.
+            tx.batch_execute("LOCK TABLE swr_stage_schema IN EXCLUSIVE MODE")
+                .await?;
+            let current: i32 = tx
+                .query_opt("SELECT version FROM swr_stage_schema", &[])
+                .await?
+                .map_or(0, |row| row.get(0));
+            for (index, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+                tx.batch_execute(sql).await?;
+                let version = index as i32 + 1;
+                tx.execute("DELETE FROM swr_stage_schema", &[]).await?;
+                tx.execute(
+                    "INSERT INTO swr_stage_schema (version) VALUES ($1)",
+                    &[&version],
+                )
+                .await?;
+            }
+            tx.commit().await
+        };
+        tokio::time::timeout(OP_TIMEOUT, migrate)
+            .await
+            .map_err(|_| {
+                StoreError(format!(
+                    "migrating {shown}: no answer within {OP_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(|e| StoreError(format!("migrating {shown}: {e}")))?;
+        Ok(client)
+    }
+
+    /// The live connection, re-opened first if it broke (one reconnect at a time).
+    async fn client(&self) -> Result<Arc<Client>, StoreError> {
+        let mut guard = self.client.lock().await;
+        if let Some(client) = guard.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(client.clone());
+        }
+        let client = Arc::new(self.open().await?);
+        *guard = Some(client.clone());
+        Ok(client)
+    }
+}
+
+/// Every statement is bounded in time; errors name PostgreSQL.
+async fn bounded<T>(
+    fut: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(OP_TIMEOUT, fut)
+        .await
+        .map_err(|_| StoreError(format!("PostgreSQL gave no answer within {OP_TIMEOUT:?}")))?
+        .map_err(|e| StoreError(format!("PostgreSQL: {e}")))
+}
+
+impl Store for PostgresStore {
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        fingerprint: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(async move {
+            let (lease, ttl) = (self.lease_ms as f64, self.ttl_ms as f64);
+            // A row removed between the two statements (released) just means: try again.
+            for _ in 0..5 {
+                let client = self.client().await?;
+                let taken = bounded(client.query_opt(
+                    "INSERT INTO swr_stage_idempotency AS t (key, fingerprint, state, owner, lease_until, outcome, expires_at)
+                     VALUES ($1, $2, 'running', $3, now() + $4::float8 * interval '1 millisecond', NULL, now() + $5::float8 * interval '1 millisecond')
+                     ON CONFLICT (key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, state = 'running', owner = EXCLUDED.owner,
+                         lease_until = EXCLUDED.lease_until, outcome = NULL, expires_at = EXCLUDED.expires_at
+                     WHERE t.expires_at < now()
+                        OR (t.state = 'running' AND t.lease_until < now() AND t.fingerprint = EXCLUDED.fingerprint)
+                     RETURNING (xmax <> 0) AS takeover",
+                    &[&key, &fingerprint, &owner, &lease, &ttl],
+                ))
+                .await?;
+                if let Some(row) = taken {
+                    return Ok(Claim::Acquired {
+                        takeover: row.get(0),
+                    });
+                }
+                let existing = bounded(client.query_opt(
+                    "SELECT fingerprint, state, owner, outcome FROM swr_stage_idempotency WHERE key = $1",
+                    &[&key],
+                ))
+                .await?;
+                let Some(row) = existing else { continue };
+                let (stored, state, holder, outcome): (String, String, String, Option<String>) =
+                    (row.get(0), row.get(1), row.get(2), row.get(3));
+                if stored != fingerprint && !stored.is_empty() {
+                    return Ok(Claim::Mismatch {
+                        fingerprint: stored,
+                    });
+                }
+                return match (state.as_str(), outcome) {
+                    ("finished", Some(json)) => serde_json::from_str::<Outcome>(&json)
+                        .map(|o| Claim::Finished(Box::new(o)))
+                        .map_err(|e| {
+                            StoreError(format!("stored outcome for this key is unreadable: {e}"))
+                        }),
+                    _ => Ok(Claim::InFlight { owner: holder }),
+                };
+            }
+            Err(StoreError(
+                "the key changed state five times during one claim".into(),
+            ))
+        })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        outcome: &'a Outcome,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let json = serde_json::to_string(outcome).expect("an outcome always serialises");
+        let ttl = self.ttl_ms as f64;
+        Box::pin(async move {
+            let client = self.client().await?;
+            bounded(client.execute(
+                "INSERT INTO swr_stage_idempotency AS t (key, fingerprint, state, owner, lease_until, outcome, expires_at)
+                 VALUES ($1, '', 'finished', '', now(), $2, now() + $3::float8 * interval '1 millisecond')
+                 ON CONFLICT (key) DO UPDATE SET state = 'finished', outcome = EXCLUDED.outcome, expires_at = EXCLUDED.expires_at
+                 WHERE t.state = 'running'",
+                &[&key, &json, &ttl],
+            ))
+            .await
+            .map(drop)
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            bounded(client.execute(
+                "DELETE FROM swr_stage_idempotency WHERE key = $1 AND owner = $2 AND state = 'running'",
+                &[&key, &owner],
+            ))
+            .await
+            .map(drop)
+        })
+    }
+
+    fn prune(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            bounded(client.execute(
+                "DELETE FROM swr_stage_idempotency WHERE expires_at < now()",
+                &[],
+            ))
+            .await
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            bounded(client.batch_execute("SELECT 1")).await
+        })
+    }
+}

@@ -1,0 +1,36 @@
+//! swr-stage-worker: a RabbitMQ job worker that retries or rolls back Huawei Cloud SWR pipeline
+//! steps. It consumes requests, calls SWR with an idempotency key and retries, publishes every
+//! outcome with publisher confirms, and acks a request only after its outcome is confirmed.
+//!
+//! The map (one job each):
+//! - [`config`]: typed configuration, built-in defaults, env overrides, validation.
+//! - [`request`]: the request message (contract §3): parse, validate, derive the idempotency key.
+//! - [`outcome`]: the outcome message (contract §4): fields, error kinds, routing key.
+//! - [`swr`]: the upstream: one attempt, the classification table (contract §1), token sources,
+//!   and `execute`, which drives attempts to a final answer.
+//! - [`retry`]: the retry schedule (backoff, Retry-After, limits); the only user of `backoff`.
+//! - [`idempotency`]: one execution per key: the store trait, embedded SQLite and PostgreSQL
+//!   stores, and the gate the worker asks before calling SWR.
+//! - [`amqp`]: connecting, declaring the topology (contract §2), confirmed publishing.
+//! - [`worker`]: one delivery: parse → key → execute → outcome → publish → ack/requeue decision.
+//! - [`service`]: the running worker: sessions, bounded consumption, reconnects, the drain.
+//! - [`shutdown`]: SIGTERM/SIGINT handling.
+//! - [`sim`]: the SWR simulator (faithful to the API, with fault injection) for tests and demos.
+//! - [`demo`]: the newcomer's first command.
+//! - [`telemetry`]: log set-up (text or JSON).
+//!
+//! The binary (`src/main.rs`) only parses arguments and calls into these modules.
+
+pub mod amqp;
+pub mod config;
+pub mod demo;
+pub mod idempotency;
+pub mod outcome;
+pub mod request;
+pub mod retry;
+pub mod service;
+pub mod shutdown;
+pub mod sim;
+pub mod swr;
+pub mod telemetry;
+pub mod worker;

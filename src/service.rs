@@ -1,0 +1,327 @@
+//! The running worker: connect, declare the topology, consume with bounded parallelism, hand
+//! each delivery to [`worker::process`], ack or requeue; reconnect when the broker goes away;
+//! drain on shutdown.
+//!
+//! Bounds: at most `worker.concurrency` deliveries are unacked (prefetch) and at most that many
+//! jobs run (a semaphore permit is taken *before* the next delivery is read), so memory is bounded
+//! by the prefetch, never by the queue depth.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::amqp::publisher::Publisher;
+use crate::amqp::topology::{self, TopologyError};
+use crate::amqp::{connect, ConnectError};
+use crate::config::Config;
+use crate::worker::{self, ContextError, Disposition, JobContext, REQUEUE_DELAY};
+
+/// First pause before reconnecting; doubles up to `amqp.reconnect_max_interval`.
+const RECONNECT_INITIAL: Duration = Duration::from_millis(500);
+
+/// Why the worker stopped with an error (a clean shutdown is `Ok`).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Context(#[from] ContextError),
+    #[error("topology: {0}")]
+    Topology(TopologyError),
+}
+
+/// Why one broker session ended.
+enum SessionEnd {
+    /// Shutdown was requested and the drain is done.
+    Stopped,
+    /// The broker went away or a channel broke: reconnect.
+    Lost(String),
+}
+
+/// Everything that lives as long as one connection.
+struct Session {
+    /// The connection; closed at the end of the session.
+    connection: Connection,
+    /// The channel deliveries arrive on (closing it requeues what is unacked).
+    consume_channel: Channel,
+    /// The delivery stream.
+    consumer: Consumer,
+    /// Confirm-mode channel for outcomes and DLQ copies.
+    publisher: Publisher,
+}
+
+/// Runs the worker until `shutdown` resolves, then drains and returns `Ok(())`.
+/// Broker outages are ridden out by reconnecting; only a topology mismatch (which needs an
+/// operator) ends it with an error.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let config = Arc::new(config);
+    let ctx = Arc::new(JobContext::new(config.clone()).await?);
+    let slots = Arc::new(Semaphore::new(config.worker.concurrency as usize));
+    let mut jobs: JoinSet<()> = JoinSet::new();
+    let broken = Arc::new(Notify::new());
+    let mut delay = RECONNECT_INITIAL;
+    tokio::pin!(shutdown);
+    tracing::info!(
+        worker = %ctx.worker_id,
+        queue = %config.amqp.request_queue,
+        concurrency = config.worker.concurrency,
+        swr = %config.swr.endpoint,
+        "worker starting"
+    );
+    loop {
+        let opened = tokio::select! {
+            opened = open_session(&config) => opened,
+            () = &mut shutdown => {
+                drain(&mut jobs, config.shutdown.grace).await;
+                return Ok(());
+            }
+        };
+        let end = match opened {
+            Ok(session) => {
+                delay = RECONNECT_INITIAL;
+                tracing::info!(queue = %config.amqp.request_queue, "consuming");
+                consume(&ctx, session, &mut shutdown, &slots, &mut jobs, &broken).await
+            }
+            Err(SessionError::Topology(e @ TopologyError::Mismatch { .. })) => {
+                return Err(RunError::Topology(e))
+            }
+            Err(e) => SessionEnd::Lost(e.to_string()),
+        };
+        match end {
+            SessionEnd::Stopped => return Ok(()),
+            SessionEnd::Lost(reason) => {
+                tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "broker session lost; reconnecting");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = &mut shutdown => {
+                        drain(&mut jobs, config.shutdown.grace).await;
+                        return Ok(());
+                    }
+                }
+                delay = (delay * 2).min(config.amqp.reconnect_max_interval);
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Topology(TopologyError),
+    #[error("opening channels: {0}")]
+    Channel(String),
+}
+
+async fn open_session(config: &Config) -> Result<Session, SessionError> {
+    let amqp = &config.amqp;
+    let limit = amqp.connect_timeout;
+    let connection = connect(&amqp.url, &amqp.connection_name, limit).await?;
+    let bounded = |what: &'static str| {
+        move |r: Result<Result<(), lapin::Error>, tokio::time::error::Elapsed>| match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(SessionError::Channel(format!("{what}: {e}"))),
+            Err(_) => Err(SessionError::Channel(format!(
+                "{what}: no answer within {limit:?}"
+            ))),
+        }
+    };
+    let setup = tokio::time::timeout(limit, connection.create_channel())
+        .await
+        .map_err(|_| SessionError::Channel(format!("create channel: no answer within {limit:?}")))?
+        .map_err(|e| SessionError::Channel(format!("create channel: {e}")))?;
+    match tokio::time::timeout(limit, topology::declare(&setup, amqp)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = connection.close(200, "topology error".into()).await;
+            return Err(SessionError::Topology(e));
+        }
+        Err(_) => {
+            return Err(SessionError::Channel(format!(
+                "declare topology: no answer within {limit:?}"
+            )))
+        }
+    }
+    let _ = tokio::time::timeout(limit, setup.close(200, "topology declared".into())).await;
+    let publisher = Publisher::open(&connection, amqp.confirm_timeout)
+        .await
+        .map_err(|e| SessionError::Channel(format!("publisher channel: {e}")))?;
+    let consume_channel = tokio::time::timeout(limit, connection.create_channel())
+        .await
+        .map_err(|_| SessionError::Channel(format!("create channel: no answer within {limit:?}")))?
+        .map_err(|e| SessionError::Channel(format!("create channel: {e}")))?;
+    // Prefetch = concurrency: the broker never hands us more than we can run at once.
+    bounded("basic.qos")(
+        tokio::time::timeout(
+            limit,
+            consume_channel.basic_qos(config.worker.concurrency as u16, BasicQosOptions::default()),
+        )
+        .await,
+    )?;
+    let consumer = tokio::time::timeout(
+        limit,
+        consume_channel.basic_consume(
+            amqp.request_queue.as_str().into(),
+            "".into(),
+            // Manual acks: a request is acked only after its outcome is confirmed.
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .map_err(|_| SessionError::Channel(format!("basic.consume: no answer within {limit:?}")))?
+    .map_err(|e| SessionError::Channel(format!("basic.consume: {e}")))?;
+    Ok(Session {
+        connection,
+        consume_channel,
+        consumer,
+        publisher,
+    })
+}
+
+async fn consume(
+    ctx: &Arc<JobContext>,
+    mut session: Session,
+    shutdown: &mut std::pin::Pin<&mut (impl Future<Output = ()> + Send)>,
+    slots: &Arc<Semaphore>,
+    jobs: &mut JoinSet<()>,
+    broken: &Arc<Notify>,
+) -> SessionEnd {
+    let end = loop {
+        while jobs.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            biased;
+            () = &mut *shutdown => break None,
+            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let next = tokio::select! {
+            biased;
+            () = &mut *shutdown => break None,
+            () = broken.notified() => break Some("the publisher channel broke".to_owned()),
+            next = session.consumer.next() => next,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                let (ctx, publisher, broken) =
+                    (ctx.clone(), session.publisher.clone(), broken.clone());
+                jobs.spawn(handle(ctx, publisher, delivery, permit, broken));
+            }
+            Some(Err(e)) => break Some(format!("consumer error: {e}")),
+            None => break Some("the broker cancelled the consumer".to_owned()),
+        }
+    };
+    match end {
+        Some(reason) => {
+            // In-flight jobs keep running; their acks go to a dead channel and the broker
+            // redelivers those requests. Close what is left of this session.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                session.connection.close(200, "reconnecting".into()),
+            )
+            .await;
+            SessionEnd::Lost(reason)
+        }
+        None => {
+            let limit = ctx.config.amqp.confirm_timeout;
+            let tag = session.consumer.tag();
+            let _ = tokio::time::timeout(
+                limit,
+                session
+                    .consume_channel
+                    .basic_cancel(tag, BasicCancelOptions::default()),
+            )
+            .await;
+            drain(jobs, ctx.config.shutdown.grace).await;
+            // Closing the consume channel requeues every delivery still unacked (aborted jobs,
+            // and deliveries prefetched but never started).
+            let _ =
+                tokio::time::timeout(limit, session.consume_channel.close(200, "shutdown".into()))
+                    .await;
+            session.publisher.close().await;
+            let _ =
+                tokio::time::timeout(limit, session.connection.close(200, "shutdown".into())).await;
+            tracing::info!("worker stopped");
+            SessionEnd::Stopped
+        }
+    }
+}
+
+/// Waits up to `grace` for in-flight jobs, then aborts the rest (their deliveries are requeued
+/// when the channel closes).
+async fn drain(jobs: &mut JoinSet<()>, grace: Duration) {
+    while jobs.try_join_next().is_some() {}
+    let in_flight = jobs.len();
+    if in_flight > 0 {
+        tracing::info!(
+            in_flight,
+            grace_ms = grace.as_millis() as u64,
+            "waiting for in-flight jobs"
+        );
+    }
+    let finished =
+        tokio::time::timeout(grace, async { while jobs.join_next().await.is_some() {} }).await;
+    if finished.is_err() {
+        tracing::warn!(
+            left = jobs.len(),
+            "shutdown.grace ran out; requeueing unfinished jobs"
+        );
+        jobs.abort_all();
+        while jobs.join_next().await.is_some() {}
+    }
+}
+
+/// One job: process, then ack or requeue. The permit is held until the delivery is settled.
+async fn handle(
+    ctx: Arc<JobContext>,
+    publisher: Publisher,
+    delivery: Delivery,
+    permit: OwnedSemaphorePermit,
+    broken: Arc<Notify>,
+) {
+    let limit = ctx.config.amqp.confirm_timeout;
+    match worker::process(&ctx, &publisher, &delivery).await {
+        Disposition::Ack => {
+            settle("ack", limit, delivery.acker.ack(BasicAckOptions::default())).await
+        }
+        Disposition::Requeue(reason) => {
+            tracing::warn!(%reason, "requeueing the request");
+            if !publisher.is_usable() {
+                broken.notify_one();
+            }
+            tokio::time::sleep(REQUEUE_DELAY).await;
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            settle("nack", limit, delivery.acker.nack(requeue)).await;
+        }
+    }
+    drop(permit);
+}
+
+/// Awaits an ack or nack within `limit`; a failure only means the broker will redeliver.
+async fn settle(
+    what: &str,
+    limit: Duration,
+    fut: impl Future<Output = Result<bool, lapin::Error>>,
+) {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "{what} failed; the broker will redeliver this request")
+        }
+        Err(_) => tracing::warn!("{what} timed out; the broker will redeliver this request"),
+    }
+}

@@ -1,0 +1,163 @@
+//! One HTTP attempt against SWR: build the call of contract §1, send it with the per-attempt
+//! timeout, and read the answer (bounded). No retry logic and no classification here.
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{HeaderValue, CONTENT_LENGTH};
+
+use crate::config::{HttpConfig, Secret};
+use crate::request::{Mode, StageRequest, ROLLBACK_SOURCE};
+use crate::retry::parse_retry_after;
+use crate::swr::classify::parse_error_body;
+
+/// What SWR answered to one attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// `error_code` from the body, in any of Huawei's shapes.
+    pub error_code: Option<String>,
+    /// `error_msg` from the body.
+    pub error_msg: Option<String>,
+    /// `X-Request-Id` header: how Huawei support finds the call.
+    pub request_id: Option<String>,
+    /// `Retry-After`, as a duration from now.
+    pub retry_after: Option<Duration>,
+}
+
+/// An attempt that got no answer.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum AttemptError {
+    /// The per-attempt timeout (`http.timeout`) ran out.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// Connect error, reset, broken answer.
+    #[error("{0}")]
+    Transport(String),
+}
+
+/// The shared SWR HTTP client: one connection pool for every job (keep-alive).
+#[derive(Clone)]
+pub struct SwrClient {
+    /// reqwest client; cheap to clone, shares its pool.
+    http: reqwest::Client,
+    /// Base URL without a trailing slash; only configuration sets it (contract §1).
+    endpoint: String,
+    /// Per-attempt timeout, reported in timeout errors.
+    timeout: Duration,
+    /// Cap on the answer body read.
+    max_response_bytes: usize,
+}
+
+impl SwrClient {
+    pub fn new(endpoint: &str, http: &HttpConfig) -> Result<SwrClient, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(http.connect_timeout)
+            .timeout(http.timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            // Redirects could send the token elsewhere; SWR does not redirect this call.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("swr-stage-worker/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(SwrClient {
+            http: client,
+            endpoint: endpoint.trim_end_matches('/').to_owned(),
+            timeout: http.timeout,
+            max_response_bytes: http.max_response_bytes,
+        })
+    }
+
+    /// The URL for a request: path parameters from the validated request, `source` only for rollback.
+    pub fn url(&self, request: &StageRequest) -> String {
+        let query = match request.mode {
+            Mode::Retry => "mode=retry".to_owned(),
+            Mode::Rollback => format!("mode=rollback&source={ROLLBACK_SOURCE}"),
+        };
+        format!(
+            "{}/v3/manage/pipelines/{}/stages/{}?{query}",
+            self.endpoint, request.pipeline_id, request.stage_index
+        )
+    }
+
+    /// Sends one attempt. `key` goes in `Idempotency-Key`, identical on every attempt of a job.
+    pub async fn attempt(
+        &self,
+        url: &str,
+        key: &str,
+        token: &Secret,
+    ) -> Result<Reply, AttemptError> {
+        let mut token_header = HeaderValue::from_str(token.expose())
+            .map_err(|_| AttemptError::Transport("the token is not a valid header value".into()))?;
+        token_header.set_sensitive(true);
+        let response = self
+            .http
+            .post(url)
+            .header("X-Auth-Token", token_header)
+            .header("Idempotency-Key", key)
+            .header(CONTENT_LENGTH, "0")
+            .body(reqwest::Body::from(Vec::new()))
+            .send()
+            .await
+            .map_err(|e| self.attempt_error(&e))?;
+        let status = response.status().as_u16();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let request_id = header("X-Request-Id");
+        let retry_after =
+            header("Retry-After").and_then(|v| parse_retry_after(&v, SystemTime::now()));
+        let body = self.read_body(response).await?;
+        let (error_code, error_msg) = if (200..300).contains(&status) {
+            (None, None)
+        } else {
+            parse_error_body(&body)
+        };
+        Ok(Reply {
+            status,
+            error_code,
+            error_msg,
+            request_id,
+            retry_after,
+        })
+    }
+
+    /// Reads at most `max_response_bytes` of the body; the rest is left unread.
+    async fn read_body(&self, mut response: reqwest::Response) -> Result<Vec<u8>, AttemptError> {
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.attempt_error(&e))? {
+            let room = self.max_response_bytes.saturating_sub(body.len());
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if body.len() >= self.max_response_bytes {
+                break;
+            }
+        }
+        Ok(body)
+    }
+
+    fn attempt_error(&self, error: &reqwest::Error) -> AttemptError {
+        if error.is_timeout() {
+            AttemptError::Timeout(self.timeout)
+        } else {
+            AttemptError::Transport(error_chain(error))
+        }
+    }
+}
+
+/// The error and its causes on one line, without the URL (reqwest puts it in the top message).
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = Vec::new();
+    let mut current = Some(error);
+    while let Some(e) = current {
+        let text = e.to_string();
+        if !parts.iter().any(|p: &String| p.contains(&text)) {
+            parts.push(text);
+        }
+        current = e.source();
+    }
+    parts.join(": ").replace('\n', " ")
+}

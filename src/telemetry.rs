@@ -1,0 +1,27 @@
+//! Log set-up: `tracing` with a level from `RUST_LOG` (else `log.level`), as text for people or
+//! JSON (one object a line) for log stores. Secrets never reach it: they are `Secret`s, whose
+//! `Debug` redacts, and no code path formats one.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogConfig;
+
+/// Installs the global subscriber, writing to stderr. Safe to call once per process.
+pub fn init(log: &LogConfig) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = if log.format == "json" {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init()
+    } else {
+        builder.try_init()
+    };
+}

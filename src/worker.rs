@@ -1,0 +1,417 @@
+//! One delivery, start to finish: parse → key → (expired?) → execute against SWR → outcome →
+//! publish with confirms → tell the caller whether to ack or requeue.
+//!
+//! This module never acks by itself: it returns a [`Disposition`], and the consumer acts on it.
+//! Ack only ever follows a confirmed outcome (contract §5).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use lapin::message::Delivery;
+use lapin::types::{AMQPValue, LongString, ShortString};
+use lapin::BasicProperties;
+use time::OffsetDateTime;
+use tracing::Instrument;
+
+use crate::amqp::publisher::{PublishError, Publisher, Routed};
+use crate::config::Config;
+use crate::idempotency::{self, fingerprint, Admission, Gate, StoreError};
+use crate::outcome::{timestamp, ErrorKind, Outcome, OutcomeError, Status, OUTCOME_TYPE};
+use crate::request::{derive_key, parse_request, InvalidRequest, StageRequest};
+use crate::swr::auth::{StaticToken, TokenSource};
+use crate::swr::client::SwrClient;
+use crate::swr::execute;
+
+/// Header added to a dead-lettered request: the one-line reason.
+pub const ERROR_HEADER: &str = "x-swr-error";
+
+/// Longest `x-swr-error` value; a reason listing many bad fields is cut here.
+const MAX_REASON_CHARS: usize = 1000;
+
+/// What the consumer must do with the delivery.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// The outcome (and DLQ copy, if any) is confirmed: ack.
+    Ack,
+    /// Something was not confirmed: nack with requeue, so the request is tried again.
+    Requeue(String),
+}
+
+/// Everything a job needs, shared by all jobs of the process.
+pub struct JobContext {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// Shared HTTP client (one pool).
+    pub swr: SwrClient,
+    /// Where tokens come from.
+    pub tokens: Arc<dyn TokenSource>,
+    /// `worker` field of outcomes.
+    pub worker_id: String,
+    /// One execution per key; `None` when `idempotency.backend = "off"`.
+    pub gate: Option<Gate>,
+}
+
+/// Why the job context could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error("cannot build the SWR HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl JobContext {
+    /// Builds the shared pieces; opens the idempotency store and starts its pruning.
+    pub async fn new(config: Arc<Config>) -> Result<JobContext, ContextError> {
+        let swr = SwrClient::new(&config.swr.endpoint, &config.http)?;
+        let tokens: Arc<dyn TokenSource> =
+            Arc::new(StaticToken::new(config.swr.auth.token.clone()));
+        let worker_id = config.worker_id();
+        let gate = idempotency::open(&config).await?.map(|store| {
+            idempotency::spawn_pruner(&store, config.idempotency.prune_interval);
+            Gate::new(store, &worker_id, &config.idempotency)
+        });
+        Ok(JobContext {
+            config,
+            swr,
+            tokens,
+            worker_id,
+            gate,
+        })
+    }
+}
+
+/// The request's AMQP properties that the worker honours (contract §3).
+struct Envelope<'a> {
+    message_id: Option<&'a str>,
+    correlation_id: Option<&'a str>,
+    reply_to: Option<&'a str>,
+}
+
+impl<'a> Envelope<'a> {
+    fn of(properties: &'a BasicProperties) -> Self {
+        let text = |v: &'a Option<ShortString>| {
+            v.as_ref()
+                .map(ShortString::as_str)
+                .filter(|s| !s.is_empty())
+        };
+        Envelope {
+            message_id: text(properties.message_id()),
+            correlation_id: text(properties.correlation_id()),
+            reply_to: text(properties.reply_to()),
+        }
+    }
+}
+
+/// Processes one delivery and says what to do with it.
+pub async fn process(ctx: &JobContext, publisher: &Publisher, delivery: &Delivery) -> Disposition {
+    let started = (SystemTime::now(), Instant::now());
+    let envelope = Envelope::of(&delivery.properties);
+    match parse_request(&delivery.data, ctx.config.limits.max_message_bytes) {
+        Err(invalid) => {
+            let key = derive_key(
+                invalid.idempotency_key.as_deref(),
+                envelope.message_id,
+                &delivery.data,
+            );
+            let span = tracing::info_span!("job", key = %key, pipeline_id = ?invalid.pipeline_id, stage_index = ?invalid.stage_index, mode = ?invalid.mode.map(|m| m.as_str()));
+            reject_invalid(ctx, publisher, delivery, &envelope, key, *invalid, started)
+                .instrument(span)
+                .await
+        }
+        Ok(request) => {
+            let key = derive_key(
+                request.idempotency_key.as_deref(),
+                envelope.message_id,
+                &delivery.data,
+            );
+            let span = tracing::info_span!("job", key = %key, pipeline_id = request.pipeline_id, stage_index = request.stage_index, mode = request.mode.as_str());
+            run_request(ctx, publisher, delivery, &envelope, key, request, started)
+                .instrument(span)
+                .await
+        }
+    }
+}
+
+async fn run_request(
+    ctx: &JobContext,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    envelope: &Envelope<'_>,
+    key: String,
+    request: StageRequest,
+    started: (SystemTime, Instant),
+) -> Disposition {
+    let mut outcome = base_outcome(ctx, key, started.0);
+    outcome.pipeline_id = Some(request.pipeline_id);
+    outcome.stage_index = Some(request.stage_index);
+    outcome.mode = Some(request.mode);
+    outcome.campaign_id = request.campaign_id.clone();
+    outcome.metadata = request.metadata.clone();
+
+    let now = OffsetDateTime::from(started.0);
+    match request.not_after {
+        Some(deadline) if deadline < now => {
+            outcome.status = Status::Rejected;
+            outcome.error = Some(OutcomeError {
+                kind: ErrorKind::Expired,
+                message: format!(
+                    "not executed: not_after {} had passed when the request was taken",
+                    deadline
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default()
+                ),
+                retryable: false,
+                swr_error_code: None,
+            });
+        }
+        _ => {
+            let ticket = match &ctx.gate {
+                None => None,
+                Some(gate) => {
+                    let print = fingerprint(
+                        request.pipeline_id,
+                        request.stage_index,
+                        request.mode.as_str(),
+                    );
+                    match gate.admit(&outcome.idempotency_key, &print).await {
+                        Admission::Run(ticket) => Some(ticket),
+                        Admission::Replay(stored) => {
+                            return replay(ctx, publisher, envelope, *stored).await
+                        }
+                        Admission::Requeue(reason) => return Disposition::Requeue(reason),
+                        Admission::Mismatch { fingerprint } => {
+                            let invalid = InvalidRequest {
+                                reason: format!(
+                                    "field `idempotency_key`: {:?} was already used for another request (pipeline:stage:mode {fingerprint}, this one is {print}); give each request its own key",
+                                    outcome.idempotency_key
+                                ),
+                                pipeline_id: Some(request.pipeline_id),
+                                stage_index: Some(request.stage_index),
+                                mode: Some(request.mode),
+                                idempotency_key: request.idempotency_key.clone(),
+                                campaign_id: request.campaign_id.clone(),
+                                metadata: request.metadata.clone(),
+                            };
+                            let key = std::mem::take(&mut outcome.idempotency_key);
+                            return reject_invalid(
+                                ctx, publisher, delivery, envelope, key, invalid, started,
+                            )
+                            .await;
+                        }
+                    }
+                }
+            };
+            let execution = execute(
+                &ctx.swr,
+                ctx.tokens.as_ref(),
+                &ctx.config.retry,
+                &request,
+                &outcome.idempotency_key,
+            )
+            .await;
+            outcome.status = execution.status;
+            outcome.http_status = execution.http_status;
+            outcome.attempts = execution.attempts;
+            outcome.swr_request_id = execution.swr_request_id;
+            outcome.error = execution.error;
+            finish(&mut outcome, started.1);
+            if let (Some(gate), Some(ticket)) = (&ctx.gate, ticket) {
+                // A final answer is kept and replayed; a retryable failure frees the key so a
+                // later re-submission runs again (contract §5).
+                if outcome.error.as_ref().is_some_and(|e| e.retryable) {
+                    gate.release(ticket).await;
+                } else {
+                    gate.complete(ticket, &outcome).await;
+                }
+            }
+        }
+    }
+    if outcome.finished_at.is_empty() {
+        finish(&mut outcome, started.1);
+    }
+    match publish_outcome(ctx, publisher, envelope, &outcome).await {
+        Ok(()) => Disposition::Ack,
+        Err(e) => Disposition::Requeue(format!("outcome not confirmed: {e}")),
+    }
+}
+
+async fn reject_invalid(
+    ctx: &JobContext,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    envelope: &Envelope<'_>,
+    key: String,
+    invalid: InvalidRequest,
+    started: (SystemTime, Instant),
+) -> Disposition {
+    let reason: String = invalid.reason.chars().take(MAX_REASON_CHARS).collect();
+    let mut outcome = base_outcome(ctx, key, started.0);
+    outcome.pipeline_id = invalid.pipeline_id;
+    outcome.stage_index = invalid.stage_index;
+    outcome.mode = invalid.mode;
+    outcome.campaign_id = invalid.campaign_id;
+    outcome.metadata = invalid.metadata;
+    outcome.status = Status::Rejected;
+    outcome.error = Some(OutcomeError {
+        kind: ErrorKind::InvalidRequest,
+        message: reason.clone(),
+        retryable: false,
+        swr_error_code: None,
+    });
+    finish(&mut outcome, started.1);
+
+    // The DLQ copy: original body and properties plus the reason; persistent so it survives
+    // a broker restart even if the producer sent it transient.
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        ERROR_HEADER.into(),
+        AMQPValue::LongString(LongString::from(reason.as_str())),
+    );
+    let dead_properties = delivery
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    let dlx = ctx.config.amqp.dead_letter_exchange.as_str();
+    let (outcome_result, dead_result) = tokio::join!(
+        publish_outcome(ctx, publisher, envelope, &outcome),
+        publisher.publish_routed(
+            dlx,
+            delivery.routing_key.as_str(),
+            &delivery.data,
+            dead_properties
+        )
+    );
+    match (outcome_result, dead_result) {
+        (Ok(()), Ok(())) => Disposition::Ack,
+        // Requeueing after the DLQ copy was confirmed would put a second copy there on the next
+        // try; that is the price of never losing the request, and it only happens when the
+        // outcome publish fails.
+        (Err(e), _) => Disposition::Requeue(format!("outcome not confirmed: {e}")),
+        (_, Err(e)) => Disposition::Requeue(format!("dead-letter copy not confirmed: {e}")),
+    }
+}
+
+/// Re-publishes a stored final outcome for a key that already ran; SWR is not called.
+async fn replay(
+    ctx: &JobContext,
+    publisher: &Publisher,
+    envelope: &Envelope<'_>,
+    mut stored: Outcome,
+) -> Disposition {
+    stored.replayed = true;
+    tracing::info!(
+        status = stored.status.as_str(),
+        "job already finished; replaying its stored outcome"
+    );
+    match publish_outcome(ctx, publisher, envelope, &stored).await {
+        Ok(()) => Disposition::Ack,
+        Err(e) => Disposition::Requeue(format!("replayed outcome not confirmed: {e}")),
+    }
+}
+
+/// An outcome with the fields every path fills the same way.
+fn base_outcome(ctx: &JobContext, key: String, started: SystemTime) -> Outcome {
+    Outcome {
+        idempotency_key: key,
+        pipeline_id: None,
+        stage_index: None,
+        mode: None,
+        status: Status::Rejected,
+        http_status: None,
+        attempts: 0,
+        replayed: false,
+        error: None,
+        campaign_id: None,
+        metadata: None,
+        swr_request_id: None,
+        started_at: timestamp(started),
+        finished_at: String::new(),
+        duration_ms: 0,
+        worker: ctx.worker_id.clone(),
+    }
+}
+
+fn finish(outcome: &mut Outcome, started: Instant) {
+    let elapsed = started.elapsed();
+    outcome.finished_at = timestamp(SystemTime::now());
+    outcome.duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+    match &outcome.error {
+        None => tracing::info!(
+            status = outcome.status.as_str(),
+            attempts = outcome.attempts,
+            duration_ms = outcome.duration_ms,
+            "job finished"
+        ),
+        Some(e) => {
+            tracing::info!(status = outcome.status.as_str(), kind = e.kind.as_str(), attempts = outcome.attempts, http_status = ?outcome.http_status, duration_ms = outcome.duration_ms, message = %e.message, "job finished")
+        }
+    }
+}
+
+/// Publishes the outcome to the results exchange and, when asked, to `reply_to`; both confirmed.
+async fn publish_outcome(
+    ctx: &JobContext,
+    publisher: &Publisher,
+    envelope: &Envelope<'_>,
+    outcome: &Outcome,
+) -> Result<(), PublishError> {
+    let body = serde_json::to_vec(outcome).expect("an outcome always serialises");
+    let correlation = envelope.correlation_id.unwrap_or(&outcome.idempotency_key);
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_type(OUTCOME_TYPE.into())
+        .with_correlation_id(correlation.into())
+        .with_timestamp(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        );
+    let results = ctx.config.amqp.results_exchange.as_str();
+    let routing_key = outcome.routing_key();
+    let to_results = publisher.publish(results, &routing_key, &body, properties.clone());
+    let routed = match envelope.reply_to {
+        Some(reply_to) => {
+            let (results_routed, reply_routed) = tokio::join!(
+                to_results,
+                publisher.publish("", reply_to, &body, properties)
+            );
+            if reply_routed? == Routed::NoQueue {
+                tracing::warn!(reply_to, "reply_to queue does not exist; the reply copy of the outcome was dropped by the broker");
+            }
+            results_routed?
+        }
+        None => to_results.await?,
+    };
+    if routed == Routed::NoQueue {
+        tracing::debug!(
+            exchange = results,
+            routing_key,
+            "no queue is bound for this outcome"
+        );
+    }
+    Ok(())
+}
+
+/// How long to wait before requeueing after a failed publish, so a broken broker path is not
+/// hammered by a hot requeue loop.
+pub const REQUEUE_DELAY: Duration = Duration::from_millis(500);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_ignores_empty_properties() {
+        let props = BasicProperties::default()
+            .with_message_id("".into())
+            .with_correlation_id("c-1".into())
+            .with_reply_to("q".into());
+        let env = Envelope::of(&props);
+        assert_eq!(env.message_id, None);
+        assert_eq!(env.correlation_id, Some("c-1"));
+        assert_eq!(env.reply_to, Some("q"));
+    }
+}

@@ -1,0 +1,343 @@
+//! Test harness: a real RabbitMQ (AMQP_URL, default localhost), the in-process SWR simulator, and
+//! a worker with its own uniquely named queues and exchanges, so tests run in parallel.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, Consumer};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use swr_stage_worker::amqp::topology;
+use swr_stage_worker::config::{Config, Secret};
+use swr_stage_worker::outcome::Outcome;
+use swr_stage_worker::service::{self, RunError};
+use swr_stage_worker::sim::{SimConfig, SimHandle};
+
+/// The token the test simulator accepts.
+pub const TOKEN: &str = "test-token-5ecr3t-value";
+/// Longest wait for any single expected event.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// Connects to the test broker or fails with the fix.
+pub async fn broker(name: &str) -> Connection {
+    let url = Secret::new(amqp_url());
+    match swr_stage_worker::amqp::connect(&url, name, Duration::from_secs(10)).await {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "these tests need RabbitMQ: {e}. Start it with `rabbitmq-server -detached` (or `docker compose up -d rabbitmq`), or set AMQP_URL"
+        ),
+    }
+}
+
+/// A unique name prefix for one test.
+pub fn unique(test: &str) -> String {
+    format!(
+        "t.{test}.{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// Configuration for a test worker: own names, the simulator, short retry intervals.
+pub fn test_config(prefix: &str, sim_url: &str, extra: &[(&str, &str)]) -> Config {
+    let mut env: Vec<(String, String)> = vec![
+        ("AMQP_URL".into(), amqp_url()),
+        ("SWR_ENDPOINT".into(), sim_url.to_owned()),
+        ("SWR_AUTH_TOKEN".into(), TOKEN.to_owned()),
+        (
+            "SWR_STAGE_WORKER__AMQP__REQUEST_QUEUE".into(),
+            format!("{prefix}.requests"),
+        ),
+        (
+            "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_EXCHANGE".into(),
+            format!("{prefix}.dlx"),
+        ),
+        (
+            "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_QUEUE".into(),
+            format!("{prefix}.dead"),
+        ),
+        (
+            "SWR_STAGE_WORKER__AMQP__RESULTS_EXCHANGE".into(),
+            format!("{prefix}.results"),
+        ),
+        (
+            "SWR_STAGE_WORKER__AMQP__CONNECTION_NAME".into(),
+            format!("{prefix}.worker"),
+        ),
+        (
+            "SWR_STAGE_WORKER__RETRY__INITIAL_INTERVAL".into(),
+            "10ms".into(),
+        ),
+        (
+            "SWR_STAGE_WORKER__RETRY__MAX_INTERVAL".into(),
+            "50ms".into(),
+        ),
+        ("SWR_STAGE_WORKER__RETRY__MAX_ELAPSED".into(), "20s".into()),
+        ("SWR_STAGE_WORKER__HTTP__TIMEOUT".into(), "2s".into()),
+        ("SWR_STAGE_WORKER__WORKER__CONCURRENCY".into(), "16".into()),
+        ("SWR_STAGE_WORKER__SHUTDOWN__GRACE".into(), "10s".into()),
+        (
+            "SWR_STAGE_WORKER__IDEMPOTENCY__PATH".into(),
+            store_path(prefix),
+        ),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Config::load(None, env).expect("test configuration is valid")
+}
+
+/// A fresh embedded-store file for one test (under the system temp dir).
+pub fn store_path(prefix: &str) -> String {
+    std::env::temp_dir()
+        .join("swr-stage-worker-tests")
+        .join(format!("{prefix}.db"))
+        .display()
+        .to_string()
+}
+
+/// A worker task and the sender that stops it.
+type RunningWorker = (oneshot::Sender<()>, JoinHandle<Result<(), RunError>>);
+
+/// One test's world: simulator, worker, a queue that sees every outcome.
+pub struct TestEnv {
+    pub prefix: String,
+    pub config: Config,
+    pub sim: SimHandle,
+    pub conn: Connection,
+    pub channel: Channel,
+    outcomes: Consumer,
+    worker: Option<RunningWorker>,
+}
+
+impl TestEnv {
+    pub async fn start(test: &str) -> TestEnv {
+        TestEnv::start_with(test, &[]).await
+    }
+
+    /// Starts the simulator and a worker; `extra` are env-style config overrides.
+    pub async fn start_with(test: &str, extra: &[(&str, &str)]) -> TestEnv {
+        let mut env = TestEnv::without_worker(test, extra).await;
+        env.start_worker();
+        env
+    }
+
+    /// Everything but the worker (for tests that run the binary or start it later).
+    pub async fn without_worker(test: &str, extra: &[(&str, &str)]) -> TestEnv {
+        let prefix = unique(test);
+        let sim = SimHandle::start(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            SimConfig {
+                tokens: vec![TOKEN.to_owned()],
+                ..SimConfig::default()
+            },
+        )
+        .await
+        .expect("simulator starts");
+        let config = test_config(&prefix, &sim.url(), extra);
+        let conn = broker(&format!("{prefix}.test")).await;
+        let channel = conn.create_channel().await.unwrap();
+        topology::declare(&channel, &config.amqp)
+            .await
+            .expect("topology");
+        let outcomes = bind_watcher(&channel, &config.amqp.results_exchange, "#").await;
+
+        channel.confirm_select(Default::default()).await.unwrap();
+        TestEnv {
+            prefix,
+            config,
+            sim,
+            conn,
+            channel,
+            outcomes,
+            worker: None,
+        }
+    }
+
+    pub fn start_worker(&mut self) {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(service::run(self.config.clone(), async {
+            let _ = stopped.await;
+        }));
+        self.worker = Some((stop, handle));
+    }
+
+    /// Asks the worker to stop and returns how `run` ended.
+    pub async fn stop_worker(&mut self) -> Result<(), RunError> {
+        let (stop, handle) = self.worker.take().expect("worker running");
+        let _ = stop.send(());
+        tokio::time::timeout(WAIT, handle)
+            .await
+            .expect("worker stops in time")
+            .expect("worker task")
+    }
+
+    /// Waits for the worker to end by itself (e.g. on a fatal error) and returns how it ended.
+    pub async fn stop_worker_when_done(&mut self) -> Result<(), RunError> {
+        let (_stop, handle) = self.worker.take().expect("worker running");
+        tokio::time::timeout(WAIT, handle)
+            .await
+            .expect("worker ends in time")
+            .expect("worker task")
+    }
+
+    /// Waits until the simulator has recorded at least `n` calls.
+    pub async fn wait_for_calls(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.sim.calls().len() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the simulator saw fewer than {n} calls in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Publishes a JSON request to the default exchange, confirmed.
+    pub async fn publish_json(&self, body: &Value) {
+        self.publish(body.to_string().as_bytes(), BasicProperties::default())
+            .await;
+    }
+
+    pub async fn publish(&self, body: &[u8], properties: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.config.amqp.request_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                properties.with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+    }
+
+    /// The next outcome published to the results exchange, with its AMQP delivery.
+    pub async fn next_outcome(&mut self) -> (Outcome, lapin::message::Delivery) {
+        let delivery = tokio::time::timeout(WAIT, self.outcomes.next())
+            .await
+            .expect("an outcome within 30 s")
+            .expect("outcome stream open")
+            .expect("outcome delivery");
+        let outcome: Outcome =
+            serde_json::from_slice(&delivery.data).expect("outcome is contract JSON");
+        (outcome, delivery)
+    }
+
+    /// Collects `n` outcomes.
+    pub async fn outcomes(&mut self, n: usize) -> Vec<Outcome> {
+        let mut all = Vec::with_capacity(n);
+        for _ in 0..n {
+            all.push(self.next_outcome().await.0);
+        }
+        all
+    }
+
+    /// Every message in this test's dead-letter queue (call after `stop_worker`, when every
+    /// job, including its dead-letter confirm, has finished).
+    pub async fn dead_letters(&self) -> Vec<lapin::message::BasicGetMessage> {
+        let mut all = Vec::new();
+        while let Some(message) = self
+            .channel
+            .basic_get(
+                self.config.amqp.dead_letter_queue.as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            all.push(message);
+        }
+        all
+    }
+
+    /// Message count of a queue (passive declare).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    }
+
+    /// Stops the worker (if running) and removes this test's broker objects.
+    pub async fn teardown(mut self) {
+        if self.worker.is_some() {
+            self.stop_worker().await.expect("worker stops cleanly");
+        }
+        let amqp = &self.config.amqp;
+        for q in [&amqp.request_queue, &amqp.dead_letter_queue] {
+            let _ = self
+                .channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for x in [&amqp.dead_letter_exchange, &amqp.results_exchange] {
+            let _ = self
+                .channel
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = self.conn.close(200, "test done".into()).await;
+        self.sim.shutdown().await;
+    }
+}
+
+/// Declares an exclusive queue bound to `exchange` with `pattern` and consumes it (auto-ack).
+pub async fn bind_watcher(channel: &Channel, exchange: &str, pattern: &str) -> Consumer {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            exchange.into(),
+            pattern.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+}

@@ -1,0 +1,648 @@
+//! The worker end to end against the real RabbitMQ and the SWR simulator (contract v1).
+
+mod common;
+
+use common::{TestEnv, TOKEN};
+use lapin::types::{AMQPValue, ShortString};
+use lapin::BasicProperties;
+use serde_json::json;
+use swr_stage_worker::outcome::{ErrorKind, Status};
+use swr_stage_worker::request::{body_key, Mode};
+use swr_stage_worker::sim::FaultRule;
+
+fn header_text(value: Option<&AMQPValue>) -> Option<String> {
+    match value? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn retry_succeeds_and_outcome_follows_the_contract() {
+    let mut env = TestEnv::start("success").await;
+    env.publish_json(
+        &json!({"pipeline_id": 12345, "stage_index": 2, "idempotency_key": "k-success",
+        "campaign_id": "c1", "metadata": {"ticket": "OPS-1"}}),
+    )
+    .await;
+    let (o, delivery) = env.next_outcome().await;
+    assert_eq!(o.idempotency_key, "k-success");
+    assert_eq!(
+        (o.pipeline_id, o.stage_index, o.mode),
+        (Some(12345), Some(2), Some(Mode::Retry))
+    );
+    assert_eq!(o.status, Status::Succeeded);
+    assert_eq!(
+        (o.http_status, o.attempts, o.replayed),
+        (Some(201), 1, false)
+    );
+    assert_eq!(o.error, None);
+    assert_eq!(o.campaign_id.as_deref(), Some("c1"));
+    assert_eq!(o.metadata.as_ref().unwrap()["ticket"], "OPS-1");
+    assert!(o.swr_request_id.as_deref().is_some_and(|id| !id.is_empty()));
+    assert!(o.started_at.ends_with('Z') && o.finished_at.ends_with('Z'));
+    assert_eq!(delivery.routing_key.as_str(), "stage.retry.succeeded");
+    let p = &delivery.properties;
+    assert_eq!(
+        p.content_type().as_ref().map(ShortString::as_str),
+        Some("application/json")
+    );
+    assert_eq!(
+        p.kind().as_ref().map(ShortString::as_str),
+        Some("swr.stage.outcome")
+    );
+    assert_eq!(
+        p.correlation_id().as_ref().map(ShortString::as_str),
+        Some("k-success")
+    );
+    assert_eq!(*p.delivery_mode(), Some(2));
+
+    let calls = env.sim.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].idempotency_key.as_deref(), Some("k-success"));
+    assert_eq!(calls[0].mode.as_deref(), Some("retry"));
+    assert_eq!(calls[0].source, None, "retry sends no source");
+    assert_eq!(env.sim.executions().get("k-success"), Some(&1));
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn rollback_sends_source() {
+    let mut env = TestEnv::start("rollback").await;
+    env.publish_json(&json!({"pipeline_id": 7, "stage_index": 4, "mode": "rollback"}))
+        .await;
+    let (o, delivery) = env.next_outcome().await;
+    assert_eq!(o.status, Status::Succeeded);
+    assert_eq!(delivery.routing_key.as_str(), "stage.rollback.succeeded");
+    let calls = env.sim.calls();
+    assert_eq!(calls[0].mode.as_deref(), Some("rollback"));
+    assert_eq!(calls[0].source.as_deref(), Some("rollback::true"));
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn transient_503_twice_then_success_uses_one_key() {
+    let mut env = TestEnv::start("transient").await;
+    env.sim.add_rule(FaultRule {
+        pipeline_id: Some(55),
+        status: Some(503),
+        times: Some(2),
+        ..FaultRule::default()
+    });
+    env.publish_json(&json!({"pipeline_id": 55, "stage_index": 1}))
+        .await;
+    let (o, _) = env.next_outcome().await;
+    assert_eq!(o.status, Status::Succeeded);
+    assert_eq!((o.attempts, o.http_status), (3, Some(201)));
+    let calls = env.sim.calls();
+    assert_eq!(calls.len(), 3);
+    assert!(calls
+        .iter()
+        .all(|c| c.idempotency_key.as_deref() == Some(o.idempotency_key.as_str())));
+    assert_eq!(env.sim.executions().get(&o.idempotency_key), Some(&1));
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn permanent_answers_fail_without_retry() {
+    let mut env = TestEnv::start("permanent").await;
+    for (pipeline, status, kind) in [
+        (400, 400, ErrorKind::BadRequest),
+        (403, 403, ErrorKind::Forbidden),
+        (404, 404, ErrorKind::NotFound),
+        (409, 409, ErrorKind::Conflict),
+        (418, 418, ErrorKind::UnexpectedStatus),
+    ] {
+        env.sim.add_rule(FaultRule {
+            pipeline_id: Some(pipeline),
+            status: Some(status),
+            ..FaultRule::default()
+        });
+        env.publish_json(&json!({"pipeline_id": pipeline, "stage_index": 0}))
+            .await;
+        let (o, delivery) = env.next_outcome().await;
+        assert_eq!(o.status, Status::Failed, "{status}");
+        assert_eq!((o.attempts, o.http_status), (1, Some(status)));
+        let e = o.error.unwrap();
+        assert_eq!((e.kind, e.retryable), (kind, false), "{status}");
+        assert_eq!(delivery.routing_key.as_str(), "stage.retry.failed");
+    }
+    // The simulator's own model: rollback of a non-deploy step is a 400 with an SWR error code.
+    env.publish_json(&json!({"pipeline_id": 9, "stage_index": 1, "mode": "rollback"}))
+        .await;
+    let (o, _) = env.next_outcome().await;
+    let e = o.error.unwrap();
+    assert_eq!(e.kind, ErrorKind::BadRequest);
+    assert!(e
+        .swr_error_code
+        .is_some_and(|c| c.starts_with("SVCSTG.SWR.")));
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn refused_static_token_fails_unauthorized() {
+    let mut env = TestEnv::start_with("unauthorized", &[("SWR_AUTH_TOKEN", "not-the-token")]).await;
+    env.publish_json(&json!({"pipeline_id": 1, "stage_index": 0}))
+        .await;
+    let (o, _) = env.next_outcome().await;
+    assert_eq!(
+        (o.status, o.attempts, o.http_status),
+        (Status::Failed, 1, Some(401))
+    );
+    let e = o.error.unwrap();
+    assert_eq!((e.kind, e.retryable), (ErrorKind::Unauthorized, false));
+    assert_eq!(e.swr_error_code.as_deref(), Some("APIG.0301"));
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn throttled_429_waits_for_retry_after() {
+    let mut env = TestEnv::start("throttled").await;
+    env.sim.add_rule(FaultRule {
+        pipeline_id: Some(429),
+        status: Some(429),
+        retry_after: Some("1".into()),
+        times: Some(1),
+        ..FaultRule::default()
+    });
+    env.publish_json(&json!({"pipeline_id": 429, "stage_index": 0}))
+        .await;
+    let (o, _) = env.next_outcome().await;
+    assert_eq!((o.status, o.attempts), (Status::Succeeded, 2));
+    // Back-off is 10 ms in tests; only Retry-After explains a second between the attempts.
+    let calls = env.sim.calls();
+    let gap = calls[1].at_unix_ms - calls[0].at_unix_ms;
+    assert!(gap >= 1000, "second attempt came {gap} ms after the first");
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn exhausted_attempts_fail_retryable_with_last_kind() {
+    let mut env = TestEnv::start_with(
+        "exhausted",
+        &[("SWR_STAGE_WORKER__RETRY__MAX_ATTEMPTS", "3")],
+    )
+    .await;
+    env.sim.add_rule(FaultRule {
+        pipeline_id: Some(503),
+        status: Some(503),
+        ..FaultRule::default()
+    });
+    env.publish_json(&json!({"pipeline_id": 503, "stage_index": 0}))
+        .await;
+    let (o, _) = env.next_outcome().await;
+    assert_eq!(
+        (o.status, o.attempts, o.http_status),
+        (Status::Failed, 3, Some(503))
+    );
+    let e = o.error.unwrap();
+    assert_eq!((e.kind, e.retryable), (ErrorKind::ServerError, true));
+    assert!(e.message.contains("3 attempts"), "{}", e.message);
+    assert_eq!(env.sim.calls().len(), 3);
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn slow_answers_time_out_and_dropped_connections_are_transport_errors() {
+    let mut env = TestEnv::start_with(
+        "timeouts",
+        &[
+            ("SWR_STAGE_WORKER__RETRY__MAX_ATTEMPTS", "2"),
+            ("SWR_STAGE_WORKER__HTTP__TIMEOUT", "300ms"),
+        ],
+    )
+    .await;
+    env.sim.add_rule(FaultRule {
+        pipeline_id: Some(1),
+        delay_ms: Some(3000),
+        ..FaultRule::default()
+    });
+    env.sim.add_rule(FaultRule {
+        pipeline_id: Some(2),
+        drop_connection: true,
+        ..FaultRule::default()
+    });
+    env.publish_json(&json!({"pipeline_id": 1, "stage_index": 0}))
+        .await;
+    let (o, _) = env.next_outcome().await;
+    assert_eq!(
+        (o.status, o.attempts, o.http_status),
+        (Status::Failed, 2, None)
+    );
+    let e = o.error.unwrap();
+    assert_eq!((e.kind, e.retryable), (ErrorKind::Timeout, true));
+    env.publish_json(&json!({"pipeline_id": 2, "stage_index": 0}))
+        .await;
+    let (o, _) = env.next_outcome().await;
+    assert_eq!(
+        (o.status, o.attempts, o.http_status),
+        (Status::Failed, 2, None)
+    );
+    assert_eq!(o.error.unwrap().kind, ErrorKind::Transport);
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn invalid_requests_are_rejected_dead_lettered_and_the_worker_keeps_serving() {
+    let mut env = TestEnv::start("invalid").await;
+    let bad: Vec<(Vec<u8>, &str)> = vec![
+        (b"{\"pipeline_id\": 1,".to_vec(), "truncated JSON"),
+        (vec![0xff, 0x00, 0x13], "UTF-8"),
+        (b"[1, 2]".to_vec(), "not an object"),
+        (
+            json!({"pipeline_id": 1, "stage_index": 0, "mdoe": "rollback"})
+                .to_string()
+                .into_bytes(),
+            "unknown field",
+        ),
+        (
+            json!({"pipeline_id": "1", "stage_index": 0})
+                .to_string()
+                .into_bytes(),
+            "field `pipeline_id`",
+        ),
+        (
+            json!({"pipeline_id": 1, "stage_index": -1})
+                .to_string()
+                .into_bytes(),
+            "field `stage_index`",
+        ),
+        (
+            json!({"pipeline_id": 1, "stage_index": 0, "mode": "redo"})
+                .to_string()
+                .into_bytes(),
+            "field `mode`",
+        ),
+        (
+            json!({"pipeline_id": 1, "stage_index": 0, "source": "rollback::true"})
+                .to_string()
+                .into_bytes(),
+            "field `source`",
+        ),
+        (
+            json!({"pipeline_id": 1, "stage_index": 0, "idempotency_key": "a b"})
+                .to_string()
+                .into_bytes(),
+            "field `idempotency_key`",
+        ),
+        (
+            json!({"pipeline_id": 1, "stage_index": 0, "campaign_id": ""})
+                .to_string()
+                .into_bytes(),
+            "field `campaign_id`",
+        ),
+        (
+            json!({"pipeline_id": 1, "stage_index": 0, "not_after": "soon"})
+                .to_string()
+                .into_bytes(),
+            "field `not_after`",
+        ),
+        (
+            json!({"pipeline_id": 1, "stage_index": 0, "metadata": [1]})
+                .to_string()
+                .into_bytes(),
+            "field `metadata`",
+        ),
+        (
+            format!(
+                r#"{{"pipeline_id":1,"stage_index":0,"metadata":{{"x":"{}"}}}}"#,
+                "a".repeat(70_000)
+            )
+            .into_bytes(),
+            "at most 65536 bytes",
+        ),
+    ];
+    for (body, _) in &bad {
+        env.publish(
+            body,
+            BasicProperties::default().with_message_id("mid-invalid".into()),
+        )
+        .await;
+    }
+    let mut reasons = Vec::new();
+    for _ in 0..bad.len() {
+        let (o, delivery) = env.next_outcome().await;
+        assert_eq!(o.status, Status::Rejected);
+        assert_eq!((o.attempts, o.http_status), (0, None));
+        assert_eq!(
+            o.idempotency_key, "mid-invalid",
+            "message_id is the key when the body has none"
+        );
+        let e = o.error.unwrap();
+        assert_eq!((e.kind, e.retryable), (ErrorKind::InvalidRequest, false));
+        let expected_mode = if o.mode.is_some() { "retry" } else { "unknown" };
+        assert_eq!(
+            delivery.routing_key.as_str(),
+            format!("stage.{expected_mode}.rejected")
+        );
+        reasons.push(e.message);
+    }
+    for (_, needle) in &bad {
+        assert!(
+            reasons.iter().any(|r| r.contains(needle)),
+            "no reason mentions {needle}: {reasons:?}"
+        );
+    }
+    // Still serving.
+    env.publish_json(&json!({"pipeline_id": 1, "stage_index": 0}))
+        .await;
+    assert_eq!(env.next_outcome().await.0.status, Status::Succeeded);
+    assert!(
+        env.sim.calls().len() == 1,
+        "SWR is never called for an invalid request"
+    );
+
+    env.stop_worker().await.unwrap();
+    let dead = env.dead_letters().await;
+    assert_eq!(
+        dead.len(),
+        bad.len(),
+        "exactly one DLQ copy per invalid request"
+    );
+    for message in &dead {
+        let headers = message
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        let reason = header_text(headers.inner().get("x-swr-error")).expect("x-swr-error header");
+        assert!(!reason.contains('\n'));
+        assert!(bad
+            .iter()
+            .any(|(body, needle)| *body == message.delivery.data && reason.contains(needle)));
+        assert_eq!(
+            message
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(ShortString::as_str),
+            Some("mid-invalid")
+        );
+    }
+    assert_eq!(
+        env.depth(&env.config.amqp.request_queue.clone()).await,
+        0,
+        "the originals were acked"
+    );
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn expired_requests_are_rejected_and_acked_not_dead_lettered() {
+    let mut env = TestEnv::start("expired").await;
+    env.publish_json(
+        &json!({"pipeline_id": 3, "stage_index": 0, "not_after": "2020-01-01T00:00:00Z"}),
+    )
+    .await;
+    let (o, delivery) = env.next_outcome().await;
+    assert_eq!((o.status, o.attempts), (Status::Rejected, 0));
+    assert_eq!(o.error.unwrap().kind, ErrorKind::Expired);
+    assert_eq!(delivery.routing_key.as_str(), "stage.retry.rejected");
+    env.publish_json(
+        &json!({"pipeline_id": 3, "stage_index": 0, "not_after": "2999-01-01T00:00:00Z"}),
+    )
+    .await;
+    assert_eq!(env.next_outcome().await.0.status, Status::Succeeded);
+    env.stop_worker().await.unwrap();
+    assert!(env.dead_letters().await.is_empty());
+    assert_eq!(env.sim.calls().len(), 1);
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn key_comes_from_field_then_message_id_then_body_hash() {
+    let mut env = TestEnv::start("keys").await;
+    let body = json!({"pipeline_id": 11, "stage_index": 0}).to_string();
+    env.publish(body.as_bytes(), BasicProperties::default())
+        .await;
+    assert_eq!(
+        env.next_outcome().await.0.idempotency_key,
+        body_key(body.as_bytes())
+    );
+    env.publish(
+        body.as_bytes(),
+        BasicProperties::default().with_message_id("m-1".into()),
+    )
+    .await;
+    assert_eq!(env.next_outcome().await.0.idempotency_key, "m-1");
+    let with_field =
+        json!({"pipeline_id": 11, "stage_index": 0, "idempotency_key": "f-1"}).to_string();
+    env.publish(
+        with_field.as_bytes(),
+        BasicProperties::default().with_message_id("m-2".into()),
+    )
+    .await;
+    assert_eq!(env.next_outcome().await.0.idempotency_key, "f-1");
+    let keys: Vec<Option<String>> = env
+        .sim
+        .calls()
+        .into_iter()
+        .map(|c| c.idempotency_key)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            Some(body_key(body.as_bytes())),
+            Some("m-1".into()),
+            Some("f-1".into())
+        ]
+    );
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn correlation_id_and_reply_to_are_honoured() {
+    let mut env = TestEnv::start("reply").await;
+    let reply_queue = format!("{}.replies", env.prefix);
+    env.channel
+        .queue_declare(
+            reply_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let props = BasicProperties::default()
+        .with_correlation_id("corr-9".into())
+        .with_reply_to(reply_queue.as_str().into());
+    env.publish(
+        json!({"pipeline_id": 21, "stage_index": 0, "idempotency_key": "k-reply"})
+            .to_string()
+            .as_bytes(),
+        props,
+    )
+    .await;
+    let (o, delivery) = env.next_outcome().await;
+    assert_eq!(
+        delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(ShortString::as_str),
+        Some("corr-9")
+    );
+    let reply = env
+        .channel
+        .basic_get(
+            reply_queue.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("the reply copy was confirmed before the request was acked, so it is there");
+    let copy: swr_stage_worker::outcome::Outcome =
+        serde_json::from_slice(&reply.delivery.data).unwrap();
+    assert_eq!(copy, o);
+    assert_eq!(
+        reply
+            .delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(ShortString::as_str),
+        Some("corr-9")
+    );
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn existing_queue_with_other_arguments_stops_the_worker_with_the_fix() {
+    let mut env = TestEnv::without_worker("mismatch", &[]).await;
+    // Re-point the worker at a classic queue that already exists under another name.
+    let classic = format!("{}.classic", env.prefix);
+    env.channel
+        .queue_declare(
+            classic.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    env.config.amqp.request_queue = classic.clone();
+    env.start_worker();
+    let err = env.stop_worker_when_done().await.unwrap_err().to_string();
+    assert!(err.contains(&format!("queue '{classic}'")), "{err}");
+    assert!(
+        err.contains("x-queue-type") || err.contains("inequivalent"),
+        "{err}"
+    );
+    assert!(err.contains("amqp.request_queue"), "{err}");
+    env.channel
+        .queue_delete(classic.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn in_flight_jobs_finish_during_a_graceful_stop() {
+    let mut env = TestEnv::start("drain").await;
+    env.sim.add_rule(FaultRule {
+        pipeline_id: Some(77),
+        delay_ms: Some(800),
+        ..FaultRule::default()
+    });
+    env.publish_json(&json!({"pipeline_id": 77, "stage_index": 0}))
+        .await;
+    env.wait_for_calls(1).await;
+    env.stop_worker().await.expect("clean stop");
+    let (o, _) = env.next_outcome().await;
+    assert_eq!(
+        o.status,
+        Status::Succeeded,
+        "the in-flight job finished within the grace period"
+    );
+    assert_eq!(env.depth(&env.config.amqp.request_queue.clone()).await, 0);
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn the_token_never_appears_in_trace_logs_or_outcomes() {
+    use std::process::Stdio;
+    let mut env = TestEnv::without_worker("secrets", &[]).await;
+    env.sim.add_rule(FaultRule {
+        pipeline_id: Some(500),
+        status: Some(500),
+        times: Some(1),
+        ..FaultRule::default()
+    });
+    let amqp = &env.config.amqp;
+    // Trace output is large: a file, not a pipe nobody reads while the test waits for outcomes.
+    let log_path = std::env::temp_dir().join(format!("{}.log", env.prefix));
+    let log_file = std::fs::File::create(&log_path).unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_swr-stage-worker"))
+        .arg("run")
+        .env("RUST_LOG", "trace")
+        .env("AMQP_URL", common::amqp_url())
+        .env("SWR_ENDPOINT", env.sim.url())
+        .env("SWR_AUTH_TOKEN", TOKEN)
+        .env("SWR_STAGE_WORKER__AMQP__REQUEST_QUEUE", &amqp.request_queue)
+        .env(
+            "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_EXCHANGE",
+            &amqp.dead_letter_exchange,
+        )
+        .env(
+            "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_QUEUE",
+            &amqp.dead_letter_queue,
+        )
+        .env(
+            "SWR_STAGE_WORKER__AMQP__RESULTS_EXCHANGE",
+            &amqp.results_exchange,
+        )
+        .env(
+            "SWR_STAGE_WORKER__AMQP__CONNECTION_NAME",
+            &amqp.connection_name,
+        )
+        .env("SWR_STAGE_WORKER__RETRY__INITIAL_INTERVAL", "10ms")
+        .env(
+            "SWR_STAGE_WORKER__IDEMPOTENCY__PATH",
+            common::store_path(&env.prefix),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log_file))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("worker binary starts");
+    env.publish_json(&json!({"pipeline_id": 500, "stage_index": 0}))
+        .await;
+    env.publish_json(&json!({"pipeline_id": 501, "stage_index": 9}))
+        .await;
+    env.publish(b"{not json", BasicProperties::default()).await;
+    let outcomes = env.outcomes(3).await;
+    for o in &outcomes {
+        assert!(!serde_json::to_string(o).unwrap().contains(TOKEN));
+    }
+    let pid = child.id().expect("running") as i32;
+    // SIGTERM, as an orchestrator sends it.
+    let status = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut child = child;
+    let status = tokio::time::timeout(common::WAIT, child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    std::fs::remove_file(&log_path).unwrap();
+    assert!(log.contains("job finished"), "trace log was captured");
+    assert!(log.lines().count() > 20, "trace level is verbose");
+    assert!(!log.contains(TOKEN), "the token leaked into the log");
+    assert!(
+        !log.contains("guest:guest"),
+        "the broker password leaked into the log"
+    );
+    env.teardown().await;
+}
