@@ -567,7 +567,6 @@ async fn in_flight_jobs_finish_during_a_graceful_stop() {
 
 #[tokio::test]
 async fn the_token_never_appears_in_trace_logs_or_outcomes() {
-    use std::process::Stdio;
     let mut env = TestEnv::without_worker("secrets", &[]).await;
     env.sim.add_rule(FaultRule {
         pipeline_id: Some(500),
@@ -575,43 +574,9 @@ async fn the_token_never_appears_in_trace_logs_or_outcomes() {
         times: Some(1),
         ..FaultRule::default()
     });
-    let amqp = &env.config.amqp;
-    // Trace output is large: a file, not a pipe nobody reads while the test waits for outcomes.
-    let log_path = std::env::temp_dir().join(format!("{}.log", env.prefix));
-    let log_file = std::fs::File::create(&log_path).unwrap();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_swr-stage-worker"))
-        .arg("run")
-        .env("RUST_LOG", "trace")
-        .env("AMQP_URL", common::amqp_url())
-        .env("SWR_ENDPOINT", env.sim.url())
-        .env("SWR_AUTH_TOKEN", TOKEN)
-        .env("SWR_STAGE_WORKER__AMQP__REQUEST_QUEUE", &amqp.request_queue)
-        .env(
-            "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_EXCHANGE",
-            &amqp.dead_letter_exchange,
-        )
-        .env(
-            "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_QUEUE",
-            &amqp.dead_letter_queue,
-        )
-        .env(
-            "SWR_STAGE_WORKER__AMQP__RESULTS_EXCHANGE",
-            &amqp.results_exchange,
-        )
-        .env(
-            "SWR_STAGE_WORKER__AMQP__CONNECTION_NAME",
-            &amqp.connection_name,
-        )
-        .env("SWR_STAGE_WORKER__RETRY__INITIAL_INTERVAL", "10ms")
-        .env(
-            "SWR_STAGE_WORKER__IDEMPOTENCY__PATH",
-            common::store_path(&env.prefix),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log_file))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("worker binary starts");
+    let mut vars = common::test_env(&env.prefix, &env.sim.url(), &[]);
+    vars.push(("RUST_LOG".into(), "trace".into()));
+    let worker = common::WorkerProcess::spawn(&vars, &env.prefix);
     env.publish_json(&json!({"pipeline_id": 500, "stage_index": 0}))
         .await;
     env.publish_json(&json!({"pipeline_id": 501, "stage_index": 9}))
@@ -621,22 +586,8 @@ async fn the_token_never_appears_in_trace_logs_or_outcomes() {
     for o in &outcomes {
         assert!(!serde_json::to_string(o).unwrap().contains(TOKEN));
     }
-    let pid = child.id().expect("running") as i32;
-    // SIGTERM, as an orchestrator sends it.
-    let status = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let mut child = child;
-    let status = tokio::time::timeout(common::WAIT, child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .unwrap();
+    let (status, log) = worker.terminate().await;
     assert!(status.success(), "exit status {status:?}");
-    let log = std::fs::read_to_string(&log_path).unwrap();
-    std::fs::remove_file(&log_path).unwrap();
     assert!(log.contains("job finished"), "trace log was captured");
     assert!(log.lines().count() > 20, "trace level is verbose");
     assert!(!log.contains(TOKEN), "the token leaked into the log");

@@ -46,16 +46,29 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
-    /// Connects and applies the migrations.
+    /// Checks the URL, then connects and applies the migrations. A database that is down at
+    /// start is not fatal: the worker starts, every claim fails (so deliveries are requeued and
+    /// SWR is not called unguarded), and the next claim after it returns connects.
     pub async fn connect(config: &IdempotencyConfig) -> Result<PostgresStore, StoreError> {
+        config
+            .url
+            .expose()
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| {
+                StoreError(format!(
+                    "idempotency.url {} is not a PostgreSQL URL: {e}",
+                    redact_url(config.url.expose())
+                ))
+            })?;
         let store = PostgresStore {
             url: config.url.clone(),
             client: Mutex::new(None),
             lease_ms: i64::try_from(config.lease.as_millis()).unwrap_or(i64::MAX),
             ttl_ms: i64::try_from(config.ttl.as_millis()).unwrap_or(i64::MAX),
         };
-        let client = store.open().await?;
-        *store.client.lock().await = Some(Arc::new(client));
+        if let Err(e) = store.client().await {
+            tracing::warn!(error = %e, "idempotency store unavailable at start; deliveries are requeued until it answers");
+        }
         Ok(store)
     }
 

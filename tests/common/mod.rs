@@ -52,6 +52,11 @@ pub fn unique(test: &str) -> String {
 
 /// Configuration for a test worker: own names, the simulator, short retry intervals.
 pub fn test_config(prefix: &str, sim_url: &str, extra: &[(&str, &str)]) -> Config {
+    Config::load(None, test_env(prefix, sim_url, extra)).expect("test configuration is valid")
+}
+
+/// The same configuration as environment variables, for running the binary.
+pub fn test_env(prefix: &str, sim_url: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = vec![
         ("AMQP_URL".into(), amqp_url()),
         ("SWR_ENDPOINT".into(), sim_url.to_owned()),
@@ -94,7 +99,65 @@ pub fn test_config(prefix: &str, sim_url: &str, extra: &[(&str, &str)]) -> Confi
         ),
     ];
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    Config::load(None, env).expect("test configuration is valid")
+    env
+}
+
+/// The worker binary as a child process with the test's configuration; stderr goes to a file
+/// (trace output is too large for a pipe nobody reads while the test waits).
+pub struct WorkerProcess {
+    pub child: tokio::process::Child,
+    pub log: std::path::PathBuf,
+}
+
+impl WorkerProcess {
+    pub fn spawn(env: &[(String, String)], name: &str) -> WorkerProcess {
+        let log = std::env::temp_dir()
+            .join("swr-stage-worker-tests")
+            .join(format!("{name}.log"));
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        let file = std::fs::File::create(&log).unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_swr-stage-worker"))
+            .arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env.iter().cloned())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("worker binary starts");
+        WorkerProcess { child, log }
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("still running");
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    /// SIGKILL: no drain, no cleanup, as a crash.
+    pub async fn kill9(mut self) {
+        self.signal("KILL");
+        let _ = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("killed process exits");
+    }
+
+    /// SIGTERM and wait: returns the exit status and the log.
+    pub async fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        self.signal("TERM");
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("exits after SIGTERM")
+            .unwrap();
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.log);
+        (status, log)
+    }
 }
 
 /// A fresh embedded-store file for one test (under the system temp dir).
