@@ -17,11 +17,13 @@
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
 //! - [`sim`]: the SWR simulator (faithful to the API, with fault injection) for tests and demos.
 //! - [`demo`]: the newcomer's first command.
+//! - [`bench`]: the benchmark: the worker against the bare broker path, in one run.
 //! - [`telemetry`]: log set-up (text or JSON).
 //!
 //! The binary (`src/main.rs`) only parses arguments and calls into these modules.
 
 pub mod amqp;
+pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod idempotency;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use swr_stage_worker::config::Config;
-use swr_stage_worker::{demo, service, shutdown, sim, telemetry};
+use swr_stage_worker::{bench, demo, service, shutdown, sim, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +43,35 @@ enum Command {
         #[arg(long)]
         no_record: bool,
     },
+    /// Measure the worker against the bare consume-POST-publish-ack loop (needs RabbitMQ;
+    /// build with --release for meaningful figures).
+    Bench {
+        /// Jobs per phase.
+        #[arg(long, default_value_t = 20_000)]
+        jobs: usize,
+        /// Prefetch and worker concurrency.
+        #[arg(long, default_value_t = 64)]
+        concurrency: u32,
+        /// Idempotency backends to measure the worker with (comma-separated: off, embedded, postgres).
+        #[arg(long, default_value = "off,embedded,postgres", value_delimiter = ',')]
+        stores: Vec<String>,
+        /// PostgreSQL for the postgres backend.
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+        postgres_url: String,
+        /// Also measure publish-to-outcome latency at half of each worker phase's peak rate.
+        #[arg(long)]
+        latency: bool,
+        /// Run every phase this many times, interleaved, and report medians.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// The benchmark's baseline: a bare consume-POST-publish-ack loop (run by `bench`).
+    #[command(hide = true)]
+    BenchBareLoop {
+        /// Deliveries to process before exiting.
+        #[arg(long)]
+        jobs: usize,
+    },
     /// A first look: runs the simulator and a worker in-process against the local RabbitMQ,
     /// publishes sample requests and prints a summary of their outcomes.
     Demo {
@@ -61,7 +90,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if matches!(cli.command, Command::Demo { .. }) && std::env::var_os("RUST_LOG").is_none() {
+    if matches!(cli.command, Command::Demo { .. } | Command::Bench { .. })
+        && std::env::var_os("RUST_LOG").is_none()
+    {
         // The demo prints its own summary; per-job log lines would bury it.
         let mut quiet = config.log.clone();
         quiet.level = "warn".into();
@@ -115,6 +146,37 @@ fn main() -> ExitCode {
                     }
                 }
             }
+            Command::Bench {
+                jobs,
+                concurrency,
+                stores,
+                postgres_url,
+                latency,
+                rounds,
+            } => {
+                let options = bench::BenchOptions {
+                    jobs,
+                    concurrency,
+                    stores,
+                    postgres_url,
+                    latency,
+                    rounds,
+                };
+                match bench::run(config, options).await {
+                    Ok(_) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("swr-stage-worker {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Command::BenchBareLoop { jobs } => match bench::bare_loop(config, jobs).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("swr-stage-worker {e}");
+                    ExitCode::FAILURE
+                }
+            },
             Command::Demo { count } => match demo::run(config, count).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -54,8 +54,9 @@ struct Session {
     consume_channel: Channel,
     /// The delivery stream.
     consumer: Consumer,
-    /// Confirm-mode channel for outcomes and DLQ copies.
-    publisher: Publisher,
+    /// Confirm-mode channel for outcomes and DLQ copies (an Arc: cloning a lapin channel per
+    /// job is not free).
+    publisher: Arc<Publisher>,
 }
 
 /// Runs the worker until `shutdown` resolves, then drains and returns `Ok(())`.
@@ -187,7 +188,7 @@ async fn open_session(config: &Config) -> Result<Session, SessionError> {
         connection,
         consume_channel,
         consumer,
-        publisher,
+        publisher: Arc::new(publisher),
     })
 }
 
@@ -285,7 +286,7 @@ async fn drain(jobs: &mut JoinSet<()>, grace: Duration) {
 /// One job: process, then ack or requeue. The permit is held until the delivery is settled.
 async fn handle(
     ctx: Arc<JobContext>,
-    publisher: Publisher,
+    publisher: Arc<Publisher>,
     delivery: Delivery,
     permit: OwnedSemaphorePermit,
     broken: Arc<Notify>,

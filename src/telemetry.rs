@@ -2,6 +2,8 @@
 //! JSON (one object a line) for log stores. Secrets never reach it: they are `Secret`s, whose
 //! `Debug` redacts, and no code path formats one.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogConfig;
@@ -14,6 +16,8 @@ pub fn init(log: &LogConfig) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for people at a terminal, not for files and log shippers.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     let _ = if log.format == "json" {
         builder

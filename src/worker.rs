@@ -202,13 +202,14 @@ async fn run_request(
                     }
                 }
             };
-            let execution = execute(
+            // Boxed: the HTTP future is large, and every job's state machine would carry it.
+            let execution = Box::pin(execute(
                 &ctx.swr,
                 ctx.tokens.as_ref(),
                 &ctx.config.retry,
                 &request,
                 &outcome.idempotency_key,
-            )
+            ))
             .await;
             outcome.status = execution.status;
             outcome.http_status = execution.http_status;

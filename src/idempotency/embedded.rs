@@ -36,7 +36,8 @@ enum Op {
         key: String,
         fingerprint: String,
         owner: String,
-        reply: oneshot::Sender<Result<Claim, StoreError>>,
+        /// Taken when the claim is answered before the commit.
+        reply: Option<oneshot::Sender<Result<Claim, StoreError>>>,
     },
     Complete {
         key: String,
@@ -155,23 +156,39 @@ fn writer(
             }
         }
         let now = clock();
-        let result = (|| -> rusqlite::Result<Vec<Answer>> {
+        // Claims are answered as soon as their statement ran inside the open transaction: the
+        // single writer (and BEGIN IMMEDIATE across processes) already makes them atomic, and a
+        // claim lost to a crash only means the redelivery claims again. Completions and releases
+        // are answered after the commit, because the ack that follows must find them on disk.
+        let result = (|| -> rusqlite::Result<Vec<Option<Answer>>> {
             let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let answers = group
-                .iter()
-                .map(|op| apply(&tx, op, now, lease_ms, ttl_ms))
-                .collect::<Vec<_>>();
+            let mut answers = Vec::with_capacity(group.len());
+            for op in group.iter_mut() {
+                let answer = apply(&tx, op, now, lease_ms, ttl_ms);
+                answers.push(match (op, answer) {
+                    (Op::Claim { reply, .. }, Answer::Claimed(claim)) => {
+                        if let Some(reply) = reply.take() {
+                            let _ = reply.send(Ok(claim));
+                        }
+                        None
+                    }
+                    (_, answer) => Some(answer),
+                });
+            }
             tx.commit()?;
             Ok(answers)
         })();
         match result {
             Ok(answers) => {
                 for (op, answer) in group.drain(..).zip(answers) {
-                    reply(op, answer);
+                    if let Some(answer) = answer {
+                        reply(op, answer);
+                    }
                 }
             }
             Err(e) => {
                 let error = StoreError(format!("commit failed: {e}"));
+                tracing::error!(%error, "idempotency store commit failed");
                 for op in group.drain(..) {
                     reply(op, Answer::Failed(error.clone()));
                 }
@@ -190,17 +207,31 @@ enum Answer {
 
 fn reply(op: Op, answer: Answer) {
     match (op, answer) {
-        (Op::Claim { reply, .. }, Answer::Claimed(c)) => drop(reply.send(Ok(c))),
-        (Op::Claim { reply, .. }, Answer::Failed(e)) => drop(reply.send(Err(e))),
+        (
+            Op::Claim {
+                reply: Some(reply), ..
+            },
+            Answer::Claimed(c),
+        ) => drop(reply.send(Ok(c))),
+        (
+            Op::Claim {
+                reply: Some(reply), ..
+            },
+            Answer::Failed(e),
+        ) => drop(reply.send(Err(e))),
+        (Op::Claim { reply: None, .. }, _) => {}
         (Op::Complete { reply, .. } | Op::Release { reply, .. }, Answer::Failed(e)) => {
             drop(reply.send(Err(e)))
         }
         (Op::Complete { reply, .. } | Op::Release { reply, .. }, _) => drop(reply.send(Ok(()))),
         (Op::Prune { reply }, Answer::Pruned(n)) => drop(reply.send(Ok(n))),
         (Op::Prune { reply }, Answer::Failed(e)) => drop(reply.send(Err(e))),
-        (Op::Claim { reply, .. }, _) => {
-            drop(reply.send(Err(StoreError("internal: wrong answer".into()))))
-        }
+        (
+            Op::Claim {
+                reply: Some(reply), ..
+            },
+            _,
+        ) => drop(reply.send(Err(StoreError("internal: wrong answer".into())))),
         (Op::Prune { reply }, _) => {
             drop(reply.send(Err(StoreError("internal: wrong answer".into()))))
         }
@@ -211,16 +242,17 @@ fn apply(db: &Connection, op: &Op, now: i64, lease_ms: i64, ttl_ms: i64) -> Answ
     let result = match op {
         Op::Claim { key, fingerprint, owner, .. } => claim(db, key, fingerprint, owner, now, lease_ms, ttl_ms).map(Answer::Claimed),
         Op::Complete { key, outcome, .. } => db
-            .execute(
+            .prepare_cached(
                 "INSERT INTO idempotency (key, fingerprint, state, owner, lease_until, outcome, expires_at)
                  VALUES (?1, '', 'finished', '', 0, ?2, ?3)
                  ON CONFLICT (key) DO UPDATE SET state = 'finished', outcome = ?2, expires_at = ?3
                  WHERE state = 'running'",
-                params![key, outcome, now.saturating_add(ttl_ms)],
             )
+            .and_then(|mut st| st.execute(params![key, outcome, now.saturating_add(ttl_ms)]))
             .map(|_| Answer::Done),
         Op::Release { key, owner, .. } => db
-            .execute("DELETE FROM idempotency WHERE key = ?1 AND owner = ?2 AND state = 'running'", params![key, owner])
+            .prepare_cached("DELETE FROM idempotency WHERE key = ?1 AND owner = ?2 AND state = 'running'")
+            .and_then(|mut st| st.execute(params![key, owner]))
             .map(|_| Answer::Done),
         Op::Prune { .. } => db
             .execute("DELETE FROM idempotency WHERE expires_at < ?1", params![now])
@@ -239,8 +271,8 @@ fn claim(
     ttl_ms: i64,
 ) -> rusqlite::Result<Claim> {
     let existing = db
+        .prepare_cached("SELECT fingerprint, state, owner, lease_until, outcome, expires_at FROM idempotency WHERE key = ?1")?
         .query_row(
-            "SELECT fingerprint, state, owner, lease_until, outcome, expires_at FROM idempotency WHERE key = ?1",
             params![key],
             |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?, r.get::<_, Option<String>>(4)?, r.get::<_, i64>(5)?)),
         )
@@ -264,11 +296,12 @@ fn claim(
         }
         Some(_) => true,
     };
-    db.execute(
+    db.prepare_cached(
         "INSERT INTO idempotency (key, fingerprint, state, owner, lease_until, outcome, expires_at)
          VALUES (?1, ?2, 'running', ?3, ?4, NULL, ?5)
          ON CONFLICT (key) DO UPDATE SET fingerprint = ?2, state = 'running', owner = ?3, lease_until = ?4, outcome = NULL, expires_at = ?5",
-        params![key, fingerprint, owner, now.saturating_add(lease_ms), now.saturating_add(ttl_ms)],
+    )?
+    .execute(params![key, fingerprint, owner, now.saturating_add(lease_ms), now.saturating_add(ttl_ms)],
     )?;
     Ok(Claim::Acquired { takeover })
 }
@@ -284,7 +317,7 @@ impl Store for EmbeddedStore {
             key: key.to_owned(),
             fingerprint: fingerprint.to_owned(),
             owner: owner.to_owned(),
-            reply,
+            reply: Some(reply),
         }))
     }
 

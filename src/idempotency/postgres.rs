@@ -9,14 +9,49 @@
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Statement};
 
 use super::{Claim, Store, StoreError};
 use crate::config::{redact_url, IdempotencyConfig, Secret};
 use crate::outcome::Outcome;
+
+/// Connections per worker process.
+const POOL_SIZE: usize = 4;
+
+/// The statements every call uses, prepared once per connection.
+const CLAIM_SQL: &str = "INSERT INTO swr_stage_idempotency AS t (key, fingerprint, state, owner, lease_until, outcome, expires_at)
+     VALUES ($1, $2, 'running', $3, now() + $4::float8 * interval '1 millisecond', NULL, now() + $5::float8 * interval '1 millisecond')
+     ON CONFLICT (key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, state = 'running', owner = EXCLUDED.owner,
+         lease_until = EXCLUDED.lease_until, outcome = NULL, expires_at = EXCLUDED.expires_at
+     WHERE t.expires_at < now()
+        OR (t.state = 'running' AND t.lease_until < now() AND t.fingerprint = EXCLUDED.fingerprint)
+     RETURNING (xmax <> 0) AS takeover";
+const LOOKUP_SQL: &str =
+    "SELECT fingerprint, state, owner, outcome FROM swr_stage_idempotency WHERE key = $1";
+const COMPLETE_SQL: &str = "INSERT INTO swr_stage_idempotency AS t (key, fingerprint, state, owner, lease_until, outcome, expires_at)
+     VALUES ($1, '', 'finished', '', now(), $2, now() + $3::float8 * interval '1 millisecond')
+     ON CONFLICT (key) DO UPDATE SET state = 'finished', outcome = EXCLUDED.outcome, expires_at = EXCLUDED.expires_at
+     WHERE t.state = 'running'";
+const RELEASE_SQL: &str =
+    "DELETE FROM swr_stage_idempotency WHERE key = $1 AND owner = $2 AND state = 'running'";
+
+/// One connection and its prepared statements.
+struct Conn {
+    /// The client (pipelines concurrent queries).
+    client: Client,
+    /// Prepared CLAIM_SQL.
+    claim: Statement,
+    /// Prepared LOOKUP_SQL.
+    lookup: Statement,
+    /// Prepared COMPLETE_SQL.
+    complete: Statement,
+    /// Prepared RELEASE_SQL.
+    release: Statement,
+}
 
 /// Limit for connecting and for any one statement.
 const OP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,8 +72,11 @@ const MIGRATIONS: [&str; 1] = ["CREATE TABLE IF NOT EXISTS swr_stage_idempotency
 pub struct PostgresStore {
     /// Connection URL (may hold a password).
     url: Secret,
-    /// The live connection, if any.
-    client: Mutex<Option<Arc<Client>>>,
+    /// A few connections: PostgreSQL commits concurrent transactions with one WAL flush, so
+    /// several connections in flight cost little more than one.
+    pool: Vec<Mutex<Option<Arc<Conn>>>>,
+    /// Round-robin position in the pool.
+    next: AtomicUsize,
     /// Claim lease in milliseconds.
     lease_ms: i64,
     /// Record lifetime in milliseconds.
@@ -62,17 +100,18 @@ impl PostgresStore {
             })?;
         let store = PostgresStore {
             url: config.url.clone(),
-            client: Mutex::new(None),
+            pool: (0..POOL_SIZE).map(|_| Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
             lease_ms: i64::try_from(config.lease.as_millis()).unwrap_or(i64::MAX),
             ttl_ms: i64::try_from(config.ttl.as_millis()).unwrap_or(i64::MAX),
         };
-        if let Err(e) = store.client().await {
+        if let Err(e) = store.conn().await {
             tracing::warn!(error = %e, "idempotency store unavailable at start; deliveries are requeued until it answers");
         }
         Ok(store)
     }
 
-    async fn open(&self) -> Result<Client, StoreError> {
+    async fn open(&self) -> Result<Conn, StoreError> {
         let shown = redact_url(self.url.expose());
         let (mut client, connection) = tokio::time::timeout(
             OP_TIMEOUT,
@@ -124,18 +163,36 @@ impl PostgresStore {
                 ))
             })?
             .map_err(|e| StoreError(format!("migrating {shown}: {e}")))?;
-        Ok(client)
+        let prepare = async {
+            Ok::<_, tokio_postgres::Error>(Conn {
+                claim: client.prepare(CLAIM_SQL).await?,
+                lookup: client.prepare(LOOKUP_SQL).await?,
+                complete: client.prepare(COMPLETE_SQL).await?,
+                release: client.prepare(RELEASE_SQL).await?,
+                client,
+            })
+        };
+        tokio::time::timeout(OP_TIMEOUT, prepare)
+            .await
+            .map_err(|_| {
+                StoreError(format!(
+                    "preparing statements on {shown}: no answer within {OP_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(|e| StoreError(format!("preparing statements on {shown}: {e}")))
     }
 
-    /// The live connection, re-opened first if it broke (one reconnect at a time).
-    async fn client(&self) -> Result<Arc<Client>, StoreError> {
-        let mut guard = self.client.lock().await;
-        if let Some(client) = guard.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(client.clone());
+    /// A live connection from the pool, re-opened first if it broke (one reconnect at a time
+    /// per slot).
+    async fn conn(&self) -> Result<Arc<Conn>, StoreError> {
+        let slot = &self.pool[self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len()];
+        let mut guard = slot.lock().await;
+        if let Some(conn) = guard.as_ref().filter(|c| !c.client.is_closed()) {
+            return Ok(conn.clone());
         }
-        let client = Arc::new(self.open().await?);
-        *guard = Some(client.clone());
-        Ok(client)
+        let conn = Arc::new(self.open().await?);
+        *guard = Some(conn.clone());
+        Ok(conn)
     }
 }
 
@@ -160,28 +217,18 @@ impl Store for PostgresStore {
             let (lease, ttl) = (self.lease_ms as f64, self.ttl_ms as f64);
             // A row removed between the two statements (released) just means: try again.
             for _ in 0..5 {
-                let client = self.client().await?;
-                let taken = bounded(client.query_opt(
-                    "INSERT INTO swr_stage_idempotency AS t (key, fingerprint, state, owner, lease_until, outcome, expires_at)
-                     VALUES ($1, $2, 'running', $3, now() + $4::float8 * interval '1 millisecond', NULL, now() + $5::float8 * interval '1 millisecond')
-                     ON CONFLICT (key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, state = 'running', owner = EXCLUDED.owner,
-                         lease_until = EXCLUDED.lease_until, outcome = NULL, expires_at = EXCLUDED.expires_at
-                     WHERE t.expires_at < now()
-                        OR (t.state = 'running' AND t.lease_until < now() AND t.fingerprint = EXCLUDED.fingerprint)
-                     RETURNING (xmax <> 0) AS takeover",
-                    &[&key, &fingerprint, &owner, &lease, &ttl],
-                ))
+                let conn = self.conn().await?;
+                let taken = bounded(
+                    conn.client
+                        .query_opt(&conn.claim, &[&key, &fingerprint, &owner, &lease, &ttl]),
+                )
                 .await?;
                 if let Some(row) = taken {
                     return Ok(Claim::Acquired {
                         takeover: row.get(0),
                     });
                 }
-                let existing = bounded(client.query_opt(
-                    "SELECT fingerprint, state, owner, outcome FROM swr_stage_idempotency WHERE key = $1",
-                    &[&key],
-                ))
-                .await?;
+                let existing = bounded(conn.client.query_opt(&conn.lookup, &[&key])).await?;
                 let Some(row) = existing else { continue };
                 let (stored, state, holder, outcome): (String, String, String, Option<String>) =
                     (row.get(0), row.get(1), row.get(2), row.get(3));
@@ -213,16 +260,10 @@ impl Store for PostgresStore {
         let json = serde_json::to_string(outcome).expect("an outcome always serialises");
         let ttl = self.ttl_ms as f64;
         Box::pin(async move {
-            let client = self.client().await?;
-            bounded(client.execute(
-                "INSERT INTO swr_stage_idempotency AS t (key, fingerprint, state, owner, lease_until, outcome, expires_at)
-                 VALUES ($1, '', 'finished', '', now(), $2, now() + $3::float8 * interval '1 millisecond')
-                 ON CONFLICT (key) DO UPDATE SET state = 'finished', outcome = EXCLUDED.outcome, expires_at = EXCLUDED.expires_at
-                 WHERE t.state = 'running'",
-                &[&key, &json, &ttl],
-            ))
-            .await
-            .map(drop)
+            let conn = self.conn().await?;
+            bounded(conn.client.execute(&conn.complete, &[&key, &json, &ttl]))
+                .await
+                .map(drop)
         })
     }
 
@@ -232,20 +273,17 @@ impl Store for PostgresStore {
         owner: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            let client = self.client().await?;
-            bounded(client.execute(
-                "DELETE FROM swr_stage_idempotency WHERE key = $1 AND owner = $2 AND state = 'running'",
-                &[&key, &owner],
-            ))
-            .await
-            .map(drop)
+            let conn = self.conn().await?;
+            bounded(conn.client.execute(&conn.release, &[&key, &owner]))
+                .await
+                .map(drop)
         })
     }
 
     fn prune(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
-            let client = self.client().await?;
-            bounded(client.execute(
+            let conn = self.conn().await?;
+            bounded(conn.client.execute(
                 "DELETE FROM swr_stage_idempotency WHERE expires_at < now()",
                 &[],
             ))
@@ -255,8 +293,8 @@ impl Store for PostgresStore {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            let client = self.client().await?;
-            bounded(client.batch_execute("SELECT 1")).await
+            let conn = self.conn().await?;
+            bounded(conn.client.batch_execute("SELECT 1")).await
         })
     }
 }

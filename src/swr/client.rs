@@ -68,6 +68,11 @@ impl SwrClient {
         })
     }
 
+    /// The base URL, without a trailing slash.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
     /// The URL for a request: path parameters from the validated request, `source` only for rollback.
     pub fn url(&self, request: &StageRequest) -> String {
         let query = match request.mode {

@@ -1,0 +1,676 @@
+//! `swr-stage-worker bench`: measures the worker against the bare broker path in one run.
+//!
+//! Every phase uses the same broker, the same simulator (fast mode: counters only), the same
+//! number of jobs and the same prefetch, and its own freshly declared queues:
+//! 1. the endpoint alone (is SWR's stand-in fast enough not to be the bottleneck?);
+//! 2. the bare loop: consume, POST, publish a result with a confirm, ack, no job logic;
+//! 3. the real worker binary (a child process) with each idempotency backend asked for.
+//!
+//! Throughput is measured on the outcome side (first to last result seen by a consumer), with
+//! the queue filled before the consumer starts. Latency is measured separately, publishing at half
+//! the worker's peak rate and timing each request from publish to outcome.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::Semaphore;
+
+use crate::amqp::{connect, topology};
+use crate::config::{Config, Secret};
+use crate::sim::{SimConfig, SimHandle};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Jobs per phase.
+    pub jobs: usize,
+    /// Prefetch and worker concurrency.
+    pub concurrency: u32,
+    /// Idempotency backends to run the worker with ("off", "embedded", "postgres").
+    pub stores: Vec<String>,
+    /// PostgreSQL URL for the "postgres" backend.
+    pub postgres_url: String,
+    /// Also measure publish-to-outcome latency at half the peak rate.
+    pub latency: bool,
+    /// How many times to run every phase (the median is reported).
+    pub rounds: usize,
+}
+
+/// One phase's figures.
+#[derive(Clone, Debug, Default)]
+pub struct PhaseResult {
+    /// Phase name.
+    pub name: String,
+    /// Jobs per second, first to last outcome.
+    pub jobs_per_sec: f64,
+    /// Worker peak resident memory, when the phase ran the worker binary.
+    pub peak_rss_kib: Option<u64>,
+    /// p50/p99 publish-to-outcome latency at half the peak rate, in milliseconds.
+    pub latency_ms: Option<(f64, f64)>,
+}
+
+/// Why the benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+#[error("bench: {0}")]
+pub struct BenchError(String);
+
+fn fail(e: impl std::fmt::Display) -> BenchError {
+    BenchError(e.to_string())
+}
+
+/// The token the benchmark's simulator accepts.
+const TOKEN: &str = "bench-token";
+
+/// Runs every phase and prints the table; returns the phases for callers that check figures.
+pub async fn run(base: Config, options: BenchOptions) -> Result<Vec<PhaseResult>, BenchError> {
+    let sim = SimHandle::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        SimConfig {
+            tokens: vec![TOKEN.into()],
+            record: false,
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .map_err(fail)?;
+    let broker = connect(
+        &base.amqp.url,
+        "swr-stage-worker.bench",
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(fail)?;
+    println!(
+        "bench: {} jobs per phase, prefetch/concurrency {}, endpoint {}",
+        options.jobs,
+        options.concurrency,
+        sim.url()
+    );
+
+    let endpoint = endpoint_rate(&sim.url(), options.jobs, options.concurrency as usize).await?;
+    println!("endpoint alone: {endpoint:.0} requests/s");
+
+    // Phases are interleaved round by round and each figure is the median over the rounds, so
+    // a burst of other load on the machine does not decide a ratio.
+    let mut rounds: Vec<Vec<PhaseResult>> = Vec::new();
+    for round in 1..=options.rounds.max(1) {
+        let mut phases = vec![bare_phase(&broker, &base, &sim.url(), &options).await?];
+        for store in &options.stores {
+            phases.push(worker_phase(&broker, &base, &sim.url(), &options, store).await?);
+        }
+        let line: Vec<String> = phases
+            .iter()
+            .map(|p| format!("{} {:.0}/s", p.name, p.jobs_per_sec))
+            .collect();
+        println!("round {round}: {}", line.join(", "));
+        rounds.push(phases);
+    }
+    let results: Vec<PhaseResult> = (0..rounds[0].len())
+        .map(|i| {
+            let mut runs: Vec<&PhaseResult> = rounds.iter().map(|r| &r[i]).collect();
+            runs.sort_by(|a, b| a.jobs_per_sec.total_cmp(&b.jobs_per_sec));
+            let median = runs[runs.len() / 2].clone();
+            PhaseResult {
+                peak_rss_kib: runs.iter().filter_map(|r| r.peak_rss_kib).max(),
+                latency_ms: runs.iter().rev().find_map(|r| r.latency_ms),
+                ..median
+            }
+        })
+        .collect();
+    let bare = results[0].clone();
+
+    println!();
+    println!("medians over {} round(s):", rounds.len());
+    println!("| phase | jobs/s | vs bare | peak RSS | p50 ms | p99 ms |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in &results {
+        let (p50, p99) = r.latency_ms.map_or(("-".into(), "-".into()), |(a, b)| {
+            (format!("{a:.1}"), format!("{b:.1}"))
+        });
+        println!(
+            "| {} | {:.0} | {:.2} | {} | {p50} | {p99} |",
+            r.name,
+            r.jobs_per_sec,
+            r.jobs_per_sec / bare.jobs_per_sec,
+            r.peak_rss_kib
+                .map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+        );
+    }
+    if let Some(off) = results.iter().find(|r| r.name == "worker, store off") {
+        for r in results
+            .iter()
+            .filter(|r| r.name.starts_with("worker, store") && r.name != off.name)
+        {
+            println!(
+                "{} / store off: {:.2}",
+                r.name,
+                r.jobs_per_sec / off.jobs_per_sec
+            );
+        }
+    }
+    let fastest = results.iter().map(|r| r.jobs_per_sec).fold(0.0, f64::max);
+    println!(
+        "endpoint headroom: {:.1}x the fastest phase{}",
+        endpoint / fastest,
+        if endpoint < 2.0 * fastest {
+            " (WARNING: the endpoint may be the bottleneck)"
+        } else {
+            ""
+        }
+    );
+    let _ = broker.close(200, "bench done".into()).await;
+    sim.shutdown().await;
+    Ok(results)
+}
+
+/// POSTs `n` requests straight at the endpoint with `concurrency` in flight.
+async fn endpoint_rate(url: &str, n: usize, concurrency: usize) -> Result<f64, BenchError> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(fail)?;
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let permit = slots.clone().acquire_owned().await.map_err(fail)?;
+        let (client, url) = (
+            client.clone(),
+            format!("{url}/v3/manage/pipelines/{}/stages/0?mode=retry", 1 + i),
+        );
+        tasks.spawn(async move {
+            let ok = post(&client, &url, &format!("endpoint-{i}")).await;
+            drop(permit);
+            ok
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.map_err(fail)??;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn post(client: &reqwest::Client, url: &str, key: &str) -> Result<(), BenchError> {
+    let response = client
+        .post(url)
+        .header("X-Auth-Token", TOKEN)
+        .header("Idempotency-Key", key)
+        .header(reqwest::header::CONTENT_LENGTH, "0")
+        .send()
+        .await
+        .map_err(fail)?;
+    if response.status().as_u16() != 201 {
+        return Err(fail(format!("endpoint answered {}", response.status())));
+    }
+    response.bytes().await.map_err(fail)?;
+    Ok(())
+}
+
+/// Names for one phase's queues and exchanges.
+fn phase_config(base: &Config, sim_url: &str, tag: &str) -> Config {
+    let prefix = format!(
+        "swr.stage.bench.{tag}.{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
+    let mut config = base.clone();
+    config.swr.endpoint = sim_url.to_owned();
+    config.swr.auth.token = Secret::new(TOKEN);
+    config.amqp.request_queue = format!("{prefix}.requests");
+    config.amqp.request_exchanges = Vec::new();
+    config.amqp.dead_letter_exchange = format!("{prefix}.dlx");
+    config.amqp.dead_letter_queue = format!("{prefix}.dead");
+    config.amqp.results_exchange = format!("{prefix}.results");
+    config.amqp.connection_name = format!("{prefix}.worker");
+    config
+}
+
+/// Declares the phase's topology plus a results queue; fills the request queue with `n` jobs.
+async fn prepare(
+    broker: &Connection,
+    config: &Config,
+    n: usize,
+    tag: &str,
+) -> Result<(Channel, String), BenchError> {
+    let channel = broker.create_channel().await.map_err(fail)?;
+    topology::declare(&channel, &config.amqp)
+        .await
+        .map_err(fail)?;
+    let results = format!("{}.seen", config.amqp.results_exchange);
+    channel
+        .queue_declare(
+            results.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(fail)?;
+    channel
+        .queue_bind(
+            results.as_str().into(),
+            config.amqp.results_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(fail)?;
+    fill(&channel, &config.amqp.request_queue, 0..n, tag).await?;
+    Ok((channel, results))
+}
+
+/// Publishes jobs `range` with confirms in a window.
+async fn fill(
+    channel: &Channel,
+    queue: &str,
+    range: std::ops::Range<usize>,
+    tag: &str,
+) -> Result<(), BenchError> {
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(fail)?;
+    let mut pending = std::collections::VecDeque::new();
+    for i in range {
+        let body = format!(
+            r#"{{"pipeline_id":{},"stage_index":0,"idempotency_key":"{tag}-{i}"}}"#,
+            1 + i
+        );
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .map_err(fail)?;
+        pending.push_back(confirm);
+        if pending.len() >= 2048 {
+            let confirm = pending.pop_front().expect("not empty");
+            if !confirm.await.map_err(fail)?.is_ack() {
+                return Err(fail("the broker refused a request"));
+            }
+        }
+    }
+    for confirm in pending {
+        if !confirm.await.map_err(fail)?.is_ack() {
+            return Err(fail("the broker refused a request"));
+        }
+    }
+    Ok(())
+}
+
+/// Counts `n` outcomes on `queue`; returns jobs/s from the first to the last.
+async fn count_outcomes(broker: &Connection, queue: &str, n: usize) -> Result<f64, BenchError> {
+    let channel = broker.create_channel().await.map_err(fail)?;
+    channel
+        .basic_qos(1000, BasicQosOptions::default())
+        .await
+        .map_err(fail)?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(fail)?;
+    let mut first = None;
+    for seen in 0..n {
+        match tokio::time::timeout(Duration::from_secs(60), consumer.next()).await {
+            Ok(Some(Ok(_))) => {
+                first.get_or_insert_with(Instant::now);
+            }
+            _ => return Err(fail(format!("outcomes stopped after {seen} of {n}"))),
+        }
+    }
+    let elapsed = first
+        .map_or(Duration::ZERO, |f| f.elapsed())
+        .as_secs_f64()
+        .max(1e-9);
+    let _ = channel.close(200, "counted".into()).await;
+    Ok((n.saturating_sub(1)) as f64 / elapsed)
+}
+
+async fn cleanup(channel: &Channel, config: &Config, results: &str) {
+    let amqp = &config.amqp;
+    for q in [
+        amqp.request_queue.as_str(),
+        amqp.dead_letter_queue.as_str(),
+        results,
+    ] {
+        let _ = channel
+            .queue_delete(q.into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for x in [&amqp.dead_letter_exchange, &amqp.results_exchange] {
+        let _ = channel
+            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+}
+
+/// The bare loop phase: the same queues and endpoint, driven by [`bare_loop`] in a child
+/// process, exactly as the worker phases run the worker binary.
+async fn bare_phase(
+    broker: &Connection,
+    base: &Config,
+    sim_url: &str,
+    options: &BenchOptions,
+) -> Result<PhaseResult, BenchError> {
+    child_phase(
+        broker,
+        base,
+        sim_url,
+        options,
+        "bare",
+        &["bench-bare-loop", "--jobs", &options.jobs.to_string()],
+    )
+    .await
+}
+
+/// The bare loop (run by the hidden `bench-bare-loop` command): consume with prefetch =
+/// `worker.concurrency`, POST with the same HTTP client settings, publish a result with a confirm,
+/// ack. No validation, no store, no outcome building, no logging.
+pub async fn bare_loop(config: Config, jobs: usize) -> Result<(), BenchError> {
+    let broker = connect(
+        &config.amqp.url,
+        &config.amqp.connection_name,
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(fail)?;
+    let consume = broker.create_channel().await.map_err(fail)?;
+    consume
+        .basic_qos(config.worker.concurrency as u16, BasicQosOptions::default())
+        .await
+        .map_err(fail)?;
+    let publish = broker.create_channel().await.map_err(fail)?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(fail)?;
+    let client =
+        crate::swr::client::SwrClient::new(&config.swr.endpoint, &config.http).map_err(fail)?;
+    let token = config.swr.auth.token.clone();
+    let mut deliveries = consume
+        .basic_consume(
+            config.amqp.request_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(fail)?;
+    let exchange: Arc<str> = config.amqp.results_exchange.as_str().into();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..jobs {
+        let delivery = deliveries
+            .next()
+            .await
+            .ok_or_else(|| fail("consumer ended"))?
+            .map_err(fail)?;
+        let (client, publish, exchange, token) = (
+            client.clone(),
+            publish.clone(),
+            exchange.clone(),
+            token.clone(),
+        );
+        tasks.spawn(async move {
+            let url = format!(
+                "{}/v3/manage/pipelines/{}/stages/0?mode=retry",
+                client.endpoint(),
+                i + 1
+            );
+            let reply = client
+                .attempt(&url, &format!("bare-{i}"), &token)
+                .await
+                .map_err(fail)?;
+            if reply.status != 201 {
+                return Err(fail(format!("endpoint answered {}", reply.status)));
+            }
+            let result = format!(r#"{{"pipeline_id":{},"status":"succeeded"}}"#, i + 1);
+            let confirm = publish
+                .basic_publish(
+                    exchange.as_ref().into(),
+                    "stage.retry.succeeded".into(),
+                    BasicPublishOptions::default(),
+                    result.as_bytes(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .map_err(fail)?
+                .await
+                .map_err(fail)?;
+            if !confirm.is_ack() {
+                return Err(fail("result nacked"));
+            }
+            delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(fail)?;
+            Ok::<(), BenchError>(())
+        });
+        while let Some(done) = tasks.try_join_next() {
+            done.map_err(fail)??;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.map_err(fail)??;
+    }
+    let _ = broker.close(200, "done".into()).await;
+    Ok(())
+}
+
+/// The worker binary with one idempotency backend.
+async fn worker_phase(
+    broker: &Connection,
+    base: &Config,
+    sim_url: &str,
+    options: &BenchOptions,
+    store: &str,
+) -> Result<PhaseResult, BenchError> {
+    let mut phase = child_phase(broker, base, sim_url, options, store, &["run"]).await?;
+    phase.name = format!("worker, store {store}");
+    Ok(phase)
+}
+
+/// Runs this binary with `args` as a child on fresh queues filled with the jobs, counts the
+/// outcomes, reads its peak memory, then stops it and cleans up.
+async fn child_phase(
+    broker: &Connection,
+    base: &Config,
+    sim_url: &str,
+    options: &BenchOptions,
+    store: &str,
+    args: &[&str],
+) -> Result<PhaseResult, BenchError> {
+    let tag = format!("p{store}");
+    let config = phase_config(base, sim_url, &tag);
+    let (channel, results) = prepare(broker, &config, options.jobs, &tag).await?;
+    let store_dir = std::env::temp_dir().join(format!("{}.store", config.amqp.request_queue));
+    let mut env: HashMap<&str, String> = HashMap::new();
+    env.insert("AMQP_URL", config.amqp.url.expose().to_owned());
+    env.insert("SWR_ENDPOINT", sim_url.to_owned());
+    env.insert("SWR_AUTH_TOKEN", TOKEN.to_owned());
+    env.insert(
+        "SWR_STAGE_WORKER__AMQP__REQUEST_QUEUE",
+        config.amqp.request_queue.clone(),
+    );
+    env.insert(
+        "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_EXCHANGE",
+        config.amqp.dead_letter_exchange.clone(),
+    );
+    env.insert(
+        "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_QUEUE",
+        config.amqp.dead_letter_queue.clone(),
+    );
+    env.insert(
+        "SWR_STAGE_WORKER__AMQP__RESULTS_EXCHANGE",
+        config.amqp.results_exchange.clone(),
+    );
+    env.insert(
+        "SWR_STAGE_WORKER__AMQP__CONNECTION_NAME",
+        config.amqp.connection_name.clone(),
+    );
+    env.insert(
+        "SWR_STAGE_WORKER__WORKER__CONCURRENCY",
+        options.concurrency.to_string(),
+    );
+    env.insert(
+        "SWR_STAGE_WORKER__IDEMPOTENCY__BACKEND",
+        if store == "bare" {
+            "off".into()
+        } else {
+            store.to_owned()
+        },
+    );
+    env.insert(
+        "SWR_STAGE_WORKER__IDEMPOTENCY__PATH",
+        store_dir.join("idempotency.db").display().to_string(),
+    );
+    env.insert(
+        "SWR_STAGE_WORKER__IDEMPOTENCY__URL",
+        options.postgres_url.clone(),
+    );
+    let exe = std::env::current_exe().map_err(fail)?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(args)
+        .envs(env)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(fail)?;
+    let pid = child.id().ok_or_else(|| fail("the child exited at once"))?;
+    let counted = count_outcomes(broker, &results, options.jobs).await;
+    let peak_rss_kib = peak_rss(pid);
+    let mut latency_ms = None;
+    if options.latency && store != "bare" {
+        if let Ok(rate) = &counted {
+            latency_ms = Some(
+                latency(
+                    broker,
+                    &config,
+                    &results,
+                    *rate / 2.0,
+                    options.jobs.min(10_000),
+                    &tag,
+                )
+                .await?,
+            );
+        }
+    }
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    cleanup(&channel, &config, &results).await;
+    let _ = std::fs::remove_dir_all(&store_dir);
+    Ok(PhaseResult {
+        name: "bare loop".into(),
+        jobs_per_sec: counted?,
+        peak_rss_kib,
+        latency_ms,
+    })
+}
+
+/// Peak resident set (VmHWM) of a process, from /proc.
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Publishes `n` jobs at `rate`/s and measures each one's publish-to-outcome time.
+async fn latency(
+    broker: &Connection,
+    config: &Config,
+    results: &str,
+    rate: f64,
+    n: usize,
+    tag: &str,
+) -> Result<(f64, f64), BenchError> {
+    let channel = broker.create_channel().await.map_err(fail)?;
+    let mut consumer = channel
+        .basic_consume(
+            results.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(fail)?;
+    let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+    let publisher = {
+        let (sent, queue, tag) = (
+            sent.clone(),
+            config.amqp.request_queue.clone(),
+            format!("{tag}-lat"),
+        );
+        let channel = broker.create_channel().await.map_err(fail)?;
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            for i in 0..n {
+                tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+                let key = format!("{tag}-{i}");
+                let body = format!(
+                    r#"{{"pipeline_id":{},"stage_index":0,"idempotency_key":"{key}"}}"#,
+                    1 + i
+                );
+                sent.lock().expect("lock").insert(key, Instant::now());
+                let _ = channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        body.as_bytes(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await;
+            }
+        })
+    };
+    let mut samples = Vec::with_capacity(n);
+    while samples.len() < n {
+        let delivery = match tokio::time::timeout(Duration::from_secs(60), consumer.next()).await {
+            Ok(Some(Ok(d))) => d,
+            _ => return Err(fail("latency phase: outcomes stopped")),
+        };
+        let arrived = Instant::now();
+        let outcome: serde_json::Value = serde_json::from_slice(&delivery.data).map_err(fail)?;
+        if let Some(at) = outcome["idempotency_key"]
+            .as_str()
+            .and_then(|k| sent.lock().expect("lock").remove(k))
+        {
+            samples.push(arrived.duration_since(at).as_secs_f64() * 1000.0);
+        }
+    }
+    publisher.await.map_err(fail)?;
+    let _ = channel.close(200, "done".into()).await;
+    samples.sort_by(f64::total_cmp);
+    let pick = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    Ok((pick(0.50), pick(0.99)))
+}
