@@ -19,8 +19,9 @@ use super::{Claim, Store, StoreError};
 use crate::config::{redact_url, IdempotencyConfig, Secret};
 use crate::outcome::Outcome;
 
-/// Connections per worker process.
-const POOL_SIZE: usize = 4;
+/// Connections per worker process and kind. PostgreSQL flushes the WAL once for all
+/// transactions committing together, so throughput grows with commits in flight.
+const POOL_SIZE: usize = 8;
 
 /// The statements every call uses, prepared once per connection.
 const CLAIM_SQL: &str = "INSERT INTO swr_stage_idempotency AS t (key, fingerprint, state, owner, lease_until, outcome, expires_at)
@@ -72,10 +73,13 @@ const MIGRATIONS: [&str; 1] = ["CREATE TABLE IF NOT EXISTS swr_stage_idempotency
 pub struct PostgresStore {
     /// Connection URL (may hold a password).
     url: Secret,
-    /// A few connections: PostgreSQL commits concurrent transactions with one WAL flush, so
-    /// several connections in flight cost little more than one.
-    pool: Vec<Mutex<Option<Arc<Conn>>>>,
-    /// Round-robin position in the pool.
+    /// Connections for claims, with `synchronous_commit = off`: a claim needs atomicity, not
+    /// durability (a claim lost in a database crash only means the redelivery claims again).
+    claims: Vec<Mutex<Option<Arc<Conn>>>>,
+    /// Connections for completions and releases, fully durable: the ack that follows a
+    /// completion must be able to count on it.
+    durable: Vec<Mutex<Option<Arc<Conn>>>>,
+    /// Round-robin position in the pools.
     next: AtomicUsize,
     /// Claim lease in milliseconds.
     lease_ms: i64,
@@ -100,12 +104,13 @@ impl PostgresStore {
             })?;
         let store = PostgresStore {
             url: config.url.clone(),
-            pool: (0..POOL_SIZE).map(|_| Mutex::new(None)).collect(),
+            claims: (0..POOL_SIZE).map(|_| Mutex::new(None)).collect(),
+            durable: (0..POOL_SIZE).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
             lease_ms: i64::try_from(config.lease.as_millis()).unwrap_or(i64::MAX),
             ttl_ms: i64::try_from(config.ttl.as_millis()).unwrap_or(i64::MAX),
         };
-        if let Err(e) = store.conn().await {
+        if let Err(e) = store.conn(true).await {
             tracing::warn!(error = %e, "idempotency store unavailable at start; deliveries are requeued until it answers");
         }
         Ok(store)
@@ -184,13 +189,18 @@ impl PostgresStore {
 
     /// A live connection from the pool, re-opened first if it broke (one reconnect at a time
     /// per slot).
-    async fn conn(&self) -> Result<Arc<Conn>, StoreError> {
-        let slot = &self.pool[self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len()];
+    async fn conn(&self, durable: bool) -> Result<Arc<Conn>, StoreError> {
+        let pool = if durable { &self.durable } else { &self.claims };
+        let slot = &pool[self.next.fetch_add(1, Ordering::Relaxed) % pool.len()];
         let mut guard = slot.lock().await;
         if let Some(conn) = guard.as_ref().filter(|c| !c.client.is_closed()) {
             return Ok(conn.clone());
         }
-        let conn = Arc::new(self.open().await?);
+        let conn = self.open().await?;
+        if !durable {
+            bounded(conn.client.batch_execute("SET synchronous_commit = off")).await?;
+        }
+        let conn = Arc::new(conn);
         *guard = Some(conn.clone());
         Ok(conn)
     }
@@ -217,7 +227,7 @@ impl Store for PostgresStore {
             let (lease, ttl) = (self.lease_ms as f64, self.ttl_ms as f64);
             // A row removed between the two statements (released) just means: try again.
             for _ in 0..5 {
-                let conn = self.conn().await?;
+                let conn = self.conn(false).await?;
                 let taken = bounded(
                     conn.client
                         .query_opt(&conn.claim, &[&key, &fingerprint, &owner, &lease, &ttl]),
@@ -260,7 +270,7 @@ impl Store for PostgresStore {
         let json = serde_json::to_string(outcome).expect("an outcome always serialises");
         let ttl = self.ttl_ms as f64;
         Box::pin(async move {
-            let conn = self.conn().await?;
+            let conn = self.conn(true).await?;
             bounded(conn.client.execute(&conn.complete, &[&key, &json, &ttl]))
                 .await
                 .map(drop)
@@ -273,7 +283,7 @@ impl Store for PostgresStore {
         owner: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            let conn = self.conn().await?;
+            let conn = self.conn(true).await?;
             bounded(conn.client.execute(&conn.release, &[&key, &owner]))
                 .await
                 .map(drop)
@@ -282,7 +292,7 @@ impl Store for PostgresStore {
 
     fn prune(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
-            let conn = self.conn().await?;
+            let conn = self.conn(true).await?;
             bounded(conn.client.execute(
                 "DELETE FROM swr_stage_idempotency WHERE expires_at < now()",
                 &[],
@@ -293,7 +303,7 @@ impl Store for PostgresStore {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            let conn = self.conn().await?;
+            let conn = self.conn(true).await?;
             bounded(conn.client.batch_execute("SELECT 1")).await
         })
     }
