@@ -16,7 +16,7 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer};
+use lapin::{Channel, Connection, Consumer, Event};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
@@ -91,6 +91,7 @@ pub async fn run(
         let end = match opened {
             Ok(session) => {
                 delay = RECONNECT_INITIAL;
+                ctx.publishers.send_replace(Some(session.publisher.clone()));
                 tracing::info!(queue = %config.amqp.request_queue, "consuming");
                 consume(&ctx, session, &mut shutdown, &slots, &mut jobs, &broken).await
             }
@@ -200,17 +201,29 @@ async fn consume(
     jobs: &mut JoinSet<()>,
     broken: &Arc<Notify>,
 ) -> SessionEnd {
+    // Connection events are watched while waiting for a slot too: with every slot held by jobs
+    // whose publish waits for a new connection, only this notices that one is needed.
+    let mut events = session.connection.events_listener();
     let end = loop {
         while jobs.try_join_next().is_some() {}
         let permit = tokio::select! {
             biased;
             () = &mut *shutdown => break None,
+            () = broken.notified() => break Some("the publisher channel broke".to_owned()),
+            event = events.next() => match lost(event) {
+                Some(reason) => break Some(reason),
+                None => continue,
+            },
             permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
         let next = tokio::select! {
             biased;
             () = &mut *shutdown => break None,
             () = broken.notified() => break Some("the publisher channel broke".to_owned()),
+            event = events.next() => match lost(event) {
+                Some(reason) => break Some(reason),
+                None => continue,
+            },
             next = session.consumer.next() => next,
         };
         match next {
@@ -256,6 +269,23 @@ async fn consume(
             tracing::info!("worker stopped");
             SessionEnd::Stopped
         }
+    }
+}
+
+/// Whether a connection event ends the session (and why); other events are logged.
+fn lost(event: Option<Event>) -> Option<String> {
+    match event {
+        None => Some("the connection's event stream ended".to_owned()),
+        Some(Event::Error(e)) => Some(format!("connection error: {e}")),
+        Some(Event::ConnectionBlocked(reason)) => {
+            tracing::warn!(%reason, "the broker blocked this connection (resource alarm); publishing waits");
+            None
+        }
+        Some(Event::ConnectionUnblocked) => {
+            tracing::info!("the broker unblocked this connection");
+            None
+        }
+        Some(_) => None,
     }
 }
 

@@ -11,6 +11,7 @@ use lapin::message::Delivery;
 use lapin::types::{AMQPValue, LongString, ShortString};
 use lapin::BasicProperties;
 use time::OffsetDateTime;
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::amqp::publisher::{PublishError, Publisher, Routed};
@@ -49,6 +50,9 @@ pub struct JobContext {
     pub worker_id: String,
     /// One execution per key; `None` when `idempotency.backend = "off"`.
     pub gate: Option<Gate>,
+    /// The current session's publisher, replaced on every reconnect, so a job whose SWR call
+    /// outlived its connection can still publish its outcome on the next one.
+    pub publishers: watch::Sender<Option<Arc<Publisher>>>,
 }
 
 /// Why the job context could not be built.
@@ -77,6 +81,7 @@ impl JobContext {
             tokens,
             worker_id,
             gate,
+            publishers: watch::channel(None).0,
         })
     }
 }
@@ -231,9 +236,45 @@ async fn run_request(
     if outcome.finished_at.is_empty() {
         finish(&mut outcome, started.1);
     }
-    match publish_outcome(ctx, publisher, envelope, &outcome).await {
+    match publish_surviving_reconnect(ctx, publisher, envelope, &outcome).await {
         Ok(()) => Disposition::Ack,
         Err(e) => Disposition::Requeue(format!("outcome not confirmed: {e}")),
+    }
+}
+
+/// Publishes an outcome; if the connection broke meanwhile (the SWR call outlived it), waits
+/// for the next session's publisher and publishes there. The delivery itself is void then (its
+/// ack cannot reach the broker); its redelivery is answered from the idempotency store.
+async fn publish_surviving_reconnect(
+    ctx: &JobContext,
+    publisher: &Publisher,
+    envelope: &Envelope<'_>,
+    outcome: &Outcome,
+) -> Result<(), PublishError> {
+    let error = match publish_outcome(ctx, publisher, envelope, outcome).await {
+        Ok(()) => return Ok(()),
+        Err(e) if publisher.is_usable() => return Err(e),
+        Err(e) => e,
+    };
+    let amqp = &ctx.config.amqp;
+    let patience = amqp.reconnect_max_interval * 2 + amqp.connect_timeout;
+    let mut sessions = ctx.publishers.subscribe();
+    let next = tokio::time::timeout(
+        patience,
+        sessions.wait_for(|p| p.as_ref().is_some_and(|p| p.is_usable())),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .and_then(|current| current.clone());
+    match next {
+        Some(next) => {
+            tracing::info!(
+                "connection was lost during the job; publishing its outcome on the new one"
+            );
+            publish_outcome(ctx, &next, envelope, outcome).await
+        }
+        None => Err(error),
     }
 }
 

@@ -213,7 +213,7 @@ impl TestEnv {
         topology::declare(&channel, &config.amqp)
             .await
             .expect("topology");
-        let outcomes = bind_watcher(&channel, &config.amqp.results_exchange, "#").await;
+        let outcomes = watch_outcomes(&channel, &prefix, &config.amqp.results_exchange).await;
 
         channel.confirm_select(Default::default()).await.unwrap();
         TestEnv {
@@ -289,6 +289,22 @@ impl TestEnv {
         assert!(confirm.is_ack());
     }
 
+    /// Opens a new connection after the broker restarted, and watches the same outcome queue.
+    pub async fn reconnect(&mut self) {
+        self.conn = broker(&format!("{}.test", self.prefix)).await;
+        self.channel = self.conn.create_channel().await.unwrap();
+        self.outcomes = watch_outcomes(
+            &self.channel,
+            &self.prefix,
+            &self.config.amqp.results_exchange,
+        )
+        .await;
+        self.channel
+            .confirm_select(Default::default())
+            .await
+            .unwrap();
+    }
+
     /// The next outcome published to the results exchange, with its AMQP delivery.
     pub async fn next_outcome(&mut self) -> (Outcome, lapin::message::Delivery) {
         let delivery = tokio::time::timeout(WAIT, self.outcomes.next())
@@ -296,6 +312,8 @@ impl TestEnv {
             .expect("an outcome within 30 s")
             .expect("outcome stream open")
             .expect("outcome delivery");
+        // Acked only once read: what the test never saw stays in the queue across a reconnect.
+        delivery.ack(Default::default()).await.expect("ack outcome");
         let outcome: Outcome =
             serde_json::from_slice(&delivery.data).expect("outcome is contract JSON");
         (outcome, delivery)
@@ -350,7 +368,8 @@ impl TestEnv {
             self.stop_worker().await.expect("worker stops cleanly");
         }
         let amqp = &self.config.amqp;
-        for q in [&amqp.request_queue, &amqp.dead_letter_queue] {
+        let seen = format!("{}.seen", self.prefix);
+        for q in [&amqp.request_queue, &amqp.dead_letter_queue, &seen] {
             let _ = self
                 .channel
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
@@ -365,6 +384,42 @@ impl TestEnv {
         let _ = self.conn.close(200, "test done".into()).await;
         self.sim.shutdown().await;
     }
+}
+
+/// The test's durable outcome queue (`<prefix>.seen`, bound with `#`), consumed with manual
+/// acks so outcomes survive a broker restart or a lost test connection.
+pub async fn watch_outcomes(channel: &Channel, prefix: &str, exchange: &str) -> Consumer {
+    let queue = format!("{prefix}.seen");
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
 }
 
 /// Declares an exclusive queue bound to `exchange` with `pattern` and consumes it (auto-ack).

@@ -1,0 +1,163 @@
+//! Staying up: the worker rides out its connection being closed by the broker, and a broker
+//! stop/start, without losing a request or running a key twice.
+//!
+//! The broker restart disturbs every connection on the broker, so that test is `#[ignore]`d and
+//! runs in the serial second step of the test command (`--run-ignored only --test-threads 1`).
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use common::TestEnv;
+use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
+use serde_json::json;
+use swr_stage_worker::outcome::{Outcome, Status};
+use swr_stage_worker::sim::FaultRule;
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Closes, from the server side, only the connections whose client-provided name is `name`
+/// (never a neighbour test's). Returns how many were closed.
+fn close_connections_named(name: &str) -> usize {
+    let listing = rabbitmqctl(&[
+        "list_connections",
+        "pid",
+        "client_properties",
+        "--quiet",
+        "--no-table-headers",
+    ]);
+    let wanted = format!("{{\"connection_name\",\"{name}\"}}");
+    let mut closed = 0;
+    for line in listing.lines().filter(|l| l.contains(&wanted)) {
+        let pid = line.split('\t').next().expect("pid column");
+        rabbitmqctl(&["close_connection", pid, "closed by a resilience test"]);
+        closed += 1;
+    }
+    closed
+}
+
+async fn publish_jobs(env: &TestEnv, n: usize) -> Vec<String> {
+    let mut keys = Vec::with_capacity(n);
+    for i in 0..n {
+        let key = format!("{}-{i}", env.prefix);
+        let body = json!({"pipeline_id": 300_000 + i, "stage_index": 0, "idempotency_key": key})
+            .to_string();
+        env.channel
+            .basic_publish(
+                "".into(),
+                env.config.amqp.request_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+        keys.push(key);
+    }
+    assert!(env.channel.wait_for_confirms().await.unwrap().is_empty());
+    keys
+}
+
+/// Collects outcomes until every key has one.
+async fn until_every_key_answered(
+    env: &mut TestEnv,
+    keys: &[String],
+    mut seen: Vec<Outcome>,
+) -> Vec<Outcome> {
+    let mut answered: HashMap<String, usize> = HashMap::new();
+    for o in &seen {
+        *answered.entry(o.idempotency_key.clone()).or_default() += 1;
+    }
+    while answered.len() < keys.len() {
+        let (o, _) = env.next_outcome().await;
+        *answered.entry(o.idempotency_key.clone()).or_default() += 1;
+        seen.push(o);
+    }
+    seen
+}
+
+fn assert_once_each(env: &TestEnv, keys: &[String], outcomes: &[Outcome]) {
+    assert!(outcomes.iter().all(|o| o.status == Status::Succeeded));
+    let mut fresh: HashMap<&str, usize> = HashMap::new();
+    for o in outcomes.iter().filter(|o| !o.replayed) {
+        *fresh.entry(o.idempotency_key.as_str()).or_default() += 1;
+    }
+    assert!(
+        fresh.values().all(|&n| n == 1),
+        "never two fresh outcomes for a key"
+    );
+    let executions = env.sim.executions();
+    assert_eq!(executions.len(), keys.len(), "every key reached SWR");
+    assert!(
+        executions.values().all(|&n| n == 1),
+        "and was executed once"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_closed_by_the_broker_is_reopened_and_every_job_finishes() {
+    let mut env = TestEnv::without_worker("conn-closed", &[]).await;
+    env.sim.add_rule(FaultRule {
+        delay_ms: Some(5),
+        ..FaultRule::default()
+    });
+    let keys = publish_jobs(&env, 2000).await;
+    env.start_worker();
+    let first = env.outcomes(300).await;
+    let name = env.config.amqp.connection_name.clone();
+    assert_eq!(
+        close_connections_named(&name),
+        1,
+        "the worker's one connection was found by its name"
+    );
+    let outcomes = until_every_key_answered(&mut env, &keys, first).await;
+    assert_once_each(&env, &keys, &outcomes);
+    // The same worker reconnected (it is still consuming: a new job gets an answer).
+    env.publish_json(&json!({"pipeline_id": 1, "stage_index": 0, "idempotency_key": format!("{}-after", env.prefix)})).await;
+    let (o, _) = env.next_outcome().await;
+    assert_eq!(o.idempotency_key, format!("{}-after", env.prefix));
+    env.teardown().await;
+}
+
+#[tokio::test]
+#[ignore = "stops and starts the broker: runs in the serial step (--run-ignored only --test-threads 1)"]
+async fn broker_restart_is_ridden_out_by_the_same_process() {
+    let mut env = TestEnv::without_worker("broker-restart", &[]).await;
+    env.sim.add_rule(FaultRule {
+        delay_ms: Some(5),
+        ..FaultRule::default()
+    });
+    let keys = publish_jobs(&env, 2000).await;
+    let worker = common::WorkerProcess::spawn(
+        &common::test_env(&env.prefix, &env.sim.url(), &[]),
+        &env.prefix,
+    );
+    let first = env.outcomes(300).await;
+    rabbitmqctl(&["stop_app"]);
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+    // The test's own connection died with the broker: open a new one for the rest.
+    env.reconnect().await;
+    let outcomes = until_every_key_answered(&mut env, &keys, first).await;
+    assert_once_each(&env, &keys, &outcomes);
+    let (status, log) = worker.terminate().await;
+    assert!(
+        status.success(),
+        "the same worker process survived: {status:?}"
+    );
+    assert!(log.contains("reconnecting"), "it said it was reconnecting");
+    env.teardown().await;
+}
