@@ -16,12 +16,15 @@
 //! - [`service`]: the running worker: sessions, bounded consumption, reconnects, the drain.
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
 //! - [`sim`]: the SWR simulator (faithful to the API, with fault injection) for tests and demos.
+//! - [`campaign`]: bulk campaigns for operators: `submit` (validated, confirmed, paced),
+//!   `watch` (outcome counts, summary, failures file), `replay` (dead letters back to work).
 //! - [`demo`]: the newcomer's first command.
 //! - [`telemetry`]: log set-up (text or JSON).
 //!
 //! The binary (`src/main.rs`) only parses arguments and calls into these modules.
 
 pub mod amqp;
+pub mod campaign;
 pub mod config;
 pub mod demo;
 pub mod idempotency;
