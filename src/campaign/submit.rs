@@ -6,13 +6,15 @@
 //! A nack, an unroutable message or a missing confirm stops the command, saying how many were
 //! confirmed: what was confirmed is safe to submit again (same keys), so a re-run completes it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::Confirmation;
 use lapin::{BasicProperties, Channel};
-use lapin::{Confirmation, PublisherConfirm};
 
 use super::input::{self, CampaignRequest, InputFormat, InputSource, ParsedInput};
 use super::progress::{Meter, ProgressMode};
@@ -22,8 +24,10 @@ use crate::amqp::topology;
 use crate::config::Config;
 
 /// Default number of publishes awaiting their confirm at once: large enough to keep the
-/// connection busy, small enough that a failure leaves little in doubt.
-pub const DEFAULT_WINDOW: usize = 1024;
+/// connection and the quorum queue busy (on the 2-core reference machine 1024 gave about 21,000
+/// messages/s and 4096 about 25,000), small enough to stay a few hundred KiB of bodies in flight.
+/// A failure leaves at most this many in doubt, and re-submitting them is safe (same keys).
+pub const DEFAULT_WINDOW: usize = 4096;
 
 /// How to publish.
 #[derive(Clone, Debug)]
@@ -89,17 +93,21 @@ pub enum PublishError {
     },
 }
 
-/// A publish waiting for its confirm.
-struct Pending {
-    /// Input line, for the error message.
-    line: usize,
-    /// The broker's answer to come.
-    confirm: PublisherConfirm,
+/// Why one publish did not end in a confirmed, routed message.
+enum Refused {
+    Nacked,
+    Unroutable,
+    Timeout,
+    Broker(lapin::Error),
 }
 
 /// Publishes `requests` to the default exchange with routing key `queue`, persistent, JSON,
 /// `message_id` = the idempotency key, mandatory (a missing queue is an error, not a silent
 /// drop). `channel` must be in confirm mode. `meter` counter 0 counts confirmed messages.
+///
+/// Up to `window` publishes are in flight: each is started (its frames handed to the
+/// connection) as soon as it is due, and when the window is full the oldest is awaited. Results
+/// are taken in publish order, so "N confirmed" always means the first N requests.
 pub async fn publish_requests(
     channel: &Channel,
     queue: &str,
@@ -112,8 +120,42 @@ pub async fn publish_requests(
     let limit = options.confirm_timeout;
     let started = Instant::now();
     let schedule_start = tokio::time::Instant::now();
-    let mut pending: VecDeque<Pending> = VecDeque::with_capacity(window);
+    let mut in_flight = FuturesOrdered::new();
     let mut confirmed = 0usize;
+    // Counts one result, or turns it into the error that stops the run.
+    let mut settle = |(line, result): (usize, Result<(), Refused>)| {
+        let error = match result {
+            Ok(()) => {
+                confirmed += 1;
+                meter.inc(0, 1);
+                return Ok(());
+            }
+            Err(Refused::Nacked) => PublishError::Nacked {
+                line,
+                confirmed,
+                total,
+            },
+            Err(Refused::Unroutable) => PublishError::Unroutable {
+                queue: queue.to_owned(),
+                line,
+                confirmed,
+                total,
+            },
+            Err(Refused::Timeout) => PublishError::Timeout {
+                line,
+                timeout: limit,
+                confirmed,
+                total,
+            },
+            Err(Refused::Broker(source)) => PublishError::Broker {
+                line,
+                source,
+                confirmed,
+                total,
+            },
+        };
+        Err(error)
+    };
     for (i, request) in requests.iter().enumerate() {
         if let Some(rate) = options.rate {
             // The schedule is absolute, so a slow confirm does not lower the average rate and
@@ -121,54 +163,19 @@ pub async fn publish_requests(
             let due = schedule_start + Duration::from_secs_f64(i as f64 / rate);
             tokio::time::sleep_until(due).await;
         }
-        if pending.len() >= window {
-            let oldest = pending.pop_front().expect("the window is full");
-            settle(oldest, queue, limit, confirmed, total).await?;
-            confirmed += 1;
-            meter.inc(0, 1);
+        while in_flight.len() >= window {
+            let oldest = in_flight.next().await.expect("the window is full");
+            settle(oldest)?;
         }
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            // Persistent: a broker restart must not lose a campaign.
-            .with_delivery_mode(2)
-            // The key as message_id too, so tools that look at properties see the job.
-            .with_message_id(request.idempotency_key.as_str().into());
-        let publish = channel.basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            &request.body,
-            properties,
-        );
-        let line = request.line;
-        let confirm = match tokio::time::timeout(limit, publish).await {
-            Ok(Ok(confirm)) => confirm,
-            Ok(Err(source)) => {
-                return Err(PublishError::Broker {
-                    line,
-                    source,
-                    confirmed,
-                    total,
-                })
-            }
-            Err(_) => {
-                return Err(PublishError::Timeout {
-                    line,
-                    timeout: limit,
-                    confirmed,
-                    total,
-                })
-            }
-        };
-        pending.push_back(Pending { line, confirm });
+        in_flight.push_back(publish_one(channel, queue, request, limit));
+        // Poll once now: that hands this message's frames to the connection at its scheduled
+        // time (and in input order), instead of when the window next fills.
+        if let Some(Some(done)) = in_flight.next().now_or_never() {
+            settle(done)?;
+        }
     }
-    while let Some(oldest) = pending.pop_front() {
-        settle(oldest, queue, limit, confirmed, total).await?;
-        confirmed += 1;
-        meter.inc(0, 1);
+    while let Some(done) = in_flight.next().await {
+        settle(done)?;
     }
     Ok(PublishReport {
         confirmed,
@@ -176,41 +183,45 @@ pub async fn publish_requests(
     })
 }
 
-/// Awaits one confirm; anything but an ack that reached a queue is an error.
-async fn settle(
-    pending: Pending,
+/// One publish, to its confirm; both waits bounded by `limit`.
+async fn publish_one(
+    channel: &Channel,
     queue: &str,
+    request: &CampaignRequest,
     limit: Duration,
-    confirmed: usize,
-    total: usize,
-) -> Result<(), PublishError> {
-    let line = pending.line;
-    match tokio::time::timeout(limit, pending.confirm).await {
-        Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => Ok(()),
-        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable {
-            queue: queue.to_owned(),
-            line,
-            confirmed,
-            total,
-        }),
-        Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked {
-            line,
-            confirmed,
-            total,
-        }),
-        Ok(Err(source)) => Err(PublishError::Broker {
-            line,
-            source,
-            confirmed,
-            total,
-        }),
-        Err(_) => Err(PublishError::Timeout {
-            line,
-            timeout: limit,
-            confirmed,
-            total,
-        }),
+) -> (usize, Result<(), Refused>) {
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        // Persistent: a broker restart must not lose a campaign.
+        .with_delivery_mode(2)
+        // The key as message_id too, so tools that look at properties see the job.
+        .with_message_id(request.idempotency_key.as_str().into());
+    let publish = channel.basic_publish(
+        "".into(),
+        queue.into(),
+        BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        },
+        &request.body,
+        properties,
+    );
+    let result = async {
+        let confirm = match tokio::time::timeout(limit, publish).await {
+            Ok(Ok(confirm)) => confirm,
+            Ok(Err(source)) => return Err(Refused::Broker(source)),
+            Err(_) => return Err(Refused::Timeout),
+        };
+        match tokio::time::timeout(limit, confirm).await {
+            Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(Refused::Unroutable),
+            Ok(Ok(Confirmation::Nack(_))) => Err(Refused::Nacked),
+            Ok(Err(source)) => Err(Refused::Broker(source)),
+            Err(_) => Err(Refused::Timeout),
+        }
     }
+    .await;
+    (request.line, result)
 }
 
 /// What `submit` was asked to do (the command line, as data).
