@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 /// How often a plain progress line is printed when stderr is not a terminal.
 pub const PLAIN_INTERVAL: Duration = Duration::from_secs(2);
@@ -162,7 +162,8 @@ impl Meter {
         }
         if let Some((_, bars)) = self.bars.take() {
             for bar in bars {
-                bar.finish();
+                // Not `finish`, which fills the bar: a bar per status must keep its own count.
+                bar.abandon();
             }
         }
         if std::mem::take(&mut self.plain) {
@@ -182,13 +183,20 @@ fn new_bar(prefix: &'static str, total: Option<u64>) -> ProgressBar {
     let (bar, template) = match total {
         Some(total) => (
             ProgressBar::new(total),
-            "{prefix:>10} [{bar:40}] {pos}/{len} ({per_sec}, ETA {eta})",
+            "{prefix:>10} [{bar:40}] {pos}/{len} ({rate}, ETA {eta})",
         ),
-        None => (ProgressBar::no_length(), "{prefix:>10} {pos} ({per_sec})"),
+        None => (ProgressBar::no_length(), "{prefix:>10} {pos} ({rate})"),
     };
     let style = ProgressStyle::with_template(template)
         .expect("the bar templates are valid")
-        .progress_chars("=> ");
+        .progress_chars("=> ")
+        // Whole messages per second, as in the plain lines (indicatif's own shows 4 decimals).
+        .with_key(
+            "rate",
+            |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0}/s", state.per_sec());
+            },
+        );
     bar.set_style(style);
     bar.set_prefix(prefix);
     bar

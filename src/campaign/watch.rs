@@ -275,19 +275,19 @@ impl CampaignSummary {
             "campaign {}: {}{expected} outcome(s)",
             self.campaign, self.received
         );
-        let _ = writeln!(out, "  {:<22}{:>8}", "status", "count");
+        let _ = writeln!(out, "  {:<28}{:>8}", "status", "count");
         for status in STATUSES {
-            let _ = writeln!(out, "  {:<22}{:>8}", status.as_str(), self.count(status));
+            let _ = writeln!(out, "  {:<28}{:>8}", status.as_str(), self.count(status));
         }
         if !self.by_kind.is_empty() {
-            let _ = writeln!(out, "  {:<22}{:>8}", "error kind", "count");
+            let _ = writeln!(out, "  {:<28}{:>8}", "error kind", "count");
             for (kind, n) in &self.by_kind {
-                let _ = writeln!(out, "  {kind:<22}{n:>8}");
+                let _ = writeln!(out, "  {kind:<28}{n:>8}");
             }
         }
         let _ = writeln!(
             out,
-            "  {:<22}{:>8}",
+            "  {:<28}{:>8}",
             "replayed (SWR not called)", self.replayed
         );
         match (
@@ -298,17 +298,18 @@ impl CampaignSummary {
             (Some(p50), Some(p95), Some(max)) => {
                 let _ = writeln!(
                     out,
-                    "  duration ms           p50 {p50}, p95 {p95}, max {max}"
+                    "  {:<28}p50 {p50}, p95 {p95}, max {max}",
+                    "duration ms"
                 );
             }
             _ => {
-                let _ = writeln!(out, "  duration ms           (no outcomes)");
+                let _ = writeln!(out, "  {:<28}(no outcomes)", "duration ms");
             }
         }
         if self.duplicates > 0 {
             let _ = writeln!(
                 out,
-                "  {:<22}{:>8}",
+                "  {:<28}{:>8}",
                 "repeated outcomes (ignored)", self.duplicates
             );
         }
@@ -564,7 +565,7 @@ mod tests {
             "{table}"
         );
         assert!(
-            table.contains("  failed                       1"),
+            table.contains(&format!("\n  {:<28}{:>8}\n", "failed", 1)),
             "{table}"
         );
         assert!(table.contains("p50 20, p95 100, max 100"), "{table}");
