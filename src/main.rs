@@ -92,7 +92,7 @@ enum Command {
         #[arg(long)]
         wait: bool,
         /// With --wait: stop waiting after this long (e.g. 30m).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, requires = "wait", value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
         /// With --wait: where failed and rejected requests go, as their input lines.
         #[arg(long, default_value = "failures.jsonl", value_name = "PATH")]

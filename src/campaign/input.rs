@@ -113,13 +113,19 @@ pub struct ParsedInput {
 /// The request fields that make up a campaign key, in a fixed order (see [`normalized`]).
 #[derive(Serialize)]
 struct Normalized<'a> {
+    /// The step's pipeline.
     pipeline_id: i64,
+    /// The step.
     stage_index: i64,
+    /// Always present, so a line without `mode` keys like one with `"mode": "retry"`.
     mode: &'static str,
+    /// As given (only `"rollback::true"` is valid), absent when the line has none.
     #[serde(skip_serializing_if = "Option::is_none")]
     source: Option<&'a Value>,
+    /// As given (the original text, not a reformatted time), absent when the line has none.
     #[serde(skip_serializing_if = "Option::is_none")]
     not_after: Option<&'a Value>,
+    /// As given, absent when the line has none.
     #[serde(skip_serializing_if = "Option::is_none")]
     metadata: Option<&'a Value>,
 }

@@ -413,12 +413,17 @@ pub fn write_failures(
 /// The fields a rebuilt request has, in the order a person would write them.
 #[derive(serde::Serialize)]
 struct Rebuilt<'a> {
+    /// The outcome's pipeline.
     pipeline_id: i64,
+    /// The outcome's step.
     stage_index: i64,
+    /// The outcome's mode (given or defaulted in the original request).
     #[serde(skip_serializing_if = "Option::is_none")]
     mode: Option<&'static str>,
+    /// The campaign, so the line is accepted by `submit --campaign` of the same campaign.
     #[serde(skip_serializing_if = "Option::is_none")]
     campaign_id: Option<&'a str>,
+    /// The request's metadata, echoed verbatim by the worker.
     #[serde(skip_serializing_if = "Option::is_none")]
     metadata: Option<&'a Map<String, Value>>,
 }
