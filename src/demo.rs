@@ -1,26 +1,23 @@
 //! `swr-stage-worker demo`: the newcomer's first command. Runs the simulator and a worker in this
-//! process against the local RabbitMQ, publishes sample requests (retries, rollbacks, transient
-//! faults, invalid bodies), waits for every outcome and prints what an operator would look at.
+//! process against the local RabbitMQ and submits a small campaign of sample lines (retries,
+//! rollbacks, transient faults, invalid lines) through the same code as `submit --wait`, so the
+//! newcomer sees exactly the progress, summary and failures file an operator sees.
 //!
 //! It uses its own uniquely named queues and exchanges and deletes them at the end, so it never
 //! touches a real deployment's topology on the same broker.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel};
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::Channel;
 use serde_json::json;
 
 use crate::amqp::{connect, topology};
+use crate::campaign::input::{self, InputFormat, InputSource};
+use crate::campaign::progress::ProgressMode;
+use crate::campaign::submit::{self, SubmitPlan};
 use crate::config::{redact_url, Config, Secret};
-use crate::outcome::{Outcome, Status};
 use crate::service;
 use crate::sim::{FaultRule, SimConfig, SimHandle};
 
@@ -42,30 +39,32 @@ fn other(e: impl std::fmt::Display) -> DemoError {
     DemoError::Other(e.to_string())
 }
 
-/// The sample workload: `(body, what it shows)`.
-fn sample_requests(count: usize) -> Vec<Vec<u8>> {
-    let mut bodies = Vec::with_capacity(count);
+/// The sample workload as JSON Lines: what an operator would paste into a campaign file.
+fn sample_lines(count: usize) -> String {
+    let mut lines = String::with_capacity(count * 80);
     for i in 0..count {
-        let body = match i % 40 {
-            // Invalid bodies: dead-lettered with their reason.
-            7 => b"{\"pipeline_id\": 1001, \"stage_index\": 1,".to_vec(),
-            17 => json!({"pipeline_id": 1002, "stage_index": 1, "mdoe": "rollback"}).to_string().into_bytes(),
-            27 => json!({"pipeline_id": 0, "stage_index": 1}).to_string().into_bytes(),
+        let line = match i % 40 {
+            // Invalid lines: reported with their line number and left out (--skip-invalid).
+            7 => r#"{"pipeline_id": 1001, "stage_index": 1,"#.to_owned(),
+            17 => json!({"pipeline_id": 1002, "stage_index": 1, "mdoe": "rollback"}).to_string(),
+            27 => json!({"pipeline_id": 0, "stage_index": 1}).to_string(),
             // Rollback of a non-deploy step: SWR answers 400.
-            11 => json!({"pipeline_id": 2000 + i, "stage_index": 1, "mode": "rollback", "campaign_id": "demo"}).to_string().into_bytes(),
+            11 => json!({"pipeline_id": 2000 + i, "stage_index": 1, "mode": "rollback"}).to_string(),
             // Rollbacks of the deploy step (the last of 5).
-            n if n % 5 == 0 => json!({"pipeline_id": 3000 + i, "stage_index": 4, "mode": "rollback", "campaign_id": "demo"}).to_string().into_bytes(),
+            n if n % 5 == 0 => json!({"pipeline_id": 3000 + i, "stage_index": 4, "mode": "rollback"}).to_string(),
             // Pipelines hit by an outage (503 twice, then fine) and by throttling (429 + Retry-After).
-            9 => json!({"pipeline_id": 9000 + (i / 40) % 5, "stage_index": 2, "campaign_id": "demo", "idempotency_key": format!("demo-outage-{i}")}).to_string().into_bytes(),
-            18 => json!({"pipeline_id": 9005 + (i / 40) % 5, "stage_index": 2, "campaign_id": "demo", "idempotency_key": format!("demo-throttled-{i}")}).to_string().into_bytes(),
-            _ => json!({"pipeline_id": 4000 + i, "stage_index": i % 5, "campaign_id": "demo", "metadata": {"ticket": format!("OPS-{i}")}}).to_string().into_bytes(),
+            9 => json!({"pipeline_id": 9000 + (i / 40) % 5, "stage_index": 2, "idempotency_key": format!("demo-outage-{i}")}).to_string(),
+            18 => json!({"pipeline_id": 9005 + (i / 40) % 5, "stage_index": 2, "idempotency_key": format!("demo-throttled-{i}")}).to_string(),
+            _ => json!({"pipeline_id": 4000 + i, "stage_index": i % 5, "metadata": {"ticket": format!("OPS-{i}")}}).to_string(),
         };
-        bodies.push(body);
+        lines.push_str(&line);
+        lines.push('\n');
     }
-    bodies
+    lines
 }
 
-/// Runs the demo end to end and prints its summary to stdout.
+/// Runs the demo end to end: a small campaign submitted with `--wait --skip-invalid`, shown with
+/// the same progress and summary an operator sees.
 pub async fn run(base: Config, count: usize) -> Result<(), DemoError> {
     let url = base.amqp.url.clone();
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
@@ -124,153 +123,65 @@ pub async fn run(base: Config, count: usize) -> Result<(), DemoError> {
     topology::declare(&channel, &config.amqp)
         .await
         .map_err(other)?;
-    let watch = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(other)?;
-    channel
-        .queue_bind(
-            watch.name().clone(),
-            config.amqp.results_exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(other)?;
-    let mut outcomes = channel
-        .basic_consume(
-            watch.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(other)?;
-
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(service::run(config.clone(), async {
         let _ = stopped.await;
     }));
 
+    let campaign = format!("demo-{suffix}");
     println!(
         "demo: simulator at {}, worker consuming {prefix}.requests",
         sim.url()
     );
-    println!("demo: publishing {count} sample requests (retries, rollbacks, an outage, throttling, invalid bodies)");
-    channel
-        .confirm_select(Default::default())
-        .await
-        .map_err(other)?;
-    for body in sample_requests(count) {
-        channel
-            .basic_publish(
-                "".into(),
-                config.amqp.request_queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .map_err(other)?;
-    }
-    channel.wait_for_confirms().await.map_err(other)?;
-
-    let mut received: Vec<Outcome> = Vec::with_capacity(count);
-    let deadline = tokio::time::Instant::now() + DEMO_DEADLINE;
-    while received.len() < count {
-        match tokio::time::timeout_at(deadline, outcomes.next()).await {
-            Ok(Some(Ok(delivery))) => match serde_json::from_slice::<Outcome>(&delivery.data) {
-                Ok(outcome) => received.push(outcome),
-                Err(e) => eprintln!("demo: unreadable outcome: {e}"),
-            },
-            Ok(_) => break,
-            Err(_) => {
-                eprintln!("demo: gave up waiting after {DEMO_DEADLINE:?}");
-                break;
-            }
-        }
-    }
+    println!("demo: campaign {campaign}: {count} sample lines (retries, rollbacks, an outage, throttling, invalid lines)");
+    println!("demo: the same as `swr-stage-worker submit sample.jsonl --campaign {campaign} --skip-invalid --wait`\n");
+    let parsed = input::parse_input(
+        "sample.jsonl",
+        sample_lines(count).as_bytes(),
+        InputFormat::JsonLines,
+        &campaign,
+        config.limits.max_message_bytes,
+    );
+    let failures = store_dir.join("failures.jsonl");
+    std::fs::create_dir_all(&store_dir).map_err(other)?;
+    let plan = SubmitPlan {
+        skip_invalid: true,
+        wait: true,
+        timeout: Some(DEMO_DEADLINE),
+        failures: failures.clone(),
+        ..SubmitPlan::new(InputSource::File("sample.jsonl".into()))
+    };
+    let result = submit::submit_parsed(
+        &config,
+        &plan,
+        campaign,
+        parsed,
+        ProgressMode::for_stderr(),
+        std::future::pending(),
+    )
+    .await;
     let _ = stop.send(());
     let _ = worker.await;
-    let dead = channel
-        .queue_declare(
-            config.amqp.dead_letter_queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map(|q| q.message_count())
-        .unwrap_or_default();
-    print_summary(&received, count, dead, sim.stats().executions);
+    if let Ok(text) = std::fs::read_to_string(&failures) {
+        println!("\nfirst lines of failures.jsonl (fix them and submit the file again):");
+        for line in text.lines().take(3) {
+            println!("  {line}");
+        }
+    }
+    println!("SWR executions (simulator): {}", sim.stats().executions);
     cleanup(&channel, &config).await;
     let _ = probe.close(200, "demo done".into()).await;
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(&store_dir);
-    if received.len() < count {
+    let summary = result.map_err(other)?.summary.unwrap_or_default();
+    if summary.missing() > 0 {
         return Err(other(format!(
-            "only {} of {count} outcomes arrived",
-            received.len()
+            "only {} of {} outcomes arrived",
+            summary.received,
+            summary.expected.unwrap_or_default()
         )));
     }
     Ok(())
-}
-
-fn print_summary(outcomes: &[Outcome], expected: usize, dead: u32, executions: u64) {
-    let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut by_kind: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut retried = 0;
-    for o in outcomes {
-        *by_status.entry(o.status.as_str()).or_default() += 1;
-        if let Some(e) = &o.error {
-            *by_kind.entry(e.kind.as_str()).or_default() += 1;
-        }
-        if o.attempts > 1 {
-            retried += 1;
-        }
-    }
-    println!();
-    println!("outcomes: {} of {expected}", outcomes.len());
-    for (status, n) in &by_status {
-        println!("  {status:<10} {n:>5}");
-    }
-    if !by_kind.is_empty() {
-        println!("errors by kind:");
-        for (kind, n) in &by_kind {
-            println!("  {kind:<18} {n:>5}");
-        }
-    }
-    println!("jobs that needed more than one attempt: {retried}");
-    println!("SWR executions (simulator): {executions}");
-    println!("dead-lettered requests: {dead}");
-    for status in [Status::Succeeded, Status::Failed, Status::Rejected] {
-        let sample = outcomes
-            .iter()
-            .filter(|o| o.status == status)
-            .max_by_key(|o| o.attempts);
-        if let Some(o) = sample {
-            println!(
-                "\nsample {} outcome (routing key {}):",
-                status.as_str(),
-                o.routing_key()
-            );
-            println!("{}", serde_json::to_string_pretty(o).unwrap_or_default());
-        }
-    }
 }
 
 async fn cleanup(channel: &Channel, config: &Config) {

@@ -16,6 +16,8 @@
 //! - [`service`]: the running worker: sessions, bounded consumption, reconnects, the drain.
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
 //! - [`sim`]: the SWR simulator (faithful to the API, with fault injection) for tests and demos.
+//! - [`campaign`]: bulk campaigns for operators: `submit` (validated, confirmed, paced),
+//!   `watch` (outcome counts, summary, failures file), `replay` (dead letters back to work).
 //! - [`demo`]: the newcomer's first command.
 //! - [`bench`]: the benchmark: the worker against the bare broker path, in one run.
 //! - [`telemetry`]: log set-up (text or JSON).
@@ -24,6 +26,7 @@
 
 pub mod amqp;
 pub mod bench;
+pub mod campaign;
 pub mod config;
 pub mod demo;
 pub mod idempotency;

@@ -4,10 +4,15 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use swr_stage_worker::campaign::input::{InputFormat, InputSource};
+use swr_stage_worker::campaign::progress::ProgressMode;
+use swr_stage_worker::campaign::{replay, submit, watch};
 use swr_stage_worker::config::Config;
+use swr_stage_worker::request::Mode;
 use swr_stage_worker::{bench, demo, service, shutdown, sim, telemetry};
 
 #[derive(Parser)]
@@ -79,21 +84,134 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         count: usize,
     },
+    /// Publish a campaign of requests (JSON Lines or CSV, from a file or stdin, or one from
+    /// flags), validated first, with publisher confirms. Exit 0 ok, 2 some failed (--wait), 1 error.
+    Submit {
+        /// JSON Lines or CSV (header pipeline_id,stage_index[,mode]) file; `-` reads stdin.
+        #[arg(value_name = "FILE", conflicts_with_all = ["pipeline", "stage"])]
+        file: Option<PathBuf>,
+        /// Input format; by default `.csv` files are CSV and anything else is sniffed.
+        #[arg(long, value_parser = ["jsonl", "csv"])]
+        format: Option<String>,
+        /// One request from flags: the pipeline id.
+        #[arg(long, requires = "stage")]
+        pipeline: Option<i64>,
+        /// One request from flags: the step index.
+        #[arg(long, requires = "pipeline")]
+        stage: Option<i64>,
+        /// One request from flags: retry (default) or rollback.
+        #[arg(long, requires = "pipeline", value_parser = ["retry", "rollback"])]
+        mode: Option<String>,
+        /// Campaign id (default: generated and printed); part of every derived idempotency key.
+        #[arg(long, value_name = "ID")]
+        campaign: Option<String>,
+        /// Publish the valid lines even if some are invalid.
+        #[arg(long)]
+        skip_invalid: bool,
+        /// Validate and print the bodies that would be sent; publish nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Pace publishing to N messages per second.
+        #[arg(long, value_name = "N", value_parser = positive_rate)]
+        rate: Option<f64>,
+        /// Publishes awaiting their confirm at once.
+        #[arg(long, default_value_t = submit::DEFAULT_WINDOW)]
+        window: usize,
+        /// Then count the campaign's outcomes, print the summary, write the failures file.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: stop waiting after this long (e.g. 30m).
+        #[arg(long, requires = "wait", value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// With --wait: where failed and rejected requests go, as their input lines.
+        #[arg(long, default_value = "failures.jsonl", value_name = "PATH")]
+        failures: PathBuf,
+    },
+    /// Count a campaign's outcomes from now on; summary and failures file at the end.
+    /// Exit 0 all succeeded, 2 some failed/rejected/missing, 1 error.
+    Watch {
+        /// The campaign to count.
+        #[arg(long, value_name = "ID")]
+        campaign: String,
+        /// Stop once this many outcomes have arrived.
+        #[arg(long, value_name = "N")]
+        expect: Option<usize>,
+        /// Stop after this long (e.g. 10m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// Where failed and rejected requests go, rebuilt from their outcomes.
+        #[arg(long, default_value = "failures.jsonl", value_name = "PATH")]
+        failures: PathBuf,
+    },
+    /// Move dead-lettered requests back to the request queue (confirmed copy, then ack).
+    Replay {
+        /// Source queue (default: amqp.dead_letter_queue).
+        #[arg(long, value_name = "QUEUE")]
+        from: Option<String>,
+        /// Move at most N messages.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Only messages whose body has FIELD=VALUE (repeatable; all must match).
+        #[arg(long = "filter", value_name = "FIELD=VALUE")]
+        filters: Vec<String>,
+        /// List what would move; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+impl Command {
+    /// The campaign commands promise exit 1 for their own failures (2 means "some requests failed").
+    fn is_campaign(&self) -> bool {
+        matches!(
+            self,
+            Command::Submit { .. } | Command::Watch { .. } | Command::Replay { .. }
+        )
+    }
+}
+
+/// `--rate`: a positive, finite number of messages per second.
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate > 0.0 && rate.is_finite() => Ok(rate),
+        _ => Err(format!(
+            "expected a positive number of messages per second, got {text:?}"
+        )),
+    }
+}
+
+/// Exit code of a usage error: 1 for the campaign commands (2 is their "some failed"), clap's 2 otherwise.
+fn usage_error_code() -> u8 {
+    let command = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    match command.as_deref() {
+        Some("submit" | "watch" | "replay") => 1,
+        _ => 2,
+    }
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(usage_error_code());
+        }
+    };
     let config = match Config::from_process(cli.config.as_deref()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("swr-stage-worker: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(if cli.command.is_campaign() { 1 } else { 2 });
         }
     };
-    if matches!(cli.command, Command::Demo { .. } | Command::Bench { .. })
-        && std::env::var_os("RUST_LOG").is_none()
-    {
-        // The demo prints its own summary; per-job log lines would bury it.
+    let quiet = matches!(cli.command, Command::Demo { .. } | Command::Bench { .. })
+        || cli.command.is_campaign();
+    if quiet && std::env::var_os("RUST_LOG").is_none() {
+        // These commands print their own progress and summary; log lines would bury them.
         let mut quiet = config.log.clone();
         quiet.level = "warn".into();
         telemetry::init(&quiet);
@@ -184,6 +302,107 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
+            Command::Submit {
+                file,
+                format,
+                pipeline,
+                stage,
+                mode,
+                campaign,
+                skip_invalid,
+                dry_run,
+                rate,
+                window,
+                wait,
+                timeout,
+                failures,
+            } => {
+                let input = match (file, pipeline, stage) {
+                    (Some(path), _, _) if path.as_os_str() == "-" => InputSource::Stdin,
+                    (Some(path), _, _) => InputSource::File(path),
+                    (None, Some(pipeline_id), Some(stage_index)) => InputSource::Flags {
+                        pipeline_id,
+                        stage_index,
+                        mode: mode.map(|m| if m == "rollback" { Mode::Rollback } else { Mode::Retry }),
+                    },
+                    _ => {
+                        eprintln!("swr-stage-worker submit: give a FILE (`-` for stdin), or --pipeline and --stage");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let plan = submit::SubmitPlan {
+                    format: format.map(|f| if f == "csv" { InputFormat::Csv } else { InputFormat::JsonLines }),
+                    campaign,
+                    skip_invalid,
+                    dry_run,
+                    rate,
+                    window,
+                    wait,
+                    timeout,
+                    failures,
+                    ..submit::SubmitPlan::new(input)
+                };
+                let mode = ProgressMode::for_stderr();
+                match submit::submit(&config, &plan, mode, shutdown::termination_signal()).await {
+                    Ok(result) if result.all_succeeded() => ExitCode::SUCCESS,
+                    Ok(_) => ExitCode::from(2),
+                    Err(e) => {
+                        eprintln!("swr-stage-worker submit: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Command::Watch {
+                campaign,
+                expect,
+                timeout,
+                failures,
+            } => {
+                let plan = watch::WatchPlan {
+                    campaign,
+                    expect,
+                    timeout,
+                    failures,
+                };
+                let mode = ProgressMode::for_stderr();
+                match watch::watch(&config, &plan, mode, shutdown::termination_signal()).await {
+                    Ok(result) if result.summary.all_succeeded() => ExitCode::SUCCESS,
+                    Ok(_) => ExitCode::from(2),
+                    Err(e) => {
+                        eprintln!("swr-stage-worker watch: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Command::Replay {
+                from,
+                limit,
+                filters,
+                dry_run,
+            } => {
+                let plan = match replay::parse_filters(&filters) {
+                    Ok(filters) => replay::ReplayPlan {
+                        from,
+                        limit,
+                        filters,
+                        dry_run,
+                    },
+                    Err(e) => {
+                        eprintln!("swr-stage-worker replay: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                match replay::replay(&config, &plan).await {
+                    Ok(report) => {
+                        println!("{}", report.render());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("swr-stage-worker replay: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
         }
     })
 }

@@ -362,6 +362,41 @@ impl TestEnv {
             .message_count()
     }
 
+    /// The environment that points the binary at this test's broker objects and simulator,
+    /// for tests that run `swr-stage-worker` as a child process.
+    pub fn binary_env(&self) -> Vec<(&'static str, String)> {
+        let amqp = &self.config.amqp;
+        vec![
+            ("AMQP_URL", amqp_url()),
+            ("SWR_ENDPOINT", self.sim.url()),
+            ("SWR_AUTH_TOKEN", TOKEN.to_owned()),
+            (
+                "SWR_STAGE_WORKER__AMQP__REQUEST_QUEUE",
+                amqp.request_queue.clone(),
+            ),
+            (
+                "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_EXCHANGE",
+                amqp.dead_letter_exchange.clone(),
+            ),
+            (
+                "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_QUEUE",
+                amqp.dead_letter_queue.clone(),
+            ),
+            (
+                "SWR_STAGE_WORKER__AMQP__RESULTS_EXCHANGE",
+                amqp.results_exchange.clone(),
+            ),
+            (
+                "SWR_STAGE_WORKER__AMQP__CONNECTION_NAME",
+                amqp.connection_name.clone(),
+            ),
+            (
+                "SWR_STAGE_WORKER__IDEMPOTENCY__PATH",
+                store_path(&self.prefix),
+            ),
+        ]
+    }
+
     /// Stops the worker (if running) and removes this test's broker objects.
     pub async fn teardown(mut self) {
         if self.worker.is_some() {
