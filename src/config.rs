@@ -87,6 +87,10 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// Input size limits.
     pub limits: LimitsConfig,
+    /// The circuit breaker.
+    pub breaker: BreakerConfig,
+    /// The loop guard.
+    pub guard: GuardConfig,
     /// The idempotency store.
     pub idempotency: IdempotencyConfig,
     /// Drain behaviour on SIGTERM/SIGINT.
@@ -121,6 +125,9 @@ pub struct AmqpConfig {
     /// Cap on the pause between reconnection attempts.
     #[serde(deserialize_with = "duration")]
     pub reconnect_max_interval: Duration,
+    /// The broker's consumer_timeout, which a job's whole budget must fit in.
+    #[serde(deserialize_with = "duration")]
+    pub consumer_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -128,6 +135,8 @@ pub struct AmqpConfig {
 pub struct SwrConfig {
     /// Base URL of the SWR API.
     pub endpoint: String,
+    /// Pace of SWR calls per process; 0 = unlimited.
+    pub max_requests_per_second: f64,
     /// Token source settings.
     pub auth: AuthConfig,
 }
@@ -188,6 +197,32 @@ pub struct WorkerConfig {
 pub struct LimitsConfig {
     /// Largest accepted request body.
     pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Whether the breaker gates deliveries at all.
+    pub enabled: bool,
+    /// Recent attempts judged.
+    pub window: usize,
+    /// Fewest attempts before it may open.
+    pub min_calls: usize,
+    /// Failure share that opens it.
+    pub failure_ratio: f64,
+    /// Open time before a probe.
+    #[serde(deserialize_with = "duration")]
+    pub cooldown: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardConfig {
+    /// Executions allowed per window and (pipeline, stage, mode); 0 = off.
+    pub max_executions: u32,
+    /// The window.
+    #[serde(deserialize_with = "duration")]
+    pub window: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -420,6 +455,35 @@ impl Config {
                     humantime::format_duration(longest_job)
                 ),
             );
+        }
+        let longest_hold = longest_job + idem.hold;
+        if longest_hold >= self.amqp.consumer_timeout {
+            return invalid(
+                "retry.max_elapsed",
+                format!(
+                    "retry.max_elapsed + http.timeout + idempotency.hold ({}) must stay under amqp.consumer_timeout ({}): RabbitMQ closes the channel of a delivery unacked that long",
+                    humantime::format_duration(longest_hold),
+                    humantime::format_duration(self.amqp.consumer_timeout)
+                ),
+            );
+        }
+        if !(self.swr.max_requests_per_second >= 0.0
+            && self.swr.max_requests_per_second.is_finite())
+        {
+            return invalid(
+                "swr.max_requests_per_second",
+                "expected a number >= 0 (0 = no limit)",
+            );
+        }
+        let breaker = &self.breaker;
+        if breaker.window == 0 || breaker.min_calls == 0 || breaker.min_calls > breaker.window {
+            return invalid(
+                "breaker.min_calls",
+                "expected 1..=breaker.window (and breaker.window >= 1)",
+            );
+        }
+        if !(breaker.failure_ratio > 0.0 && breaker.failure_ratio <= 1.0) {
+            return invalid("breaker.failure_ratio", "expected a number in (0.0, 1.0]");
         }
         if idem.ttl < idem.lease {
             return invalid("idempotency.ttl", "expected at least idempotency.lease");

@@ -11,6 +11,8 @@
 //! - [`retry`]: the retry schedule (backoff, Retry-After, limits); the only user of `backoff`.
 //! - [`idempotency`]: one execution per key: the store trait, embedded SQLite and PostgreSQL
 //!   stores, and the gate the worker asks before calling SWR.
+//! - [`ratelimit`]: the smooth per-process pace of SWR calls.
+//! - [`breaker`]: the circuit breaker that holds back new deliveries during an SWR outage.
 //! - [`amqp`]: connecting, declaring the topology (contract §2), confirmed publishing.
 //! - [`worker`]: one delivery: parse → key → execute → outcome → publish → ack/requeue decision.
 //! - [`service`]: the running worker: sessions, bounded consumption, reconnects, the drain.
@@ -26,11 +28,13 @@
 
 pub mod amqp;
 pub mod bench;
+pub mod breaker;
 pub mod campaign;
 pub mod config;
 pub mod demo;
 pub mod idempotency;
 pub mod outcome;
+pub mod ratelimit;
 pub mod request;
 pub mod retry;
 pub mod service;

@@ -216,6 +216,17 @@ async fn consume(
             },
             permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
+        // While the breaker is open, requests wait in the queue rather than fail here.
+        let probe = tokio::select! {
+            biased;
+            () = &mut *shutdown => break None,
+            () = broken.notified() => break Some("the publisher channel broke".to_owned()),
+            event = events.next() => match lost(event) {
+                Some(reason) => break Some(reason),
+                None => continue,
+            },
+            probe = ctx.breaker.admit() => probe,
+        };
         let next = tokio::select! {
             biased;
             () = &mut *shutdown => break None,
@@ -230,7 +241,7 @@ async fn consume(
             Some(Ok(delivery)) => {
                 let (ctx, publisher, broken) =
                     (ctx.clone(), session.publisher.clone(), broken.clone());
-                jobs.spawn(handle(ctx, publisher, delivery, permit, broken));
+                jobs.spawn(handle(ctx, publisher, delivery, permit, broken, probe));
             }
             Some(Err(e)) => break Some(format!("consumer error: {e}")),
             None => break Some("the broker cancelled the consumer".to_owned()),
@@ -320,9 +331,14 @@ async fn handle(
     delivery: Delivery,
     permit: OwnedSemaphorePermit,
     broken: Arc<Notify>,
+    probe: bool,
 ) {
     let limit = ctx.config.amqp.confirm_timeout;
-    match worker::process(&ctx, &publisher, &delivery).await {
+    let disposition = worker::process(&ctx, &publisher, &delivery, probe).await;
+    if probe {
+        ctx.breaker.probe_ended();
+    }
+    match disposition {
         Disposition::Ack => {
             settle("ack", limit, delivery.acker.ack(BasicAckOptions::default())).await
         }

@@ -15,13 +15,15 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::amqp::publisher::{PublishError, Publisher, Routed};
+use crate::breaker::Breaker;
 use crate::config::Config;
 use crate::idempotency::{self, fingerprint, Admission, Gate, StoreError};
 use crate::outcome::{timestamp, ErrorKind, Outcome, OutcomeError, Status, OUTCOME_TYPE};
+use crate::ratelimit::RateLimiter;
 use crate::request::{derive_key, parse_request, InvalidRequest, StageRequest};
 use crate::swr::auth::{StaticToken, TokenSource};
 use crate::swr::client::SwrClient;
-use crate::swr::execute;
+use crate::swr::{execute, Guards};
 
 /// Header added to a dead-lettered request: the one-line reason.
 pub const ERROR_HEADER: &str = "x-swr-error";
@@ -50,6 +52,10 @@ pub struct JobContext {
     pub worker_id: String,
     /// One execution per key; `None` when `idempotency.backend = "off"`.
     pub gate: Option<Gate>,
+    /// The pace of SWR calls (`swr.max_requests_per_second`).
+    pub pace: RateLimiter,
+    /// Holds back new deliveries while SWR is failing.
+    pub breaker: Breaker,
     /// The current session's publisher, replaced on every reconnect, so a job whose SWR call
     /// outlived its connection can still publish its outcome on the next one.
     pub publishers: watch::Sender<Option<Arc<Publisher>>>,
@@ -76,6 +82,8 @@ impl JobContext {
             Gate::new(store, &worker_id, &config.idempotency)
         });
         Ok(JobContext {
+            pace: RateLimiter::new(config.swr.max_requests_per_second),
+            breaker: Breaker::new(&config.breaker),
             config,
             swr,
             tokens,
@@ -109,7 +117,12 @@ impl<'a> Envelope<'a> {
 }
 
 /// Processes one delivery and says what to do with it.
-pub async fn process(ctx: &JobContext, publisher: &Publisher, delivery: &Delivery) -> Disposition {
+pub async fn process(
+    ctx: &JobContext,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    probe: bool,
+) -> Disposition {
     let started = (SystemTime::now(), Instant::now());
     let envelope = Envelope::of(&delivery.properties);
     match parse_request(&delivery.data, ctx.config.limits.max_message_bytes) {
@@ -131,22 +144,45 @@ pub async fn process(ctx: &JobContext, publisher: &Publisher, delivery: &Deliver
                 &delivery.data,
             );
             let span = tracing::info_span!("job", key = %key, pipeline_id = request.pipeline_id, stage_index = request.stage_index, mode = request.mode.as_str());
-            run_request(ctx, publisher, delivery, &envelope, key, request, started)
-                .instrument(span)
-                .await
+            let job = Job {
+                publisher,
+                delivery,
+                envelope: &envelope,
+                started,
+                probe,
+            };
+            run_request(ctx, job, key, request).instrument(span).await
         }
     }
 }
 
+/// What one delivery brings along besides its parsed request.
+struct Job<'a> {
+    /// Where outcomes go.
+    publisher: &'a Publisher,
+    /// The delivery (for the DLQ copy).
+    delivery: &'a Delivery,
+    /// Its honoured properties.
+    envelope: &'a Envelope<'a>,
+    /// When it was taken (wall clock, monotonic).
+    started: (SystemTime, Instant),
+    /// Whether it is the circuit breaker's probe.
+    probe: bool,
+}
+
 async fn run_request(
     ctx: &JobContext,
-    publisher: &Publisher,
-    delivery: &Delivery,
-    envelope: &Envelope<'_>,
+    job: Job<'_>,
     key: String,
     request: StageRequest,
-    started: (SystemTime, Instant),
 ) -> Disposition {
+    let Job {
+        publisher,
+        delivery,
+        envelope,
+        started,
+        probe,
+    } = job;
     let mut outcome = base_outcome(ctx, key, started.0);
     outcome.pipeline_id = Some(request.pipeline_id);
     outcome.stage_index = Some(request.stage_index);
@@ -171,7 +207,7 @@ async fn run_request(
             });
         }
         _ => {
-            let ticket = match &ctx.gate {
+            let mut ticket = match &ctx.gate {
                 None => None,
                 Some(gate) => {
                     let print = fingerprint(
@@ -207,11 +243,61 @@ async fn run_request(
                     }
                 }
             };
+            if let (Some(gate), Some(claimed)) = (&ctx.gate, ticket.take()) {
+                // The loop guard counts executions, so it is asked only by a job about to run.
+                let guard = &ctx.config.guard;
+                if guard.max_executions > 0 {
+                    let print = fingerprint(
+                        request.pipeline_id,
+                        request.stage_index,
+                        request.mode.as_str(),
+                    );
+                    match gate
+                        .store()
+                        .count_execution(&print, guard.window, guard.max_executions)
+                        .await
+                    {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            gate.release(claimed).await;
+                            outcome.status = Status::Rejected;
+                            outcome.error = Some(OutcomeError {
+                                kind: ErrorKind::LoopGuard,
+                                message: format!(
+                                    "not executed: pipeline {} stage {} ({}) already ran {} times within guard.window ({}); a retry loop is likely",
+                                    request.pipeline_id,
+                                    request.stage_index,
+                                    request.mode,
+                                    guard.max_executions,
+                                    humantime::format_duration(guard.window)
+                                ),
+                                retryable: false,
+                                swr_error_code: None,
+                            });
+                            finish(&mut outcome, started.1);
+                            return match publish_outcome(ctx, publisher, envelope, &outcome).await {
+                                Ok(()) => Disposition::Ack,
+                                Err(e) => {
+                                    Disposition::Requeue(format!("outcome not confirmed: {e}"))
+                                }
+                            };
+                        }
+                        Err(e) => return Disposition::Requeue(format!("loop guard: {e}")),
+                    }
+                }
+                ticket = Some(claimed);
+            }
             // Boxed: the HTTP future is large, and every job's state machine would carry it.
+            let guards = Guards {
+                pace: &ctx.pace,
+                breaker: &ctx.breaker,
+                probe,
+            };
             let execution = Box::pin(execute(
                 &ctx.swr,
                 ctx.tokens.as_ref(),
                 &ctx.config.retry,
+                guards,
                 &request,
                 &outcome.idempotency_key,
             ))

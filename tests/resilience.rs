@@ -161,3 +161,146 @@ async fn broker_restart_is_ridden_out_by_the_same_process() {
     assert!(log.contains("reconnecting"), "it said it was reconnecting");
     env.teardown().await;
 }
+
+#[tokio::test]
+async fn swr_calls_are_paced_smoothly_by_max_requests_per_second() {
+    let mut env = TestEnv::start_with(
+        "paced",
+        &[
+            ("SWR_STAGE_WORKER__SWR__MAX_REQUESTS_PER_SECOND", "20"),
+            ("SWR_STAGE_WORKER__WORKER__CONCURRENCY", "32"),
+        ],
+    )
+    .await;
+    publish_jobs(&env, 30).await;
+    env.outcomes(30).await;
+    let mut at: Vec<u64> = env.sim.calls().iter().map(|c| c.at_unix_ms).collect();
+    at.sort_unstable();
+    let span = at[at.len() - 1] - at[0];
+    assert!(
+        span >= 1300,
+        "30 calls at 20/s take about 1.45 s, took {span} ms"
+    );
+    let burst = at.windows(4).map(|w| w[3] - w[0]).min().unwrap();
+    assert!(
+        burst >= 100,
+        "never 4 calls within 100 ms (a smooth pace, not bursts): {burst} ms"
+    );
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn an_swr_outage_opens_the_breaker_and_waiting_requests_are_not_failed() {
+    let mut env = TestEnv::without_worker(
+        "breaker",
+        &[
+            ("SWR_STAGE_WORKER__WORKER__CONCURRENCY", "2"),
+            ("SWR_STAGE_WORKER__RETRY__MAX_ATTEMPTS", "1"),
+            ("SWR_STAGE_WORKER__BREAKER__WINDOW", "10"),
+            ("SWR_STAGE_WORKER__BREAKER__MIN_CALLS", "5"),
+            ("SWR_STAGE_WORKER__BREAKER__COOLDOWN", "1s"),
+        ],
+    )
+    .await;
+    let outage = env.sim.add_rule(FaultRule {
+        status: Some(503),
+        ..FaultRule::default()
+    });
+    let keys = publish_jobs(&env, 20).await;
+    env.start_worker();
+    // The outage fails the first jobs; then the breaker opens and the rest stay queued.
+    let mut seen = env.outcomes(5).await;
+    assert!(seen.iter().all(|o| o.status == Status::Failed));
+    env.sim.remove_rule(outage);
+    let outcomes = until_every_key_answered(&mut env, &keys, std::mem::take(&mut seen)).await;
+    let failed = outcomes
+        .iter()
+        .filter(|o| o.status == Status::Failed)
+        .count();
+    let succeeded = outcomes
+        .iter()
+        .filter(|o| o.status == Status::Succeeded)
+        .count();
+    assert_eq!(failed + succeeded, 20);
+    assert!(
+        failed <= 7,
+        "only the first min_calls jobs (and the two in flight) met the outage: {failed}"
+    );
+    assert!(succeeded >= 13);
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn the_loop_guard_stops_a_fourth_execution_of_the_same_step() {
+    let mut env = TestEnv::start("loop-guard").await;
+    for i in 0..4 {
+        env.publish_json(&json!({"pipeline_id": 4242, "stage_index": 3, "idempotency_key": format!("{}-{i}", env.prefix)})).await;
+        let (o, delivery) = env.next_outcome().await;
+        if i < 3 {
+            assert_eq!(o.status, Status::Succeeded);
+        } else {
+            assert_eq!((o.status, o.attempts), (Status::Rejected, 0));
+            let e = o.error.unwrap();
+            assert_eq!(e.kind, swr_stage_worker::outcome::ErrorKind::LoopGuard);
+            assert!(e.message.contains("pipeline 4242 stage 3"), "{}", e.message);
+            assert_eq!(delivery.routing_key.as_str(), "stage.retry.rejected");
+        }
+    }
+    // Another step, or the same step rolled back, is not held back.
+    env.publish_json(&json!({"pipeline_id": 4242, "stage_index": 4, "mode": "rollback"}))
+        .await;
+    assert_eq!(env.next_outcome().await.0.status, Status::Succeeded);
+    assert_eq!(
+        env.sim.calls().len(),
+        4,
+        "SWR was not called for the guarded request"
+    );
+    env.stop_worker().await.unwrap();
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "a policy rejection is acked, not dead-lettered"
+    );
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once_and_the_broker_keeps_the_request() {
+    let env = TestEnv::without_worker("second-signal", &[]).await;
+    env.sim.add_rule(FaultRule {
+        delay_ms: Some(20_000),
+        ..FaultRule::default()
+    });
+    let worker = common::WorkerProcess::spawn(
+        &common::test_env(&env.prefix, &env.sim.url(), &[]),
+        &env.prefix,
+    );
+    env.publish_json(&json!({"pipeline_id": 9, "stage_index": 0}))
+        .await;
+    // The simulator records a call when it answers; the queue shows the delivery was taken.
+    let queue = env.config.amqp.request_queue.clone();
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while env.depth(&queue).await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker never took the request"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let started = std::time::Instant::now();
+    let (status, _) = worker.terminate_twice().await;
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        started.elapsed().as_secs() < 10,
+        "it did not wait for the 20 s call"
+    );
+    // The unacked request went back to the queue when the connection died.
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while env.depth(&queue).await != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the request was not requeued"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    env.teardown().await;
+}

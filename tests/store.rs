@@ -318,3 +318,49 @@ async fn an_unreachable_postgres_fails_each_call_with_a_clear_error_and_no_passw
         "a malformed URL is refused at start"
     );
 }
+
+#[tokio::test]
+async fn embedded_loop_guard_counts_per_window() {
+    let (store, now) = embedded(Duration::from_secs(60), Duration::from_secs(3600));
+    let fp = key("guard");
+    let hour = Duration::from_secs(3600);
+    for _ in 0..3 {
+        assert!(store.count_execution(&fp, hour, 3).await.unwrap());
+    }
+    assert!(
+        !store.count_execution(&fp, hour, 3).await.unwrap(),
+        "the fourth in the window is refused"
+    );
+    assert!(
+        store.count_execution(&key("other"), hour, 3).await.unwrap(),
+        "other steps are counted apart"
+    );
+    now.fetch_add(3_600_000, Ordering::SeqCst);
+    assert!(
+        store.count_execution(&fp, hour, 3).await.unwrap(),
+        "a new window starts afresh"
+    );
+}
+
+#[tokio::test]
+async fn postgres_loop_guard_is_shared_and_atomic() {
+    let store = Arc::new(postgres(Duration::from_secs(60), Duration::from_secs(3600)).await);
+    let fp = key("guard");
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (store, fp) = (store.clone(), fp.clone());
+        tasks.push(tokio::spawn(async move {
+            store
+                .count_execution(&fp, Duration::from_secs(3600), 3)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        if t.await.unwrap() {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 3, "ten racing executions, three allowed");
+}

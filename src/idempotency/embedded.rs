@@ -25,7 +25,7 @@ const QUEUE_DEPTH: usize = 4096;
 /// Limit for any one operation, queueing included.
 const OP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Schema version kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Milliseconds since the epoch; injectable for tests.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -51,6 +51,12 @@ enum Op {
     },
     Prune {
         reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    Guard {
+        fingerprint: String,
+        window_ms: i64,
+        max: u32,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
     },
 }
 
@@ -132,6 +138,16 @@ fn migrate(db: &Connection) -> rusqlite::Result<()> {
              ) WITHOUT ROWID;
              CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires_at);",
         )?;
+        db.pragma_update(None, "user_version", 1)?;
+    }
+    if version < 2 {
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS guard (
+                 fingerprint  TEXT PRIMARY KEY,
+                 window_start INTEGER NOT NULL,
+                 executions   INTEGER NOT NULL
+             ) WITHOUT ROWID;",
+        )?;
         db.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     Ok(())
@@ -200,6 +216,7 @@ fn writer(
 /// The result of one op inside a group, sent after the commit.
 enum Answer {
     Claimed(Claim),
+    Allowed(bool),
     Done,
     Pruned(u64),
     Failed(StoreError),
@@ -225,6 +242,11 @@ fn reply(op: Op, answer: Answer) {
         }
         (Op::Complete { reply, .. } | Op::Release { reply, .. }, _) => drop(reply.send(Ok(()))),
         (Op::Prune { reply }, Answer::Pruned(n)) => drop(reply.send(Ok(n))),
+        (Op::Guard { reply, .. }, Answer::Allowed(allowed)) => drop(reply.send(Ok(allowed))),
+        (Op::Guard { reply, .. }, Answer::Failed(e)) => drop(reply.send(Err(e))),
+        (Op::Guard { reply, .. }, _) => {
+            drop(reply.send(Err(StoreError("internal: wrong answer".into()))))
+        }
         (Op::Prune { reply }, Answer::Failed(e)) => drop(reply.send(Err(e))),
         (
             Op::Claim {
@@ -254,9 +276,23 @@ fn apply(db: &Connection, op: &Op, now: i64, lease_ms: i64, ttl_ms: i64) -> Answ
             .prepare_cached("DELETE FROM idempotency WHERE key = ?1 AND owner = ?2 AND state = 'running'")
             .and_then(|mut st| st.execute(params![key, owner]))
             .map(|_| Answer::Done),
+        Op::Guard { fingerprint, window_ms, max, .. } => db
+            .prepare_cached(
+                "INSERT INTO guard (fingerprint, window_start, executions) VALUES (?1, ?2, 1)
+                 ON CONFLICT (fingerprint) DO UPDATE SET
+                     executions = CASE WHEN window_start <= ?2 - ?3 THEN 1 ELSE executions + 1 END,
+                     window_start = CASE WHEN window_start <= ?2 - ?3 THEN ?2 ELSE window_start END
+                 WHERE window_start <= ?2 - ?3 OR executions < ?4",
+            )
+            .and_then(|mut st| st.execute(params![fingerprint, now, window_ms, max]))
+            .map(|changed| Answer::Allowed(changed > 0)),
         Op::Prune { .. } => db
             .execute("DELETE FROM idempotency WHERE expires_at < ?1", params![now])
-            .map(|n| Answer::Pruned(n as u64)),
+            .and_then(|n| {
+                // Guard windows older than a day are of no use to any window setting here.
+                db.execute("DELETE FROM guard WHERE window_start < ?1", params![now - 86_400_000])?;
+                Ok(Answer::Pruned(n as u64))
+            }),
     };
     result.unwrap_or_else(|e| Answer::Failed(StoreError(e.to_string())))
 }
@@ -348,6 +384,20 @@ impl Store for EmbeddedStore {
 
     fn prune(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(self.call(|reply| Op::Prune { reply }))
+    }
+
+    fn count_execution<'a>(
+        &'a self,
+        fingerprint: &'a str,
+        window: Duration,
+        max: u32,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(self.call(move |reply| Op::Guard {
+            fingerprint: fingerprint.to_owned(),
+            window_ms: millis(window),
+            max,
+            reply,
+        }))
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {

@@ -57,6 +57,14 @@ pub trait Store: Send + Sync {
     /// Drops `owner`'s claim so a later delivery runs again (retryable failure, abandoned job).
     fn release<'a>(&'a self, key: &'a str, owner: &'a str)
         -> BoxFuture<'a, Result<(), StoreError>>;
+    /// The loop guard: records one execution of `fingerprint` if fewer than `max` were recorded
+    /// in the current `window`, and says whether it was allowed. Atomic across workers.
+    fn count_execution<'a>(
+        &'a self,
+        fingerprint: &'a str,
+        window: Duration,
+        max: u32,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
     /// Deletes records past their TTL; returns how many went.
     fn prune(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
     /// Cheap liveness check (readiness).

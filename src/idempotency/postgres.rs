@@ -37,6 +37,12 @@ const COMPLETE_SQL: &str = "INSERT INTO swr_stage_idempotency AS t (key, fingerp
      VALUES ($1, '', 'finished', '', now(), $2, now() + $3::float8 * interval '1 millisecond')
      ON CONFLICT (key) DO UPDATE SET state = 'finished', outcome = EXCLUDED.outcome, expires_at = EXCLUDED.expires_at
      WHERE t.state = 'running'";
+const GUARD_SQL: &str = "INSERT INTO swr_stage_guard AS g (fingerprint, window_start, executions) VALUES ($1, now(), 1)
+     ON CONFLICT (fingerprint) DO UPDATE SET
+         executions = CASE WHEN g.window_start <= now() - $2::float8 * interval '1 millisecond' THEN 1 ELSE g.executions + 1 END,
+         window_start = CASE WHEN g.window_start <= now() - $2::float8 * interval '1 millisecond' THEN now() ELSE g.window_start END
+     WHERE g.window_start <= now() - $2::float8 * interval '1 millisecond' OR g.executions < $3
+     RETURNING executions";
 const RELEASE_SQL: &str =
     "DELETE FROM swr_stage_idempotency WHERE key = $1 AND owner = $2 AND state = 'running'";
 
@@ -58,7 +64,7 @@ struct Conn {
 const OP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Versioned migrations, applied in order inside one transaction each.
-const MIGRATIONS: [&str; 1] = ["CREATE TABLE IF NOT EXISTS swr_stage_idempotency (
+const MIGRATIONS: [&str; 2] = ["CREATE TABLE IF NOT EXISTS swr_stage_idempotency (
          key         TEXT PRIMARY KEY,
          fingerprint TEXT NOT NULL,
          state       TEXT NOT NULL CHECK (state IN ('running', 'finished')),
@@ -67,7 +73,12 @@ const MIGRATIONS: [&str; 1] = ["CREATE TABLE IF NOT EXISTS swr_stage_idempotency
          outcome     TEXT,
          expires_at  TIMESTAMPTZ NOT NULL
      );
-     CREATE INDEX IF NOT EXISTS swr_stage_idempotency_expires ON swr_stage_idempotency (expires_at);"];
+     CREATE INDEX IF NOT EXISTS swr_stage_idempotency_expires ON swr_stage_idempotency (expires_at);",
+    "CREATE TABLE IF NOT EXISTS swr_stage_guard (
+         fingerprint  TEXT PRIMARY KEY,
+         window_start TIMESTAMPTZ NOT NULL,
+         executions   INTEGER NOT NULL
+     );"];
 
 /// The PostgreSQL-backed store.
 pub struct PostgresStore {
@@ -287,6 +298,27 @@ impl Store for PostgresStore {
             bounded(conn.client.execute(&conn.release, &[&key, &owner]))
                 .await
                 .map(drop)
+        })
+    }
+
+    fn count_execution<'a>(
+        &'a self,
+        fingerprint: &'a str,
+        window: Duration,
+        max: u32,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let (window_ms, max) = (
+            window.as_millis() as f64,
+            i32::try_from(max).unwrap_or(i32::MAX),
+        );
+        Box::pin(async move {
+            let conn = self.conn(true).await?;
+            let row = bounded(
+                conn.client
+                    .query_opt(GUARD_SQL, &[&fingerprint, &window_ms, &max]),
+            )
+            .await?;
+            Ok(row.is_some())
         })
     }
 

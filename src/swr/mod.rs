@@ -6,13 +6,26 @@ pub mod auth;
 pub mod classify;
 pub mod client;
 
+use crate::breaker::Breaker;
 use crate::config::RetryConfig;
 use crate::outcome::{ErrorKind, OutcomeError, Status};
+use crate::ratelimit::RateLimiter;
 use crate::request::StageRequest;
 use crate::retry::{GiveUp, RetrySchedule};
 use auth::TokenSource;
 use classify::{classify, Class};
 use client::{AttemptError, SwrClient};
+
+/// What every attempt passes through besides the schedule.
+#[derive(Clone, Copy)]
+pub struct Guards<'a> {
+    /// The per-process pace of SWR calls.
+    pub pace: &'a RateLimiter,
+    /// Told about every attempt's class.
+    pub breaker: &'a Breaker,
+    /// This job is the breaker's probe (its first attempt decides).
+    pub probe: bool,
+}
 
 /// The result of driving one job against SWR to a final answer.
 #[derive(Clone, Debug, PartialEq)]
@@ -42,9 +55,11 @@ pub async fn execute(
     client: &SwrClient,
     tokens: &dyn TokenSource,
     retry: &RetryConfig,
+    guards: Guards<'_>,
     request: &StageRequest,
     key: &str,
 ) -> Execution {
+    let mut probe = guards.probe;
     let url = client.url(request);
     let mut schedule = RetrySchedule::new(retry);
     let mut reauthed = false;
@@ -71,10 +86,20 @@ pub async fn execute(
     };
     loop {
         schedule.begin_attempt();
+        guards.pace.until_ready().await;
         let attempt = match tokens.token().await {
             Ok(token) => client.attempt(&url, key, &token).await.map(|r| (r, token)),
             Err(e) => Err(AttemptError::Transport(e.to_string())),
         };
+        let transient = match &attempt {
+            Ok((reply, _)) => matches!(
+                classify(reply.status, reply.error_code.as_deref()),
+                Class::Transient(_)
+            ),
+            Err(_) => true,
+        };
+        guards.breaker.record(transient, probe);
+        probe = false;
         let (last, retry_after) = match attempt {
             Ok((reply, token)) => {
                 http_status = Some(reply.status);

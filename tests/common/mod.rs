@@ -147,6 +147,31 @@ impl WorkerProcess {
             .expect("killed process exits");
     }
 
+    /// SIGTERM twice (the second once the first is being handled): the worker exits at once.
+    pub async fn terminate_twice(mut self) -> (std::process::ExitStatus, String) {
+        self.signal("TERM");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        // Wait for the first signal to be taken (the drain is logged) before sending the second.
+        while !std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .contains("shutdown requested")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the first SIGTERM was not taken"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.signal("TERM");
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("exits")
+            .unwrap();
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.log);
+        (status, log)
+    }
+
     /// SIGTERM and wait: returns the exit status and the log.
     pub async fn terminate(mut self) -> (std::process::ExitStatus, String) {
         self.signal("TERM");
