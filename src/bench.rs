@@ -225,6 +225,8 @@ fn phase_config(base: &Config, sim_url: &str, tag: &str) -> Config {
     let mut config = base.clone();
     config.swr.endpoint = sim_url.to_owned();
     config.swr.auth.token = Secret::new(TOKEN);
+    // The in-process simulator takes this fixed token, whatever the configured token source.
+    config.swr.auth.kind = "static".into();
     config.amqp.request_queue = format!("{prefix}.requests");
     config.amqp.request_exchanges = Vec::new();
     config.amqp.dead_letter_exchange = format!("{prefix}.dlx");

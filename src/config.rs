@@ -79,6 +79,8 @@ pub struct Config {
     pub amqp: AmqpConfig,
     /// Where SWR is and how to authenticate.
     pub swr: SwrConfig,
+    /// Where IAM is, for `swr.auth.kind = "iam_password"`.
+    pub iam: IamConfig,
     /// Per-attempt HTTP limits.
     pub http: HttpConfig,
     /// The retry schedule for transient failures.
@@ -144,10 +146,74 @@ pub struct SwrConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
-    /// Which token source to use; only "static" exists today.
+    /// Which token source to use: "static" or "iam_password".
     pub kind: String,
     /// The static token.
     pub token: Secret,
+    /// IAM user the worker signs in as (iam_password).
+    pub user: String,
+    /// Account (domain) name that owns `user`; IAM needs it to find the user.
+    pub domain: String,
+    /// Project name the token is scoped to; SWR only accepts project-scoped tokens.
+    pub project: String,
+    /// Name of the environment variable that holds the password, so the password stays out of
+    /// files that get copied, committed and printed.
+    pub password_env: String,
+    /// File that holds the password (mounted secrets); takes precedence over `password_env`.
+    pub password_file: String,
+    /// How long before `expires_at` a token is renewed, so no job sends a token about to lapse.
+    #[serde(deserialize_with = "duration")]
+    pub refresh_ahead: Duration,
+    /// The value of the `password_env` variable, captured by [`Config::load`] from the environment
+    /// it was given (not a key: no file or override can set it). Empty unless kind is iam_password.
+    #[serde(skip)]
+    pub password_from_env: Secret,
+}
+
+impl AuthConfig {
+    /// The IAM password: the first line of `password_file` when it is set, else the variable
+    /// named by `password_env`. Errors name the key and never contain the password.
+    pub fn iam_password(&self) -> Result<Secret, ConfigError> {
+        if !self.password_file.is_empty() {
+            let text =
+                std::fs::read_to_string(&self.password_file).map_err(|e| ConfigError::Invalid {
+                    key: "swr.auth.password_file",
+                    message: format!("cannot read {:?}: {e}", self.password_file),
+                })?;
+            // Secret files usually end with a newline that is not part of the password.
+            let password = text.lines().next().unwrap_or("");
+            if password.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "swr.auth.password_file",
+                    message: format!(
+                        "{:?} holds no password on its first line",
+                        self.password_file
+                    ),
+                });
+            }
+            return Ok(Secret::new(password));
+        }
+        if self.password_from_env.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "swr.auth.password_env",
+                message: format!(
+                    "expected the IAM password in the environment variable {} (or set swr.auth.password_file)",
+                    self.password_env
+                ),
+            });
+        }
+        Ok(self.password_from_env.clone())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IamConfig {
+    /// Base URL of IAM; only configuration sets it, like `swr.endpoint`.
+    pub endpoint: String,
+    /// Limit for one token request, so a hung IAM cannot hold every job waiting for a token.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -283,6 +349,8 @@ impl Config {
         let mut table: Table = DEFAULT_TOML
             .parse()
             .expect("config/default.toml is valid TOML");
+        // Kept whole because the password variable's name is only known once the keys are read.
+        let env: Vec<(String, String)> = env.into_iter().collect();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.to_owned(),
@@ -296,7 +364,7 @@ impl Config {
                     })?;
             merge(&mut table, overlay, &path.display().to_string(), "")?;
         }
-        for (name, raw) in env {
+        for (name, raw) in &env {
             let key = match name.as_str() {
                 "AMQP_URL" => "amqp.url".to_owned(),
                 "SWR_ENDPOINT" => "swr.endpoint".to_owned(),
@@ -306,12 +374,18 @@ impl Config {
                     None => continue,
                 },
             };
-            set_from_env(&mut table, &name, &key, &raw)?;
+            set_from_env(&mut table, name, &key, raw)?;
         }
-        let config: Config =
+        let mut config: Config =
             serde_path_to_error::deserialize(Value::Table(table)).map_err(|e| {
                 ConfigError::Shape(format!("key `{}`: {}", e.path(), e.inner().message()))
             })?;
+        if config.swr.auth.kind == "iam_password" {
+            let wanted = &config.swr.auth.password_env;
+            if let Some((_, value)) = env.iter().find(|(name, _)| name == wanted) {
+                config.swr.auth.password_from_env = Secret::new(value.as_str());
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -359,11 +433,44 @@ impl Config {
                 format!("expected an http:// or https:// base URL, got {endpoint:?}"),
             );
         }
-        if self.swr.auth.kind != "static" {
-            return invalid(
-                "swr.auth.kind",
-                format!("expected \"static\", got {:?}", self.swr.auth.kind),
-            );
+        let auth = &self.swr.auth;
+        match auth.kind.as_str() {
+            "static" => {}
+            "iam_password" => {
+                for (key, value) in [
+                    ("swr.auth.user", &auth.user),
+                    ("swr.auth.domain", &auth.domain),
+                    ("swr.auth.project", &auth.project),
+                ] {
+                    if value.trim().is_empty() {
+                        return invalid(
+                            key,
+                            "expected a name when swr.auth.kind = \"iam_password\"",
+                        );
+                    }
+                }
+                if auth.password_env.is_empty() && auth.password_file.is_empty() {
+                    return invalid(
+                        "swr.auth.password_env",
+                        "expected the name of the environment variable that holds the IAM password (or set swr.auth.password_file)",
+                    );
+                }
+                let endpoint = &self.iam.endpoint;
+                if !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+                    || reqwest::Url::parse(endpoint).is_err()
+                {
+                    return invalid(
+                        "iam.endpoint",
+                        format!("expected an http:// or https:// base URL, got {endpoint:?}"),
+                    );
+                }
+            }
+            other => {
+                return invalid(
+                    "swr.auth.kind",
+                    format!("expected \"static\" or \"iam_password\", got {other:?}"),
+                )
+            }
         }
         for (key, value) in [
             ("amqp.connect_timeout", self.amqp.connect_timeout),
@@ -374,6 +481,7 @@ impl Config {
             ),
             ("http.timeout", self.http.timeout),
             ("http.connect_timeout", self.http.connect_timeout),
+            ("iam.timeout", self.iam.timeout),
             ("retry.initial_interval", self.retry.initial_interval),
             ("retry.max_interval", self.retry.max_interval),
             ("retry.max_elapsed", self.retry.max_elapsed),
@@ -499,13 +607,14 @@ impl Config {
 
     /// The checks that only matter when the worker will call SWR (not for `sim` or `submit`).
     pub fn validate_for_worker(&self) -> Result<(), ConfigError> {
-        if self.swr.auth.kind == "static" && self.swr.auth.token.is_empty() {
-            return Err(ConfigError::Invalid {
+        match self.swr.auth.kind.as_str() {
+            "static" if self.swr.auth.token.is_empty() => Err(ConfigError::Invalid {
                 key: "swr.auth.token",
                 message: "expected a token: set SWR_AUTH_TOKEN (or swr.auth.token)".into(),
-            });
+            }),
+            "iam_password" => self.swr.auth.iam_password().map(drop),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// The name this worker gives itself in outcomes and logs.
@@ -779,6 +888,130 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("pw"), "{err}");
+    }
+
+    /// The keys every iam_password configuration needs, with the password in its variable.
+    fn iam_env<'a>(more: &[(&'a str, &'a str)]) -> Vec<(String, String)> {
+        let mut pairs = vec![
+            ("SWR_STAGE_WORKER__SWR__AUTH__KIND", "iam_password"),
+            ("SWR_STAGE_WORKER__SWR__AUTH__USER", "svc-swr"),
+            ("SWR_STAGE_WORKER__SWR__AUTH__DOMAIN", "acct"),
+            ("SWR_STAGE_WORKER__SWR__AUTH__PROJECT", "cn-north-4"),
+            ("SWR_IAM_PASSWORD", "hunter2-iam"),
+        ];
+        pairs.extend_from_slice(more);
+        env(&pairs)
+    }
+
+    #[test]
+    fn iam_password_is_opt_in_with_documented_defaults() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.swr.auth.kind, "static");
+        assert_eq!(c.swr.auth.password_env, "SWR_IAM_PASSWORD");
+        assert_eq!(c.swr.auth.refresh_ahead, Duration::from_secs(3600));
+        assert_eq!(c.iam.timeout, Duration::from_secs(10));
+        assert!(c.swr.auth.password_from_env.is_empty());
+        let c = Config::load(None, iam_env(&[])).unwrap();
+        c.validate_for_worker().unwrap();
+        assert_eq!(c.swr.auth.iam_password().unwrap().expose(), "hunter2-iam");
+    }
+
+    #[test]
+    fn iam_password_names_each_missing_key() {
+        for (var, key) in [
+            ("SWR_STAGE_WORKER__SWR__AUTH__USER", "swr.auth.user"),
+            ("SWR_STAGE_WORKER__SWR__AUTH__DOMAIN", "swr.auth.domain"),
+            ("SWR_STAGE_WORKER__SWR__AUTH__PROJECT", "swr.auth.project"),
+            ("SWR_STAGE_WORKER__IAM__ENDPOINT", "iam.endpoint"),
+        ] {
+            let err = Config::load(None, iam_env(&[(var, "")]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{var}: {err}");
+        }
+        let err = Config::load(None, iam_env(&[("SWR_STAGE_WORKER__IAM__TIMEOUT", "0s")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("iam.timeout"), "{err}");
+        let err = Config::load(
+            None,
+            iam_env(&[("SWR_STAGE_WORKER__SWR__AUTH__PASSWORD_ENV", "")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("swr.auth.password_env"), "{err}");
+        // Loads (sim and demo need no password), but the worker refuses to start without one.
+        let c = Config::load(
+            None,
+            iam_env(&[("SWR_STAGE_WORKER__SWR__AUTH__PASSWORD_ENV", "OTHER_VAR")]),
+        )
+        .unwrap();
+        let err = c.validate_for_worker().unwrap_err().to_string();
+        assert!(
+            err.contains("swr.auth.password_env") && err.contains("OTHER_VAR"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_password_comes_from_its_variable_or_file_never_from_a_key() {
+        let c = Config::load(
+            None,
+            iam_env(&[
+                ("SWR_STAGE_WORKER__SWR__AUTH__PASSWORD_ENV", "MY_PW"),
+                ("MY_PW", "from-my-var"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.swr.auth.iam_password().unwrap().expose(), "from-my-var");
+
+        let dir = std::env::temp_dir().join(format!("swr-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("password");
+        std::fs::write(&file, "from-the-file\n").unwrap();
+        let path = file.display().to_string();
+        let c = Config::load(
+            None,
+            iam_env(&[("SWR_STAGE_WORKER__SWR__AUTH__PASSWORD_FILE", &path)]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.swr.auth.iam_password().unwrap().expose(),
+            "from-the-file",
+            "the file wins, without its newline"
+        );
+        std::fs::write(&file, "\n").unwrap();
+        let err = c.validate_for_worker().unwrap_err().to_string();
+        assert!(err.contains("swr.auth.password_file"), "{err}");
+        std::fs::remove_file(&file).unwrap();
+        let err = c.validate_for_worker().unwrap_err().to_string();
+        assert!(err.contains("swr.auth.password_file"), "{err}");
+
+        let overlay = dir.join("with-password.toml");
+        std::fs::write(&overlay, "[swr.auth]\npassword = \"plain\"\n").unwrap();
+        let err = Config::load(Some(&overlay), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown key `swr.auth.password`"), "{err}");
+        assert!(!err.contains("plain"), "{err}");
+        let err = Config::load(
+            None,
+            env(&[("SWR_STAGE_WORKER__SWR__AUTH__PASSWORD", "plain")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown key `swr.auth.password`"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_iam_password_never_prints() {
+        let c = Config::load(None, iam_env(&[])).unwrap();
+        let printed = format!("{c:?}");
+        assert!(printed.contains("svc-swr"), "{printed}");
+        assert!(!printed.contains("hunter2-iam"), "{printed}");
+        let printed = format!("{:?}", c.swr.auth.iam_password().unwrap());
+        assert!(!printed.contains("hunter2-iam"), "{printed}");
     }
 
     #[test]

@@ -106,6 +106,8 @@ pub async fn run(base: Config, count: usize) -> Result<(), DemoError> {
     let mut config = base;
     config.swr.endpoint = sim.url();
     config.swr.auth.token = Secret::new(DEMO_TOKEN);
+    // The in-process simulator takes this fixed token, whatever the configured token source.
+    config.swr.auth.kind = "static".into();
     config.amqp.request_queue = format!("{prefix}.requests");
     config.amqp.request_exchanges = Vec::new();
     config.amqp.dead_letter_exchange = format!("{prefix}.dlx");

@@ -6,8 +6,9 @@
 //! - [`config`]: typed configuration, built-in defaults, env overrides, validation.
 //! - [`request`]: the request message (contract §3): parse, validate, derive the idempotency key.
 //! - [`outcome`]: the outcome message (contract §4): fields, error kinds, routing key.
-//! - [`swr`]: the upstream: one attempt, the classification table (contract §1), token sources,
-//!   and `execute`, which drives attempts to a final answer.
+//! - [`swr`]: the upstream: one attempt, the classification table (contract §1), token sources
+//!   (static, and IAM password tokens renewed before expiry and on a 401), and `execute`, which
+//!   drives attempts to a final answer.
 //! - [`retry`]: the retry schedule (backoff, Retry-After, limits); the only user of `backoff`.
 //! - [`idempotency`]: one execution per key: the store trait, embedded SQLite and PostgreSQL
 //!   stores, and the gate the worker asks before calling SWR.
@@ -17,7 +18,8 @@
 //! - [`worker`]: one delivery: parse → key → execute → outcome → publish → ack/requeue decision.
 //! - [`service`]: the running worker: sessions, bounded consumption, reconnects, the drain.
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
-//! - [`sim`]: the SWR simulator (faithful to the API, with fault injection) for tests and demos.
+//! - [`sim`]: the SWR simulator (faithful to the API, with fault injection, and IAM's token
+//!   endpoint with expiring tokens) for tests and demos.
 //! - [`campaign`]: bulk campaigns for operators: `submit` (validated, confirmed, paced),
 //!   `watch` (outcome counts, summary, failures file), `replay` (dead letters back to work).
 //! - [`demo`]: the newcomer's first command.

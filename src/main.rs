@@ -47,6 +47,12 @@ enum Command {
         /// Fast mode for benchmarks: record no calls (counters only).
         #[arg(long)]
         no_record: bool,
+        /// An IAM user that POST /v3/auth/tokens signs in, as NAME:PASSWORD (repeatable).
+        #[arg(long = "iam-user", value_name = "NAME:PASSWORD", value_parser = parse_iam_user)]
+        iam_users: Vec<(String, String)>,
+        /// Lifetime of the tokens the IAM endpoint issues.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        token_ttl: std::time::Duration,
     },
     /// Measure the worker against the bare consume-POST-publish-ack loop (needs RabbitMQ;
     /// build with --release for meaningful figures).
@@ -249,11 +255,15 @@ fn main() -> ExitCode {
                 tokens,
                 stages,
                 no_record,
+                iam_users,
+                token_ttl,
             } => {
                 let sim_config = sim::SimConfig {
                     tokens,
                     stages,
                     record: !no_record,
+                    iam_users,
+                    token_ttl,
                     ..sim::SimConfig::default()
                 };
                 match sim::serve_forever(listen, sim_config, shutdown::termination_signal()).await {
@@ -405,4 +415,14 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// `--iam-user NAME:PASSWORD`: split at the first colon (a password may contain colons).
+fn parse_iam_user(raw: &str) -> Result<(String, String), String> {
+    match raw.split_once(':') {
+        Some((name, password)) if !name.is_empty() && !password.is_empty() => {
+            Ok((name.to_owned(), password.to_owned()))
+        }
+        _ => Err("expected NAME:PASSWORD, both non-empty".to_owned()),
+    }
 }

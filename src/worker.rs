@@ -17,12 +17,14 @@ use tracing::Instrument;
 use crate::amqp::publisher::{PublishError, Publisher, Routed};
 use crate::breaker::Breaker;
 use crate::config::Config;
+use crate::config::ConfigError;
 use crate::idempotency::{self, fingerprint, Admission, Gate, StoreError};
 use crate::outcome::{timestamp, ErrorKind, Outcome, OutcomeError, Status, OUTCOME_TYPE};
 use crate::ratelimit::RateLimiter;
 use crate::request::{derive_key, parse_request, InvalidRequest, StageRequest};
 use crate::swr::auth::{StaticToken, TokenSource};
 use crate::swr::client::SwrClient;
+use crate::swr::iam::{IamClient, IamCredentials, IamToken};
 use crate::swr::{execute, Guards};
 
 /// Header added to a dead-lettered request: the one-line reason.
@@ -66,6 +68,11 @@ pub struct JobContext {
 pub enum ContextError {
     #[error("cannot build the SWR HTTP client: {0}")]
     HttpClient(#[from] reqwest::Error),
+    #[error("cannot build the IAM HTTP client: {0}")]
+    IamClient(reqwest::Error),
+    /// The IAM password could not be read (its file or variable).
+    #[error(transparent)]
+    Credentials(#[from] ConfigError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -74,8 +81,24 @@ impl JobContext {
     /// Builds the shared pieces; opens the idempotency store and starts its pruning.
     pub async fn new(config: Arc<Config>) -> Result<JobContext, ContextError> {
         let swr = SwrClient::new(&config.swr.endpoint, &config.http)?;
-        let tokens: Arc<dyn TokenSource> =
-            Arc::new(StaticToken::new(config.swr.auth.token.clone()));
+        let auth = &config.swr.auth;
+        let tokens: Arc<dyn TokenSource> = match auth.kind.as_str() {
+            "iam_password" => {
+                let credentials = IamCredentials::from_config(auth)?;
+                tracing::info!(
+                    endpoint = %config.iam.endpoint,
+                    user = %credentials.user,
+                    domain = %credentials.domain,
+                    project = %credentials.project,
+                    "SWR tokens come from IAM (password sign-in, renewed before expiry)"
+                );
+                let client = IamClient::new(&config.iam.endpoint, config.iam.timeout, credentials)
+                    .map_err(ContextError::IamClient)?;
+                Arc::new(IamToken::new(client, auth.refresh_ahead))
+            }
+            // Config::validate admits only the two kinds.
+            _ => Arc::new(StaticToken::new(auth.token.clone())),
+        };
         let worker_id = config.worker_id();
         let gate = idempotency::open(&config).await?.map(|store| {
             idempotency::spawn_pruner(&store, config.idempotency.prune_interval);

@@ -22,10 +22,15 @@ use super::FaultRule;
 
 /// The one upstream route being simulated.
 const API_ROUTE: &str = "/v3/manage/pipelines/{pipeline_id}/stages/{stage_index}";
+/// IAM's token route, served by the same server so one base URL covers both in tests.
+const IAM_ROUTE: &str = "/v3/auth/tokens";
+/// Largest IAM request body read; a password sign-in is a few hundred bytes.
+const MAX_IAM_BODY: usize = 64 * 1024;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_AUTH_TOKEN: HeaderName = HeaderName::from_static("x-auth-token");
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const X_SUBJECT_TOKEN: HeaderName = HeaderName::from_static("x-subject-token");
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 /// Serves until `shutdown` resolves, then lets in-flight requests finish.
@@ -49,6 +54,8 @@ pub(crate) async fn serve(
 pub(crate) fn router(sim: Arc<Sim>) -> Router {
     Router::new()
         .route(API_ROUTE, any(api))
+        .route(IAM_ROUTE, any(iam_tokens))
+        .route("/_sim/tokens/expire", post(expire_tokens))
         .route(
             "/_sim/rules",
             get(list_rules).post(add_rule).delete(clear_rules),
@@ -86,6 +93,31 @@ async fn api(State(sim): State<Arc<Sim>>, req: Request) -> Response {
         Outcome::Answer(answer) => respond(&call.request_id, answer),
         Outcome::Drop => dropped_connection(),
     }
+}
+
+/// IAM's token route. Reads the body itself (bounded) so that every answer, even to an
+/// oversized body, is in IAM's JSON shape.
+async fn iam_tokens(State(sim): State<Arc<Sim>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, MAX_IAM_BODY)
+        .await
+        .unwrap_or_default();
+    let answer = sim.iam().issue(parts.method.as_str(), &body);
+    let mut response = Response::new(Body::from(answer.body));
+    *response.status_mut() =
+        StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, APPLICATION_JSON);
+    if let Ok(value) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()) {
+        headers.insert(X_REQUEST_ID, value);
+    }
+    if let Some(value) = answer
+        .subject_token
+        .and_then(|t| HeaderValue::from_str(&t).ok())
+    {
+        headers.insert(X_SUBJECT_TOKEN, value);
+    }
+    response
 }
 
 fn respond(request_id: &str, answer: Answer) -> Response {
@@ -205,6 +237,10 @@ async fn executions(State(sim): State<Arc<Sim>>) -> Response {
 
 async fn stats(State(sim): State<Arc<Sim>>) -> Response {
     Json(sim.stats()).into_response()
+}
+
+async fn expire_tokens(State(sim): State<Arc<Sim>>) -> Response {
+    Json(json!({ "expired": sim.iam().expire_all() })).into_response()
 }
 
 async fn reset(State(sim): State<Arc<Sim>>) -> Response {

@@ -16,6 +16,11 @@
 //!   [`SimHandle`] or over the JSON control API under `/_sim/` (routes in
 //!   `http.rs`).
 //!
+//! It also serves IAM's `POST /v3/auth/tokens` (password method, project
+//! scope) for the users in [`SimConfig::iam_users`]; the tokens it issues are
+//! accepted by the SWR route until they expire (`token_ttl`, or
+//! [`SimHandle::expire_tokens`]) — pure logic in `iam.rs`.
+//!
 //! Order in which a call to the SWR route is handled (first answer wins):
 //! method (405) → token (401) → fault rules → validation (400) →
 //! idempotent replay / key conflict (409) → execution (201).
@@ -27,8 +32,10 @@
 //! Docs for operators: `docs/simulator.md`.
 
 mod http;
+mod iam;
 mod model;
 
+pub use iam::ISSUED_TOKEN_PREFIX;
 pub use model::RuleError;
 
 use std::collections::HashMap;
@@ -46,7 +53,8 @@ use model::Sim;
 /// How the simulator behaves; fixed for the lifetime of a server.
 #[derive(Clone, Debug)]
 pub struct SimConfig {
-    /// Accepted `X-Auth-Token` values; empty = any non-empty token, so demos need no setup.
+    /// `X-Auth-Token` values accepted forever; empty = any non-empty token (except an expired one
+    /// the IAM endpoint issued), so demos need no setup.
     pub tokens: Vec<String>,
     /// Steps per pipeline (`0..stages`, at least 1); the last, deploy, is the only rollbackable one.
     pub stages: u32,
@@ -54,6 +62,10 @@ pub struct SimConfig {
     pub record: bool,
     /// Call-log bound so long runs can't exhaust memory; evictions count as overflow.
     pub max_recorded: usize,
+    /// IAM users `(name, password)` that `POST /v3/auth/tokens` signs in; empty = it refuses all.
+    pub iam_users: Vec<(String, String)>,
+    /// Lifetime of the tokens the IAM endpoint issues (IAM's is 24 h), so expiry can be tested.
+    pub token_ttl: Duration,
 }
 
 impl Default for SimConfig {
@@ -63,6 +75,8 @@ impl Default for SimConfig {
             stages: 5,
             record: true,
             max_recorded: 100_000,
+            iam_users: Vec::new(),
+            token_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -154,6 +168,12 @@ pub struct SimStats {
     pub executions: u64,
     /// Call-log entries evicted because of `max_recorded`.
     pub recorded_overflow: u64,
+    /// Calls to the IAM token endpoint (any outcome), to count sign-in attempts.
+    #[serde(default)]
+    pub iam_requests: u64,
+    /// Tokens the IAM endpoint issued, to show that many waiting jobs caused one renewal.
+    #[serde(default)]
+    pub tokens_issued: u64,
 }
 
 /// A running simulator. Dropping it stops the server too (without waiting);
@@ -250,9 +270,16 @@ impl SimHandle {
         self.sim.stats()
     }
 
-    /// Clears rules, calls, executions, stored answers and counters.
+    /// Clears rules, calls, executions, stored answers and counters. Issued IAM tokens stay valid.
     pub fn reset(&self) {
         self.sim.reset();
+    }
+
+    /// Makes every token the IAM endpoint issued expire now (the SWR route then answers 401
+    /// "token expired" for them); returns how many were still valid. Static `tokens` are not
+    /// affected.
+    pub fn expire_tokens(&self) -> usize {
+        self.sim.iam().expire_all()
     }
 
     /// Stops accepting, lets in-flight requests finish (up to a few seconds)

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use super::iam::{Iam, Issued};
 use super::{FaultRule, RecordedCall, RuleEntry, SimConfig, SimStats};
 
 /// Largest accepted path parameter: SWR ids are signed 32-bit.
@@ -98,6 +99,8 @@ pub(crate) struct Call<'a> {
     query: Result<QueryParams<'a>, String>,
     /// Decided once so every later stage and the log agree.
     token_valid: bool,
+    /// The token was issued by the IAM endpoint but has expired: the 401 says so.
+    token_expired: bool,
 }
 
 impl Call<'_> {
@@ -394,12 +397,14 @@ pub(crate) struct Sim {
     rules: Mutex<Rules>,
     /// Idempotency store and call log.
     book: Mutex<Book>,
+    /// The IAM token endpoint and the tokens it issued.
+    iam: Iam,
 }
 
 /// A poisoned lock only means a panic elsewhere (e.g. a failing test
 /// thread); the data is still consistent because no critical section here
 /// can panic halfway, so keep serving.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -424,7 +429,13 @@ impl Sim {
                 entries: Vec::new(),
             }),
             book: Mutex::new(Book::default()),
+            iam: Iam::new(&config.iam_users, config.token_ttl),
         })
+    }
+
+    /// The IAM token endpoint, for the HTTP layer and the handle.
+    pub(crate) fn iam(&self) -> &Iam {
+        &self.iam
     }
 
     pub(crate) fn stages(&self) -> u32 {
@@ -440,6 +451,7 @@ impl Sim {
         let seq = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
         let at_unix_ms = if self.record { now_unix_ms() } else { 0 };
         let (pipeline_raw, stage_raw) = split_path(req.path).unwrap_or(("", ""));
+        let issued = self.issued(req.token);
         Call {
             req,
             seq,
@@ -450,7 +462,17 @@ impl Sim {
             pipeline_id: pipeline_raw.parse().ok(),
             stage_index: stage_raw.parse().ok(),
             query: parse_query(req.query.unwrap_or("")),
-            token_valid: self.token_ok(req.token),
+            token_valid: issued == Issued::Valid
+                || (issued == Issued::Unknown && self.token_ok(req.token)),
+            token_expired: issued == Issued::Expired,
+        }
+    }
+
+    /// What the IAM endpoint knows of the token; skipped (no lock) when it can have issued none.
+    fn issued(&self, token: Option<&str>) -> Issued {
+        match token {
+            Some(t) if !t.is_empty() && self.iam.enabled() => self.iam.check(t),
+            _ => Issued::Unknown,
         }
     }
 
@@ -481,6 +503,8 @@ impl Sim {
         if !call.token_valid {
             let msg = if call.req.token.is_none() {
                 "Incorrect IAM authentication information: x-auth-token not found"
+            } else if call.token_expired {
+                "Incorrect IAM authentication information: token expired"
             } else {
                 "Incorrect IAM authentication information: decrypt token fail"
             };
@@ -780,6 +804,8 @@ impl Sim {
             requests: self.requests.load(Ordering::Relaxed),
             executions: self.executions.load(Ordering::Relaxed),
             recorded_overflow: self.overflow.load(Ordering::Relaxed),
+            iam_requests: self.iam.requests(),
+            tokens_issued: self.iam.tokens_issued(),
         }
     }
 
@@ -791,6 +817,7 @@ impl Sim {
         self.requests.store(0, Ordering::Relaxed);
         self.executions.store(0, Ordering::Relaxed);
         self.overflow.store(0, Ordering::Relaxed);
+        self.iam.reset_counters();
     }
 }
 
@@ -1483,7 +1510,8 @@ mod tests {
             SimStats {
                 requests: 5,
                 executions: 5,
-                recorded_overflow: 2
+                recorded_overflow: 2,
+                ..SimStats::default()
             }
         );
         let first = &calls[0];

@@ -408,14 +408,16 @@ async fn control_api_add_list_delete_and_reset() {
     let stats = send(addr, "GET", "/_sim/stats", &[], "").await.json();
     assert_eq!(
         stats,
-        json!({"requests": 2, "executions": 1, "recorded_overflow": 0})
+        json!({"requests": 2, "executions": 1, "recorded_overflow": 0,
+               "iam_requests": 0, "tokens_issued": 0})
     );
 
     let r = send(addr, "POST", "/_sim/reset", &[], "").await;
     assert_eq!(r.status, 200);
     assert_eq!(
         send(addr, "GET", "/_sim/stats", &[], "").await.json(),
-        json!({"requests": 0, "executions": 0, "recorded_overflow": 0})
+        json!({"requests": 0, "executions": 0, "recorded_overflow": 0,
+               "iam_requests": 0, "tokens_issued": 0})
     );
     assert_eq!(
         send(addr, "GET", "/_sim/rules", &[], "").await.json(),
@@ -487,5 +489,80 @@ async fn start_reports_bind_and_config_errors() {
         bad.err().map(|e| e.kind()),
         Some(std::io::ErrorKind::InvalidInput)
     );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn iam_tokens_are_issued_accepted_and_expire_on_request() {
+    let sim = SimHandle::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimConfig {
+            tokens: vec!["STATIC".into()],
+            iam_users: vec![("svc".into(), "pw".into())],
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let sign_in = |password: &str| {
+        json!({"auth": {
+            "identity": {"methods": ["password"], "password": {"user": {
+                "name": "svc", "password": password, "domain": {"name": "acct"}}}},
+            "scope": {"project": {"name": "cn-north-4"}}}})
+        .to_string()
+    };
+    let r = send(
+        sim.addr(),
+        "POST",
+        "/v3/auth/tokens?nocatalog=true",
+        &[],
+        &sign_in("pw"),
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    assert_request_id(&r);
+    let token = r
+        .header("x-subject-token")
+        .expect("X-Subject-Token")
+        .to_owned();
+    assert!(token.starts_with(ISSUED_TOKEN_PREFIX));
+    let expires = r.json()["token"]["expires_at"].as_str().unwrap().to_owned();
+    let left =
+        time::OffsetDateTime::parse(&expires, &time::format_description::well_known::Rfc3339)
+            .unwrap()
+            - time::OffsetDateTime::now_utc();
+    assert!(
+        left > time::Duration::hours(23),
+        "default lifetime is 24 h: {expires}"
+    );
+
+    let wrong = send(sim.addr(), "POST", "/v3/auth/tokens", &[], &sign_in("nope")).await;
+    assert_eq!(wrong.status, 401);
+    assert_eq!(wrong.header("x-subject-token"), None);
+    assert_eq!(wrong.json()["error"]["code"], 401);
+
+    let ok = post_step(sim.addr(), RETRY, &[("X-Auth-Token", &token)]).await;
+    assert_eq!(ok.status, 201);
+    let expired = send(sim.addr(), "POST", "/_sim/tokens/expire", &[], "").await;
+    assert_eq!(expired.json(), json!({"expired": 1}));
+    let refused = post_step(sim.addr(), RETRY, &[("X-Auth-Token", &token)]).await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.json()["error_code"], "APIG.0301");
+    assert_eq!(
+        refused.json()["error_msg"],
+        "Incorrect IAM authentication information: token expired"
+    );
+    let still = post_step(sim.addr(), RETRY, &[("X-Auth-Token", "STATIC")]).await;
+    assert_eq!(still.status, 201, "static tokens never expire");
+
+    let stats = send(sim.addr(), "GET", "/_sim/stats", &[], "").await.json();
+    assert_eq!(
+        (
+            stats["iam_requests"].as_u64(),
+            stats["tokens_issued"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+    assert_eq!(sim.expire_tokens(), 0, "already expired");
     sim.shutdown().await;
 }

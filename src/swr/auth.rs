@@ -1,14 +1,22 @@
-//! Where the `X-Auth-Token` comes from. A small trait so that a refreshing source (IAM) slots in
-//! beside the static one without touching the call path.
+//! Where the `X-Auth-Token` comes from. A small trait so that a refreshing source (IAM, in
+//! `iam.rs`) slots in beside the static one without touching the call path.
 
 use futures_util::future::BoxFuture;
 
 use crate::config::Secret;
 
-/// Why no token could be had.
-#[derive(Debug, thiserror::Error)]
-#[error("token source: {0}")]
-pub struct AuthError(pub String);
+/// Why no token could be had. The kind decides what the job does: a refusal fails it at once
+/// (`unauthorized`), an outage is retried like a transport error.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The identity service refused the credentials or the request; asking again will not help
+    /// until the configuration changes.
+    #[error("token source: {0}")]
+    Refused(String),
+    /// The identity service could not be asked, or failed; it may work later.
+    #[error("token source: {0}")]
+    Unavailable(String),
+}
 
 /// A source of SWR tokens, shared by every job.
 pub trait TokenSource: Send + Sync {

@@ -154,7 +154,7 @@ impl SwrClient {
 }
 
 /// The error and its causes on one line, without the URL (reqwest puts it in the top message).
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut parts = Vec::new();
     let mut current = Some(error);
     while let Some(e) = current {

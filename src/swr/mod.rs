@@ -1,10 +1,11 @@
 //! The upstream: one attempt (`client`), what an answer means (`classify`), where tokens come
-//! from (`auth`), and [`execute`], which drives attempts with the retry schedule until a final
-//! answer.
+//! from (`auth`: the trait and the static token; `iam`: IAM password tokens), and [`execute`],
+//! which drives attempts with the retry schedule until a final answer.
 
 pub mod auth;
 pub mod classify;
 pub mod client;
+pub mod iam;
 
 use crate::breaker::Breaker;
 use crate::config::RetryConfig;
@@ -12,7 +13,7 @@ use crate::outcome::{ErrorKind, OutcomeError, Status};
 use crate::ratelimit::RateLimiter;
 use crate::request::StageRequest;
 use crate::retry::{GiveUp, RetrySchedule};
-use auth::TokenSource;
+use auth::{AuthError, TokenSource};
 use classify::{classify, Class};
 use client::{AttemptError, SwrClient};
 
@@ -63,36 +64,56 @@ pub async fn execute(
     let url = client.url(request);
     let mut schedule = RetrySchedule::new(retry);
     let mut reauthed = false;
+    // HTTP attempts sent to SWR; lower than the schedule's count when getting a token failed.
+    let mut sent = 0u32;
     let mut http_status = None;
     let mut swr_request_id = None;
-    let finish = |schedule: &RetrySchedule,
-                  http_status,
-                  swr_request_id,
-                  error: Option<(LastError, bool)>| Execution {
-        status: if error.is_some() {
-            Status::Failed
-        } else {
-            Status::Succeeded
-        },
-        http_status,
-        attempts: schedule.attempts(),
-        swr_request_id,
-        error: error.map(|(e, retryable)| OutcomeError {
-            kind: e.kind,
-            message: e.message,
-            retryable,
-            swr_error_code: e.swr_error_code,
-        }),
+    let finish =
+        |sent: u32, http_status, swr_request_id, error: Option<(LastError, bool)>| Execution {
+            status: if error.is_some() {
+                Status::Failed
+            } else {
+                Status::Succeeded
+            },
+            http_status,
+            attempts: sent,
+            swr_request_id,
+            error: error.map(|(e, retryable)| OutcomeError {
+                kind: e.kind,
+                message: e.message,
+                retryable,
+                swr_error_code: e.swr_error_code,
+            }),
+        };
+    let no_token = |kind: ErrorKind, why: &AuthError, before: &str| LastError {
+        kind,
+        message: format!("{before}could not get an SWR token: {why}"),
+        swr_error_code: None,
     };
     loop {
         schedule.begin_attempt();
-        guards.pace.until_ready().await;
-        let attempt = match tokens.token().await {
-            Ok(token) => client.attempt(&url, key, &token).await.map(|r| (r, token)),
-            Err(e) => Err(AttemptError::Transport(e.to_string())),
+        let token = match tokens.token().await {
+            Ok(token) => token,
+            Err(why @ AuthError::Refused(_)) => {
+                // SWR was not called, and the fix is in the worker's credentials: retryable, so
+                // the key is released and a re-submission runs once they are fixed.
+                let last = no_token(ErrorKind::Unauthorized, &why, "");
+                return finish(sent, http_status, swr_request_id, Some((last, true)));
+            }
+            Err(why @ AuthError::Unavailable(_)) => {
+                // Like a transport error: back off and try again.
+                let last = no_token(ErrorKind::Transport, &why, "");
+                if let Err(last) = backoff(&mut schedule, last, None).await {
+                    return finish(sent, http_status, swr_request_id, Some((last, true)));
+                }
+                continue;
+            }
         };
+        sent += 1;
+        guards.pace.until_ready().await;
+        let attempt = client.attempt(&url, key, &token).await;
         let transient = match &attempt {
-            Ok((reply, _)) => matches!(
+            Ok(reply) => matches!(
                 classify(reply.status, reply.error_code.as_deref()),
                 Class::Transient(_)
             ),
@@ -101,7 +122,7 @@ pub async fn execute(
         guards.breaker.record(transient, probe);
         probe = false;
         let (last, retry_after) = match attempt {
-            Ok((reply, token)) => {
+            Ok(reply) => {
                 http_status = Some(reply.status);
                 swr_request_id = reply.request_id.clone();
                 let describe = |kind: ErrorKind| LastError {
@@ -110,32 +131,60 @@ pub async fn execute(
                     swr_error_code: reply.error_code.clone(),
                 };
                 match classify(reply.status, reply.error_code.as_deref()) {
-                    Class::Success => return finish(&schedule, http_status, swr_request_id, None),
+                    Class::Success => return finish(sent, http_status, swr_request_id, None),
                     Class::Permanent(kind) => {
                         return finish(
-                            &schedule,
+                            sent,
                             http_status,
                             swr_request_id,
                             Some((describe(kind), false)),
                         )
                     }
                     Class::Reauth => {
-                        let renewed = !reauthed
-                            && schedule.attempts() < retry.max_attempts
-                            && matches!(tokens.refresh(&token).await, Ok(true));
-                        if renewed {
-                            reauthed = true;
-                            tracing::info!(
-                                "SWR refused the token; retrying once with a renewed one"
+                        let unauthorized = describe(ErrorKind::Unauthorized);
+                        if reauthed || schedule.attempts() >= retry.max_attempts {
+                            return finish(
+                                sent,
+                                http_status,
+                                swr_request_id,
+                                Some((unauthorized, false)),
                             );
-                            continue;
                         }
-                        return finish(
-                            &schedule,
-                            http_status,
-                            swr_request_id,
-                            Some((describe(ErrorKind::Unauthorized), false)),
-                        );
+                        match tokens.refresh(&token).await {
+                            Ok(true) => {
+                                reauthed = true;
+                                tracing::info!(
+                                    "SWR refused the token; retrying once with a renewed one"
+                                );
+                                continue;
+                            }
+                            Ok(false) => {
+                                return finish(
+                                    sent,
+                                    http_status,
+                                    swr_request_id,
+                                    Some((unauthorized, false)),
+                                )
+                            }
+                            Err(why @ AuthError::Refused(_)) => {
+                                let before = format!("{}; then ", unauthorized.message);
+                                let mut last = no_token(ErrorKind::Unauthorized, &why, &before);
+                                last.swr_error_code = unauthorized.swr_error_code;
+                                // As above: nothing ran, and the fix is in the credentials.
+                                return finish(
+                                    sent,
+                                    http_status,
+                                    swr_request_id,
+                                    Some((last, true)),
+                                );
+                            }
+                            Err(why @ AuthError::Unavailable(_)) => {
+                                let before = format!("{}; then ", unauthorized.message);
+                                let mut last = no_token(ErrorKind::Transport, &why, &before);
+                                last.swr_error_code = unauthorized.swr_error_code;
+                                (last, None)
+                            }
+                        }
                     }
                     Class::Transient(kind) => (describe(kind), reply.retry_after),
                 }
@@ -160,30 +209,43 @@ pub async fn execute(
                 None,
             ),
         };
-        match schedule.next_delay(retry_after) {
-            Ok(delay) => {
-                tracing::debug!(
-                    attempt = schedule.attempts(),
-                    kind = last.kind.as_str(),
-                    delay_ms = delay.as_millis() as u64,
-                    "transient SWR failure; backing off"
-                );
-                tokio::time::sleep(delay).await;
-            }
-            Err(why) => {
-                let mut last = last;
-                last.message = format!(
-                    "{} (gave up after {} attempt{}: {})",
-                    last.message,
-                    schedule.attempts(),
-                    if schedule.attempts() == 1 { "" } else { "s" },
-                    match why {
-                        GiveUp::Attempts => "retry.max_attempts reached",
-                        GiveUp::Elapsed => "retry.max_elapsed reached",
-                    }
-                );
-                return finish(&schedule, http_status, swr_request_id, Some((last, true)));
-            }
+        if let Err(last) = backoff(&mut schedule, last, retry_after).await {
+            return finish(sent, http_status, swr_request_id, Some((last, true)));
+        }
+    }
+}
+
+/// After a transient failure: waits for the next attempt, or returns the failure, marked with why
+/// the schedule gave up.
+async fn backoff(
+    schedule: &mut RetrySchedule,
+    last: LastError,
+    retry_after: Option<std::time::Duration>,
+) -> Result<(), LastError> {
+    match schedule.next_delay(retry_after) {
+        Ok(delay) => {
+            tracing::debug!(
+                attempt = schedule.attempts(),
+                kind = last.kind.as_str(),
+                delay_ms = delay.as_millis() as u64,
+                "transient SWR failure; backing off"
+            );
+            tokio::time::sleep(delay).await;
+            Ok(())
+        }
+        Err(why) => {
+            let mut last = last;
+            last.message = format!(
+                "{} (gave up after {} attempt{}: {})",
+                last.message,
+                schedule.attempts(),
+                if schedule.attempts() == 1 { "" } else { "s" },
+                match why {
+                    GiveUp::Attempts => "retry.max_attempts reached",
+                    GiveUp::Elapsed => "retry.max_elapsed reached",
+                }
+            );
+            Err(last)
         }
     }
 }
@@ -201,5 +263,184 @@ fn describe_answer(status: u16, code: &Option<String>, message: &Option<String>)
         line.chars().take(300).collect()
     } else {
         line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! How `execute` treats each kind of token failure, against the in-process simulator.
+
+    use std::collections::VecDeque;
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+
+    use futures_util::future::BoxFuture;
+
+    use super::*;
+    use crate::config::{Config, Secret};
+    use crate::request::parse_request;
+    use crate::sim::{SimConfig, SimHandle};
+
+    /// A token source that answers from two scripts; an empty script repeats its last answer.
+    struct Scripted {
+        /// Answers of `token()`, in order.
+        tokens: Mutex<VecDeque<Result<&'static str, AuthError>>>,
+        /// Answers of `refresh()`, in order.
+        refreshes: Mutex<VecDeque<Result<bool, AuthError>>>,
+    }
+
+    fn next<T: Clone>(script: &Mutex<VecDeque<T>>) -> T {
+        let mut script = script.lock().unwrap();
+        if script.len() > 1 {
+            script.pop_front().unwrap()
+        } else {
+            script.front().cloned().expect("a scripted answer")
+        }
+    }
+
+    impl TokenSource for Scripted {
+        fn token(&self) -> BoxFuture<'_, Result<Secret, AuthError>> {
+            let answer = next(&self.tokens).map(Secret::new);
+            Box::pin(async move { answer })
+        }
+
+        fn refresh<'a>(&'a self, _refused: &'a Secret) -> BoxFuture<'a, Result<bool, AuthError>> {
+            let answer = next(&self.refreshes);
+            Box::pin(async move { answer })
+        }
+    }
+
+    fn scripted(
+        tokens: Vec<Result<&'static str, AuthError>>,
+        refreshes: Vec<Result<bool, AuthError>>,
+    ) -> Scripted {
+        Scripted {
+            tokens: Mutex::new(tokens.into()),
+            refreshes: Mutex::new(refreshes.into()),
+        }
+    }
+
+    fn outage() -> AuthError {
+        AuthError::Unavailable("IAM answered 503".into())
+    }
+
+    async fn run(tokens: &Scripted) -> Execution {
+        let sim = SimHandle::start(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            SimConfig {
+                tokens: vec!["good".into()],
+                ..SimConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        let env = [
+            ("SWR_STAGE_WORKER__RETRY__INITIAL_INTERVAL", "1ms"),
+            ("SWR_STAGE_WORKER__RETRY__MAX_INTERVAL", "2ms"),
+            ("SWR_STAGE_WORKER__RETRY__MAX_ATTEMPTS", "3"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let config = Config::load(None, env).unwrap();
+        let client = SwrClient::new(&sim.url(), &config.http).unwrap();
+        let request = parse_request(br#"{"pipeline_id": 7, "stage_index": 1}"#, 1024).unwrap();
+        let (pace, breaker) = (
+            crate::ratelimit::RateLimiter::new(0.0),
+            crate::breaker::Breaker::new(&config.breaker),
+        );
+        let guards = Guards {
+            pace: &pace,
+            breaker: &breaker,
+            probe: false,
+        };
+        let execution = execute(&client, tokens, &config.retry, guards, &request, "k").await;
+        sim.shutdown().await;
+        execution
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_token_source_is_retried_like_a_transport_error() {
+        let tokens = scripted(vec![Err(outage()), Err(outage()), Ok("good")], vec![]);
+        let e = run(&tokens).await;
+        assert_eq!(
+            (e.status, e.attempts, e.http_status),
+            (Status::Succeeded, 1, Some(201))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_source_down_to_the_end_fails_retryable_without_calling_swr() {
+        let e = run(&scripted(vec![Err(outage())], vec![])).await;
+        assert_eq!(
+            (e.status, e.attempts, e.http_status),
+            (Status::Failed, 0, None)
+        );
+        let error = e.error.unwrap();
+        assert_eq!((error.kind, error.retryable), (ErrorKind::Transport, true));
+        assert!(
+            error.message.starts_with("could not get an SWR token: ")
+                && error
+                    .message
+                    .ends_with("(gave up after 3 attempts: retry.max_attempts reached)"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_sign_in_fails_unauthorized_at_once() {
+        let refused = AuthError::Refused("IAM refused the sign-in".into());
+        let e = run(&scripted(vec![Err(refused)], vec![])).await;
+        assert_eq!((e.status, e.attempts), (Status::Failed, 0));
+        let error = e.error.unwrap();
+        assert_eq!(
+            (error.kind, error.retryable),
+            (ErrorKind::Unauthorized, true)
+        );
+        assert!(
+            error.message.contains("IAM refused the sign-in"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[tokio::test]
+    async fn a_renewal_that_meets_an_outage_is_retried_after_back_off() {
+        let tokens = scripted(vec![Ok("stale"), Ok("good")], vec![Err(outage())]);
+        let e = run(&tokens).await;
+        assert_eq!(
+            (e.status, e.attempts, e.http_status),
+            (Status::Succeeded, 2, Some(201))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_renewal_refused_by_iam_fails_unauthorized_with_both_reasons() {
+        let refused = AuthError::Refused("IAM refused the sign-in".into());
+        let e = run(&scripted(vec![Ok("stale")], vec![Err(refused)])).await;
+        assert_eq!(
+            (e.status, e.attempts, e.http_status),
+            (Status::Failed, 1, Some(401))
+        );
+        let error = e.error.unwrap();
+        assert_eq!(error.kind, ErrorKind::Unauthorized);
+        assert_eq!(error.swr_error_code.as_deref(), Some("APIG.0301"));
+        assert!(
+            error.message.starts_with("SWR answered 401")
+                && error.message.contains("then could not get an SWR token")
+                && error.message.contains("IAM refused the sign-in"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_refusal_after_a_renewal_is_final() {
+        let e = run(&scripted(vec![Ok("stale")], vec![Ok(true)])).await;
+        assert_eq!((e.status, e.attempts), (Status::Failed, 2));
+        let error = e.error.unwrap();
+        assert_eq!(
+            (error.kind, error.retryable),
+            (ErrorKind::Unauthorized, false)
+        );
     }
 }

@@ -61,6 +61,8 @@ pub fn test_env(prefix: &str, sim_url: &str, extra: &[(&str, &str)]) -> Vec<(Str
         ("AMQP_URL".into(), amqp_url()),
         ("SWR_ENDPOINT".into(), sim_url.to_owned()),
         ("SWR_AUTH_TOKEN".into(), TOKEN.to_owned()),
+        // The simulator also serves IAM; only used with swr.auth.kind = "iam_password".
+        ("SWR_STAGE_WORKER__IAM__ENDPOINT".into(), sim_url.to_owned()),
         (
             "SWR_STAGE_WORKER__AMQP__REQUEST_QUEUE".into(),
             format!("{prefix}.requests"),
@@ -222,16 +224,19 @@ impl TestEnv {
 
     /// Everything but the worker (for tests that run the binary or start it later).
     pub async fn without_worker(test: &str, extra: &[(&str, &str)]) -> TestEnv {
+        let sim = SimConfig {
+            tokens: vec![TOKEN.to_owned()],
+            ..SimConfig::default()
+        };
+        TestEnv::with_sim(test, sim, extra).await
+    }
+
+    /// Everything but the worker, with the simulator configured by the test (e.g. IAM users).
+    pub async fn with_sim(test: &str, sim: SimConfig, extra: &[(&str, &str)]) -> TestEnv {
         let prefix = unique(test);
-        let sim = SimHandle::start(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            SimConfig {
-                tokens: vec![TOKEN.to_owned()],
-                ..SimConfig::default()
-            },
-        )
-        .await
-        .expect("simulator starts");
+        let sim = SimHandle::start(SocketAddr::from(([127, 0, 0, 1], 0)), sim)
+            .await
+            .expect("simulator starts");
         let config = test_config(&prefix, &sim.url(), extra);
         let conn = broker(&format!("{prefix}.test")).await;
         let channel = conn.create_channel().await.unwrap();
@@ -277,6 +282,18 @@ impl TestEnv {
             .await
             .expect("worker ends in time")
             .expect("worker task")
+    }
+
+    /// Waits until `condition` holds (checked every 10 ms, for at most `WAIT`).
+    pub async fn wait_until(&self, what: &str, mut condition: impl FnMut(&SimHandle) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !condition(&self.sim) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not within 30 s: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Waits until the simulator has recorded at least `n` calls.
