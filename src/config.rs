@@ -97,6 +97,8 @@ pub struct Config {
     pub idempotency: IdempotencyConfig,
     /// Drain behaviour on SIGTERM/SIGINT.
     pub shutdown: ShutdownConfig,
+    /// The health, readiness and metrics endpoint.
+    pub telemetry: TelemetryConfig,
     /// Log level and format.
     pub log: LogConfig,
 }
@@ -320,6 +322,13 @@ pub struct ShutdownConfig {
     /// Drain budget for in-flight jobs.
     #[serde(deserialize_with = "duration")]
     pub grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Listen address; empty disables the server.
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -596,6 +605,21 @@ impl Config {
         if idem.ttl < idem.lease {
             return invalid("idempotency.ttl", "expected at least idempotency.lease");
         }
+        if !self.telemetry.listen.is_empty()
+            && self
+                .telemetry
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return invalid(
+                "telemetry.listen",
+                format!(
+                    "expected an address such as \"127.0.0.1:9464\", or \"\" to disable, got {:?}",
+                    self.telemetry.listen
+                ),
+            );
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return invalid(
                 "log.format",
@@ -828,6 +852,11 @@ mod tests {
             ("SWR_ENDPOINT", "ftp://x", "swr.endpoint"),
             ("AMQP_URL", "http://x", "amqp.url"),
             ("SWR_STAGE_WORKER__LOG__FORMAT", "xml", "log.format"),
+            (
+                "SWR_STAGE_WORKER__TELEMETRY__LISTEN",
+                "localhost",
+                "telemetry.listen",
+            ),
             (
                 "SWR_STAGE_WORKER__SWR__AUTH__KIND",
                 "magic",

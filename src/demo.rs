@@ -116,6 +116,8 @@ pub async fn run(base: Config, count: usize) -> Result<(), DemoError> {
     config.amqp.connection_name = format!("{prefix}.worker");
     config.retry.initial_interval = Duration::from_millis(100);
     config.worker.id = "demo-worker".to_owned();
+    // A demo must not collide with a real worker's telemetry port on the same host.
+    config.telemetry.listen = String::new();
     // A throw-away store, so repeated demos start fresh and leave nothing behind.
     let store_dir = std::env::temp_dir().join(format!("{prefix}.store"));
     config.idempotency.path = store_dir.join("idempotency.db").display().to_string();

@@ -24,7 +24,9 @@
 //!   `watch` (outcome counts, summary, failures file), `replay` (dead letters back to work).
 //! - [`demo`]: the newcomer's first command.
 //! - [`bench`]: the benchmark: the worker against the bare broker path, in one run.
-//! - [`telemetry`]: log set-up (text or JSON).
+//! - [`status`]: the operator's look at the topology and a worker's readiness.
+//! - [`telemetry`]: logs (text or JSON), Prometheus metrics, and the /healthz, /readyz,
+//!   /metrics server.
 //!
 //! The binary (`src/main.rs`) only parses arguments and calls into these modules.
 
@@ -42,6 +44,7 @@ pub mod retry;
 pub mod service;
 pub mod shutdown;
 pub mod sim;
+pub mod status;
 pub mod swr;
 pub mod telemetry;
 pub mod worker;

@@ -13,7 +13,7 @@ use swr_stage_worker::campaign::progress::ProgressMode;
 use swr_stage_worker::campaign::{replay, submit, watch};
 use swr_stage_worker::config::Config;
 use swr_stage_worker::request::Mode;
-use swr_stage_worker::{bench, demo, service, shutdown, sim, telemetry};
+use swr_stage_worker::{bench, demo, service, shutdown, sim, status, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +25,9 @@ struct Cli {
     /// Configuration file (TOML) laid over the built-in defaults; SWR_STAGE_WORKER_CONFIG also sets it.
     #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// Log format: "text" for people, "json" (one object a line) for log stores; overrides log.format.
+    #[arg(long, global = true, value_name = "FORMAT", value_parser = ["text", "json"])]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,6 +36,13 @@ struct Cli {
 enum Command {
     /// Consume requests, call SWR, publish outcomes (stops cleanly on SIGTERM/SIGINT).
     Run,
+    /// Show the topology's state (queue depths, consumers, DLQ) and, given a worker's telemetry
+    /// address, its readiness and key counters.
+    Status {
+        /// A worker's telemetry.listen address, e.g. 127.0.0.1:9464.
+        #[arg(long, value_name = "ADDR")]
+        telemetry: Option<String>,
+    },
     /// Serve the SWR simulator (for tests, demos and your own integration tests).
     Sim {
         /// Address to listen on.
@@ -208,7 +218,12 @@ fn main() -> ExitCode {
         }
     };
     let config = match Config::from_process(cli.config.as_deref()) {
-        Ok(config) => config,
+        Ok(mut config) => {
+            if let Some(format) = &cli.log_format {
+                config.log.format = format.clone();
+            }
+            config
+        }
         Err(e) => {
             eprintln!("swr-stage-worker: {e}");
             return ExitCode::from(if cli.command.is_campaign() { 1 } else { 2 });
@@ -305,6 +320,18 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
+            Command::Status { telemetry } => {
+                match status::report(&config, telemetry.as_deref()).await {
+                    Ok(report) => {
+                        print!("{report}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("swr-stage-worker {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
             Command::Demo { count } => match demo::run(config, count).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

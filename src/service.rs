@@ -36,6 +36,8 @@ pub enum RunError {
     Context(#[from] ContextError),
     #[error("topology: {0}")]
     Topology(TopologyError),
+    #[error("telemetry.listen {0}: {1} (choose another address, or \"\" to disable the server)")]
+    Telemetry(String, std::io::Error),
 }
 
 /// Why one broker session ended.
@@ -68,6 +70,11 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let config = Arc::new(config);
     let ctx = Arc::new(JobContext::new(config.clone()).await?);
+    if !config.telemetry.listen.is_empty() {
+        crate::telemetry::http::serve(&config.telemetry.listen, ctx.clone())
+            .await
+            .map_err(|e| RunError::Telemetry(config.telemetry.listen.clone(), e))?;
+    }
     let slots = Arc::new(Semaphore::new(config.worker.concurrency as usize));
     let mut jobs: JoinSet<()> = JoinSet::new();
     let broken = Arc::new(Notify::new());
@@ -92,6 +99,7 @@ pub async fn run(
             Ok(session) => {
                 delay = RECONNECT_INITIAL;
                 ctx.publishers.send_replace(Some(session.publisher.clone()));
+                ctx.metrics.set_broker_connected(true);
                 tracing::info!(queue = %config.amqp.request_queue, "consuming");
                 consume(&ctx, session, &mut shutdown, &slots, &mut jobs, &broken).await
             }
@@ -100,6 +108,7 @@ pub async fn run(
             }
             Err(e) => SessionEnd::Lost(e.to_string()),
         };
+        ctx.metrics.set_broker_connected(false);
         match end {
             SessionEnd::Stopped => return Ok(()),
             SessionEnd::Lost(reason) => {
@@ -334,6 +343,8 @@ async fn handle(
     probe: bool,
 ) {
     let limit = ctx.config.amqp.confirm_timeout;
+    let taken = std::time::Instant::now();
+    ctx.metrics.in_flight(1);
     let disposition = worker::process(&ctx, &publisher, &delivery, probe).await;
     if probe {
         ctx.breaker.probe_ended();
@@ -355,6 +366,8 @@ async fn handle(
             settle("nack", limit, delivery.acker.nack(requeue)).await;
         }
     }
+    ctx.metrics.in_flight(-1);
+    ctx.metrics.job_settled(taken.elapsed());
     drop(permit);
 }
 

@@ -26,6 +26,7 @@ use crate::swr::auth::{StaticToken, TokenSource};
 use crate::swr::client::SwrClient;
 use crate::swr::iam::{IamClient, IamCredentials, IamToken};
 use crate::swr::{execute, Guards};
+use crate::telemetry::metrics::Metrics;
 
 /// Header added to a dead-lettered request: the one-line reason.
 pub const ERROR_HEADER: &str = "x-swr-error";
@@ -54,6 +55,8 @@ pub struct JobContext {
     pub worker_id: String,
     /// One execution per key; `None` when `idempotency.backend = "off"`.
     pub gate: Option<Gate>,
+    /// Counters and histograms for /metrics.
+    pub metrics: Arc<Metrics>,
     /// The pace of SWR calls (`swr.max_requests_per_second`).
     pub pace: RateLimiter,
     /// Holds back new deliveries while SWR is failing.
@@ -80,6 +83,7 @@ pub enum ContextError {
 impl JobContext {
     /// Builds the shared pieces; opens the idempotency store and starts its pruning.
     pub async fn new(config: Arc<Config>) -> Result<JobContext, ContextError> {
+        let metrics = Arc::new(Metrics::default());
         let swr = SwrClient::new(&config.swr.endpoint, &config.http)?;
         let auth = &config.swr.auth;
         let tokens: Arc<dyn TokenSource> = match auth.kind.as_str() {
@@ -94,7 +98,7 @@ impl JobContext {
                 );
                 let client = IamClient::new(&config.iam.endpoint, config.iam.timeout, credentials)
                     .map_err(ContextError::IamClient)?;
-                Arc::new(IamToken::new(client, auth.refresh_ahead))
+                Arc::new(IamToken::new(client, auth.refresh_ahead).with_metrics(metrics.clone()))
             }
             // Config::validate admits only the two kinds.
             _ => Arc::new(StaticToken::new(auth.token.clone())),
@@ -105,6 +109,7 @@ impl JobContext {
             Gate::new(store, &worker_id, &config.idempotency)
         });
         Ok(JobContext {
+            metrics,
             pace: RateLimiter::new(config.swr.max_requests_per_second),
             breaker: Breaker::new(&config.breaker),
             config,
@@ -314,6 +319,7 @@ async fn run_request(
             let guards = Guards {
                 pace: &ctx.pace,
                 breaker: &ctx.breaker,
+                metrics: &ctx.metrics,
                 probe,
             };
             let execution = Box::pin(execute(
@@ -452,6 +458,7 @@ async fn replay(
     mut stored: Outcome,
 ) -> Disposition {
     stored.replayed = true;
+    ctx.metrics.replayed();
     tracing::info!(
         status = stored.status.as_str(),
         "job already finished; replaying its stored outcome"
@@ -543,6 +550,11 @@ async fn publish_outcome(
             "no queue is bound for this outcome"
         );
     }
+    ctx.metrics.job_finished(
+        outcome.mode,
+        outcome.status,
+        outcome.error.as_ref().map(|e| e.kind),
+    );
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //! once (single flight), and a failure is handed to everyone who waited for it. The password and
 //! the tokens are [`Secret`]s: they never reach a log line, an error or an outcome.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -21,6 +22,7 @@ use crate::config::{AuthConfig, ConfigError, Secret};
 use crate::swr::auth::{AuthError, TokenSource};
 use crate::swr::classify::parse_error_body;
 use crate::swr::client::error_chain;
+use crate::telemetry::metrics::Metrics;
 
 /// Largest IAM answer read. With `nocatalog=true` it is about a kilobyte; the bound keeps a
 /// misbehaving server from making us buffer without limit.
@@ -366,6 +368,8 @@ pub struct IamToken {
     refresh_ahead: Duration,
     /// Held across a sign-in, so concurrent callers wait for its result instead of signing in too.
     state: Mutex<State>,
+    /// Counts sign-ins by result (`swr_stage_token_refresh_total`), when the worker runs one.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl IamToken {
@@ -379,7 +383,14 @@ impl IamToken {
             issuer,
             refresh_ahead,
             state: Mutex::new(State::default()),
+            metrics: None,
         }
+    }
+
+    /// Reports every sign-in to `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> IamToken {
+        self.metrics = Some(metrics);
+        self
     }
 
     async fn current_token(&self) -> Result<Secret, AuthError> {
@@ -421,7 +432,11 @@ impl IamToken {
 
     /// Signs in (the caller holds the lock) and records the result.
     async fn sign_in(&self, state: &mut State) -> Result<Secret, AuthError> {
-        match self.issuer.issue().await {
+        let issued = self.issuer.issue().await;
+        if let Some(metrics) = &self.metrics {
+            metrics.token_refresh(issued.is_ok());
+        }
+        match issued {
             Ok(issued) => {
                 let now = Instant::now();
                 let early = self.refresh_ahead.min(issued.valid_for / 2);

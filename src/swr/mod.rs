@@ -7,12 +7,15 @@ pub mod classify;
 pub mod client;
 pub mod iam;
 
+use tracing::Instrument;
+
 use crate::breaker::Breaker;
 use crate::config::RetryConfig;
 use crate::outcome::{ErrorKind, OutcomeError, Status};
 use crate::ratelimit::RateLimiter;
 use crate::request::StageRequest;
 use crate::retry::{GiveUp, RetrySchedule};
+use crate::telemetry::metrics::Metrics;
 use auth::{AuthError, TokenSource};
 use classify::{classify, Class};
 use client::{AttemptError, SwrClient};
@@ -24,6 +27,8 @@ pub struct Guards<'a> {
     pub pace: &'a RateLimiter,
     /// Told about every attempt's class.
     pub breaker: &'a Breaker,
+    /// Counts attempts by answer, their duration, and retries.
+    pub metrics: &'a Metrics,
     /// This job is the breaker's probe (its first attempt decides).
     pub probe: bool,
 }
@@ -111,7 +116,17 @@ pub async fn execute(
         };
         sent += 1;
         guards.pace.until_ready().await;
-        let attempt = client.attempt(&url, key, &token).await;
+        let sent_at = std::time::Instant::now();
+        let attempt = client
+            .attempt(&url, key, &token)
+            .instrument(tracing::info_span!("attempt", attempt = sent))
+            .await;
+        let code = match &attempt {
+            Ok(reply) => reply.status.to_string(),
+            Err(AttemptError::Timeout(_)) => "timeout".to_owned(),
+            Err(AttemptError::Transport(_)) => "transport".to_owned(),
+        };
+        guards.metrics.swr_attempt(&code, sent_at.elapsed(), sent);
         let transient = match &attempt {
             Ok(reply) => matches!(
                 classify(reply.status, reply.error_code.as_deref()),
@@ -347,9 +362,11 @@ mod tests {
             crate::ratelimit::RateLimiter::new(0.0),
             crate::breaker::Breaker::new(&config.breaker),
         );
+        let metrics = Metrics::default();
         let guards = Guards {
             pace: &pace,
             breaker: &breaker,
+            metrics: &metrics,
             probe: false,
         };
         let execution = execute(&client, tokens, &config.retry, guards, &request, "k").await;

@@ -97,14 +97,8 @@ fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
 }
 
 impl Metrics {
-    /// A finished job (any outcome, replays included).
-    pub fn job_finished(
-        &self,
-        mode: Option<Mode>,
-        status: Status,
-        kind: Option<ErrorKind>,
-        took: Duration,
-    ) {
+    /// A job whose outcome was confirmed (any outcome, replays included).
+    pub fn job_finished(&self, mode: Option<Mode>, status: Status, kind: Option<ErrorKind>) {
         bump(
             &self.jobs,
             (mode.map_or("unknown", Mode::as_str), status.as_str()),
@@ -112,6 +106,10 @@ impl Metrics {
         if let Some(kind) = kind {
             bump(&self.errors, kind.as_str());
         }
+    }
+
+    /// A delivery settled (acked or requeued): the time since it was taken.
+    pub fn job_settled(&self, took: Duration) {
         self.job_seconds.observe(took);
     }
 
@@ -234,18 +232,10 @@ mod tests {
     #[test]
     fn renders_every_metric_with_bounded_labels() {
         let m = Metrics::default();
-        m.job_finished(
-            Some(Mode::Retry),
-            Status::Succeeded,
-            None,
-            Duration::from_millis(12),
-        );
-        m.job_finished(
-            None,
-            Status::Rejected,
-            Some(ErrorKind::InvalidRequest),
-            Duration::from_millis(1),
-        );
+        m.job_finished(Some(Mode::Retry), Status::Succeeded, None);
+        m.job_finished(None, Status::Rejected, Some(ErrorKind::InvalidRequest));
+        m.job_settled(Duration::from_millis(12));
+        m.job_settled(Duration::from_millis(1));
         m.swr_attempt("503", Duration::from_millis(3), 1);
         m.swr_attempt("201", Duration::from_millis(4), 2);
         m.replayed();

@@ -2,6 +2,7 @@
 //! JSON (one object a line) for log stores. Secrets never reach it: they are `Secret`s, whose
 //! `Debug` redacts, and no code path formats one.
 
+pub mod http;
 pub mod metrics;
 
 use std::io::IsTerminal;

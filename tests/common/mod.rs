@@ -95,6 +95,8 @@ pub fn test_env(prefix: &str, sim_url: &str, extra: &[(&str, &str)]) -> Vec<(Str
         ("SWR_STAGE_WORKER__HTTP__TIMEOUT".into(), "2s".into()),
         ("SWR_STAGE_WORKER__WORKER__CONCURRENCY".into(), "16".into()),
         ("SWR_STAGE_WORKER__SHUTDOWN__GRACE".into(), "10s".into()),
+        // Tests that want the telemetry server pick a free port themselves.
+        ("SWR_STAGE_WORKER__TELEMETRY__LISTEN".into(), String::new()),
         (
             "SWR_STAGE_WORKER__IDEMPOTENCY__PATH".into(),
             store_path(prefix),
