@@ -179,9 +179,12 @@ async fn two_worker_processes_sharing_postgres_run_each_key_once() {
         let n = if i < unique { i } else { (i * 7919) % unique };
         bodies.push(json!({"pipeline_id": 100_000 + n, "stage_index": n % 5, "idempotency_key": format!("{}-{n}", env.prefix)}).to_string().into_bytes());
     }
+    // The loop guard's counts live in the shared PostgreSQL table and outlast a test run; these
+    // pipeline ids repeat from run to run, so the guard (tested on its own) is off here.
     let pg = [
         ("SWR_STAGE_WORKER__IDEMPOTENCY__BACKEND", "postgres"),
         ("SWR_STAGE_WORKER__IDEMPOTENCY__URL", PG_URL),
+        ("SWR_STAGE_WORKER__GUARD__MAX_EXECUTIONS", "0"),
     ];
     let mut workers = Vec::new();
     for w in 0..2 {
@@ -203,9 +206,15 @@ async fn two_worker_processes_sharing_postgres_run_each_key_once() {
     }
     let per_key = tally(&outcomes);
     assert_eq!(per_key.len(), unique);
+    let odd: Vec<_> = per_key
+        .iter()
+        .filter(|(_, &(_, fresh))| fresh != 1)
+        .take(5)
+        .collect();
+    let fresh_total = per_key.values().map(|&(_, fresh)| fresh).sum::<usize>();
     assert!(
-        per_key.values().all(|&(_, fresh)| fresh == 1),
-        "exactly one non-replayed outcome per key"
+        odd.is_empty(),
+        "exactly one non-replayed outcome per key; {fresh_total} fresh in all; (outcomes, fresh) of some that differ: {odd:?}"
     );
     let executions = env.sim.executions();
     assert_eq!(executions.len(), unique);

@@ -246,7 +246,8 @@ async fn embedded_expired_record_is_not_replayed_even_before_pruning() {
 
 #[tokio::test]
 async fn postgres_records_expire_after_ttl_and_are_pruned() {
-    let store = postgres(Duration::from_millis(50), Duration::from_millis(100)).await;
+    // Long enough to read the record back on a busy machine, short enough to wait out.
+    let store = postgres(Duration::from_millis(500), Duration::from_millis(1500)).await;
     let k = key("ttl");
     store.claim(&k, "1:0:retry", "a").await.unwrap();
     store

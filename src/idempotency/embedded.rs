@@ -11,13 +11,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{now_ms, Claim, Store, StoreError};
 use crate::config::IdempotencyConfig;
 use crate::outcome::Outcome;
 
+/// How long a transaction stays open for more ops to join before it commits: one commit per
+/// millisecond at most, instead of one per op, is what lets the store keep up with the worker.
+const COMMIT_WINDOW: Duration = Duration::from_millis(1);
 /// Largest group committed in one transaction.
 const MAX_GROUP: usize = 512;
 /// Bound on operations waiting for the writer (back-pressure instead of an unbounded queue).
@@ -56,7 +59,8 @@ enum Op {
         fingerprint: String,
         window_ms: i64,
         max: u32,
-        reply: oneshot::Sender<Result<bool, StoreError>>,
+        /// Taken when the count is answered before the commit.
+        reply: Option<oneshot::Sender<Result<bool, StoreError>>>,
     },
 }
 
@@ -87,11 +91,13 @@ impl EmbeddedStore {
             .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
         migrate(&db).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
         let (ops, rx) = mpsc::channel(QUEUE_DEPTH);
+        // The writer waits for more ops with tokio's clock, so it needs the runtime's handle.
+        let runtime = tokio::runtime::Handle::try_current().ok();
         let lease_ms = millis(config.lease);
         let ttl_ms = millis(config.ttl);
         std::thread::Builder::new()
             .name("idempotency-writer".into())
-            .spawn(move || writer(db, rx, clock, lease_ms, ttl_ms))
+            .spawn(move || writer(db, rx, clock, lease_ms, ttl_ms, runtime))
             .map_err(|e| StoreError(format!("cannot start the writer thread: {e}")))?;
         Ok(EmbeddedStore { ops })
     }
@@ -156,56 +162,83 @@ fn migrate(db: &Connection) -> rusqlite::Result<()> {
 /// The writer loop: take every waiting op (up to MAX_GROUP), run them in one transaction,
 /// answer each after the commit.
 fn writer(
-    mut db: Connection,
+    db: Connection,
     mut rx: mpsc::Receiver<Op>,
     clock: Clock,
     lease_ms: i64,
     ttl_ms: i64,
+    runtime: Option<tokio::runtime::Handle>,
 ) {
-    let mut group = Vec::with_capacity(MAX_GROUP);
+    let mut group: Vec<(Op, Option<Answer>)> = Vec::with_capacity(MAX_GROUP);
     while let Some(first) = rx.blocking_recv() {
-        group.push(first);
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(op) => group.push(op),
-                Err(_) => break,
+        if let Err(e) = db
+            .prepare_cached("BEGIN IMMEDIATE")
+            .and_then(|mut st| st.execute([]))
+        {
+            let error = StoreError(format!("cannot start a transaction: {e}"));
+            reply(first, Answer::Failed(error.clone()));
+            while let Ok(op) = rx.try_recv() {
+                reply(op, Answer::Failed(error.clone()));
+            }
+            continue;
+        }
+        // Group commit: ops keep joining this transaction until COMMIT_WINDOW has passed (or
+        // MAX_GROUP ops joined), so one commit serves many jobs. Claims and guard counts are
+        // answered as soon as their statement ran: the single writer (and BEGIN IMMEDIATE across
+        // processes) already makes them atomic, and losing one in a crash only means the
+        // redelivery claims again. Completions and releases are answered after the commit,
+        // because the ack that follows must find them on disk.
+        let deadline = std::time::Instant::now() + COMMIT_WINDOW;
+        let mut next = Some(first);
+        while let Some(mut op) = next.take() {
+            let answer = apply(&db, &op, clock(), lease_ms, ttl_ms);
+            let pending = match (&mut op, answer) {
+                (Op::Claim { reply, .. }, Answer::Claimed(claim)) => {
+                    if let Some(reply) = reply.take() {
+                        let _ = reply.send(Ok(claim));
+                    }
+                    None
+                }
+                (Op::Guard { reply, .. }, Answer::Allowed(allowed)) => {
+                    if let Some(reply) = reply.take() {
+                        let _ = reply.send(Ok(allowed));
+                    }
+                    None
+                }
+                (_, answer) => Some(answer),
+            };
+            group.push((op, pending));
+            if group.len() >= MAX_GROUP {
+                break;
+            }
+            next = rx.try_recv().ok();
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if next.is_none() && !left.is_zero() {
+                // Nothing queued yet: wait briefly for the next op to share this commit.
+                next = match &runtime {
+                    Some(rt) => rt.block_on(async {
+                        tokio::time::timeout(left, rx.recv()).await.ok().flatten()
+                    }),
+                    None => None,
+                };
             }
         }
-        let now = clock();
-        // Claims are answered as soon as their statement ran inside the open transaction: the
-        // single writer (and BEGIN IMMEDIATE across processes) already makes them atomic, and a
-        // claim lost to a crash only means the redelivery claims again. Completions and releases
-        // are answered after the commit, because the ack that follows must find them on disk.
-        let result = (|| -> rusqlite::Result<Vec<Option<Answer>>> {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut answers = Vec::with_capacity(group.len());
-            for op in group.iter_mut() {
-                let answer = apply(&tx, op, now, lease_ms, ttl_ms);
-                answers.push(match (op, answer) {
-                    (Op::Claim { reply, .. }, Answer::Claimed(claim)) => {
-                        if let Some(reply) = reply.take() {
-                            let _ = reply.send(Ok(claim));
-                        }
-                        None
-                    }
-                    (_, answer) => Some(answer),
-                });
-            }
-            tx.commit()?;
-            Ok(answers)
-        })();
-        match result {
-            Ok(answers) => {
-                for (op, answer) in group.drain(..).zip(answers) {
+        let committed = db
+            .prepare_cached("COMMIT")
+            .and_then(|mut st| st.execute([]));
+        match committed {
+            Ok(_) => {
+                for (op, answer) in group.drain(..) {
                     if let Some(answer) = answer {
                         reply(op, answer);
                     }
                 }
             }
             Err(e) => {
+                let _ = db.execute_batch("ROLLBACK");
                 let error = StoreError(format!("commit failed: {e}"));
                 tracing::error!(%error, "idempotency store commit failed");
-                for op in group.drain(..) {
+                for (op, _) in group.drain(..) {
                     reply(op, Answer::Failed(error.clone()));
                 }
             }
@@ -242,11 +275,25 @@ fn reply(op: Op, answer: Answer) {
         }
         (Op::Complete { reply, .. } | Op::Release { reply, .. }, _) => drop(reply.send(Ok(()))),
         (Op::Prune { reply }, Answer::Pruned(n)) => drop(reply.send(Ok(n))),
-        (Op::Guard { reply, .. }, Answer::Allowed(allowed)) => drop(reply.send(Ok(allowed))),
-        (Op::Guard { reply, .. }, Answer::Failed(e)) => drop(reply.send(Err(e))),
-        (Op::Guard { reply, .. }, _) => {
-            drop(reply.send(Err(StoreError("internal: wrong answer".into()))))
-        }
+        (Op::Guard { reply: None, .. }, _) => {}
+        (
+            Op::Guard {
+                reply: Some(reply), ..
+            },
+            Answer::Allowed(allowed),
+        ) => drop(reply.send(Ok(allowed))),
+        (
+            Op::Guard {
+                reply: Some(reply), ..
+            },
+            Answer::Failed(e),
+        ) => drop(reply.send(Err(e))),
+        (
+            Op::Guard {
+                reply: Some(reply), ..
+            },
+            _,
+        ) => drop(reply.send(Err(StoreError("internal: wrong answer".into())))),
         (Op::Prune { reply }, Answer::Failed(e)) => drop(reply.send(Err(e))),
         (
             Op::Claim {
@@ -396,7 +443,7 @@ impl Store for EmbeddedStore {
             fingerprint: fingerprint.to_owned(),
             window_ms: millis(window),
             max,
-            reply,
+            reply: Some(reply),
         }))
     }
 
