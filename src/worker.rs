@@ -21,7 +21,7 @@ use crate::config::ConfigError;
 use crate::idempotency::{self, fingerprint, Admission, Gate, StoreError};
 use crate::outcome::{timestamp, ErrorKind, Outcome, OutcomeError, Status, OUTCOME_TYPE};
 use crate::ratelimit::RateLimiter;
-use crate::request::{derive_key, parse_request, InvalidRequest, StageRequest};
+use crate::request::{body_key, derive_key, parse_request, InvalidRequest, StageRequest};
 use crate::swr::auth::{StaticToken, TokenSource};
 use crate::swr::client::SwrClient;
 use crate::swr::iam::{IamClient, IamCredentials, IamToken};
@@ -30,6 +30,9 @@ use crate::telemetry::metrics::Metrics;
 
 /// Header added to a dead-lettered request: the one-line reason.
 pub const ERROR_HEADER: &str = "x-swr-error";
+
+/// Prefix of the store records that remember a confirmed DLQ copy (kept apart from job keys).
+const DLQ_MARKER: &str = "dead-lettered:";
 
 /// Longest `x-swr-error` value; a reason listing many bad fields is cut here.
 const MAX_REASON_CHARS: usize = 1000;
@@ -431,22 +434,36 @@ async fn reject_invalid(
         .with_headers(headers)
         .with_delivery_mode(2);
     let dlx = ctx.config.amqp.dead_letter_exchange.as_str();
-    let (outcome_result, dead_result) = tokio::join!(
-        publish_outcome(ctx, publisher, envelope, &outcome),
-        publisher.publish_routed(
+    // A redelivery of a request whose DLQ copy was already confirmed (the ack was lost with a
+    // connection) must not put a second copy there: the copy is remembered in the store.
+    // Keyed by the body's own hash: the same message, whatever key its producer gave it.
+    let marker = format!("{DLQ_MARKER}{}", body_key(&delivery.data));
+    if delivery.redelivered {
+        if let Some(gate) = &ctx.gate {
+            if let Ok(Some(stored)) = gate.store().finished(&marker).await {
+                return replay(ctx, publisher, envelope, stored).await;
+            }
+        }
+    }
+    if let Err(e) = publisher
+        .publish_routed(
             dlx,
             delivery.routing_key.as_str(),
             &delivery.data,
-            dead_properties
+            dead_properties,
         )
-    );
-    match (outcome_result, dead_result) {
-        (Ok(()), Ok(())) => Disposition::Ack,
-        // Requeueing after the DLQ copy was confirmed would put a second copy there on the next
-        // try; that is the price of never losing the request, and it only happens when the
-        // outcome publish fails.
-        (Err(e), _) => Disposition::Requeue(format!("outcome not confirmed: {e}")),
-        (_, Err(e)) => Disposition::Requeue(format!("dead-letter copy not confirmed: {e}")),
+        .await
+    {
+        return Disposition::Requeue(format!("dead-letter copy not confirmed: {e}"));
+    }
+    if let Some(gate) = &ctx.gate {
+        if let Err(e) = gate.store().complete(&marker, &outcome).await {
+            tracing::warn!(error = %e, "could not remember the dead-letter copy; a redelivery would add another");
+        }
+    }
+    match publish_surviving_reconnect(ctx, publisher, envelope, &outcome).await {
+        Ok(()) => Disposition::Ack,
+        Err(e) => Disposition::Requeue(format!("outcome not confirmed: {e}")),
     }
 }
 

@@ -7,47 +7,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
 
-use common::TestEnv;
+use common::{close_connections_named, rabbitmqctl, TestEnv};
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use serde_json::json;
 use swr_stage_worker::outcome::{Outcome, Status};
 use swr_stage_worker::sim::FaultRule;
-
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Closes, from the server side, only the connections whose client-provided name is `name`
-/// (never a neighbour test's). Returns how many were closed.
-fn close_connections_named(name: &str) -> usize {
-    let listing = rabbitmqctl(&[
-        "list_connections",
-        "pid",
-        "client_properties",
-        "--quiet",
-        "--no-table-headers",
-    ]);
-    let wanted = format!("{{\"connection_name\",\"{name}\"}}");
-    let mut closed = 0;
-    for line in listing.lines().filter(|l| l.contains(&wanted)) {
-        let pid = line.split('\t').next().expect("pid column");
-        rabbitmqctl(&["close_connection", pid, "closed by a resilience test"]);
-        closed += 1;
-    }
-    closed
-}
 
 async fn publish_jobs(env: &TestEnv, n: usize) -> Vec<String> {
     let mut keys = Vec::with_capacity(n);

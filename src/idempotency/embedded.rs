@@ -55,6 +55,10 @@ enum Op {
     Prune {
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+    Finished {
+        key: String,
+        reply: oneshot::Sender<Result<Option<Outcome>, StoreError>>,
+    },
     Guard {
         fingerprint: String,
         window_ms: i64,
@@ -249,6 +253,7 @@ fn writer(
 /// The result of one op inside a group, sent after the commit.
 enum Answer {
     Claimed(Claim),
+    Found(Option<Box<Outcome>>),
     Allowed(bool),
     Done,
     Pruned(u64),
@@ -275,6 +280,13 @@ fn reply(op: Op, answer: Answer) {
         }
         (Op::Complete { reply, .. } | Op::Release { reply, .. }, _) => drop(reply.send(Ok(()))),
         (Op::Prune { reply }, Answer::Pruned(n)) => drop(reply.send(Ok(n))),
+        (Op::Finished { reply, .. }, Answer::Found(found)) => {
+            drop(reply.send(Ok(found.map(|o| *o))))
+        }
+        (Op::Finished { reply, .. }, Answer::Failed(e)) => drop(reply.send(Err(e))),
+        (Op::Finished { reply, .. }, _) => {
+            drop(reply.send(Err(StoreError("internal: wrong answer".into()))))
+        }
         (Op::Guard { reply: None, .. }, _) => {}
         (
             Op::Guard {
@@ -323,6 +335,10 @@ fn apply(db: &Connection, op: &Op, now: i64, lease_ms: i64, ttl_ms: i64) -> Answ
             .prepare_cached("DELETE FROM idempotency WHERE key = ?1 AND owner = ?2 AND state = 'running'")
             .and_then(|mut st| st.execute(params![key, owner]))
             .map(|_| Answer::Done),
+        Op::Finished { key, .. } => db
+            .prepare_cached("SELECT outcome FROM idempotency WHERE key = ?1 AND state = 'finished' AND expires_at >= ?2")
+            .and_then(|mut st| st.query_row(params![key, now], |r| r.get::<_, Option<String>>(0)).optional())
+            .map(|found| Answer::Found(found.flatten().and_then(|json| serde_json::from_str(&json).ok()).map(Box::new))),
         Op::Guard { fingerprint, window_ms, max, .. } => db
             .prepare_cached(
                 "INSERT INTO guard (fingerprint, window_start, executions) VALUES (?1, ?2, 1)
@@ -431,6 +447,13 @@ impl Store for EmbeddedStore {
 
     fn prune(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(self.call(|reply| Op::Prune { reply }))
+    }
+
+    fn finished<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Outcome>, StoreError>> {
+        Box::pin(self.call(move |reply| Op::Finished {
+            key: key.to_owned(),
+            reply,
+        }))
     }
 
     fn count_execution<'a>(

@@ -54,6 +54,8 @@ pub trait Store: Send + Sync {
         key: &'a str,
         outcome: &'a Outcome,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// The stored final outcome of `key`, if it has one that has not expired.
+    fn finished<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Outcome>, StoreError>>;
     /// Drops `owner`'s claim so a later delivery runs again (retryable failure, abandoned job).
     fn release<'a>(&'a self, key: &'a str, owner: &'a str)
         -> BoxFuture<'a, Result<(), StoreError>>;

@@ -322,6 +322,20 @@ impl Store for PostgresStore {
         })
     }
 
+    fn finished<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Outcome>, StoreError>> {
+        Box::pin(async move {
+            let conn = self.conn(true).await?;
+            let row = bounded(conn.client.query_opt(
+                "SELECT outcome FROM swr_stage_idempotency WHERE key = $1 AND state = 'finished' AND expires_at >= now()",
+                &[&key],
+            ))
+            .await?;
+            Ok(row
+                .and_then(|r| r.get::<_, Option<String>>(0))
+                .and_then(|json| serde_json::from_str(&json).ok()))
+        })
+    }
+
     fn prune(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
             let conn = self.conn(true).await?;

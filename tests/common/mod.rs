@@ -538,3 +538,36 @@ pub async fn bind_watcher(channel: &Channel, exchange: &str, pattern: &str) -> C
         .await
         .unwrap()
 }
+
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Closes, from the server side, only the connections whose client-provided name is `name`
+/// (never a neighbour test's). Returns how many were closed.
+pub fn close_connections_named(name: &str) -> usize {
+    let listing = rabbitmqctl(&[
+        "list_connections",
+        "pid",
+        "client_properties",
+        "--quiet",
+        "--no-table-headers",
+    ]);
+    let wanted = format!("{{\"connection_name\",\"{name}\"}}");
+    let mut closed = 0;
+    for line in listing.lines().filter(|l| l.contains(&wanted)) {
+        let pid = line.split('\t').next().expect("pid column");
+        rabbitmqctl(&["close_connection", pid, "closed by a resilience test"]);
+        closed += 1;
+    }
+    closed
+}
