@@ -369,6 +369,16 @@ fn claim(
     lease_ms: i64,
     ttl_ms: i64,
 ) -> rusqlite::Result<Claim> {
+    // The common case, a key never seen: one statement.
+    let inserted = db
+        .prepare_cached(
+            "INSERT INTO idempotency (key, fingerprint, state, owner, lease_until, outcome, expires_at)
+             VALUES (?1, ?2, 'running', ?3, ?4, NULL, ?5) ON CONFLICT (key) DO NOTHING",
+        )?
+        .execute(params![key, fingerprint, owner, now.saturating_add(lease_ms), now.saturating_add(ttl_ms)])?;
+    if inserted == 1 {
+        return Ok(Claim::Acquired { takeover: false });
+    }
     let existing = db
         .prepare_cached("SELECT fingerprint, state, owner, lease_until, outcome, expires_at FROM idempotency WHERE key = ?1")?
         .query_row(
