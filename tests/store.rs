@@ -365,3 +365,31 @@ async fn postgres_loop_guard_is_shared_and_atomic() {
     }
     assert_eq!(allowed, 3, "ten racing executions, three allowed");
 }
+
+#[tokio::test]
+async fn embedded_file_belongs_to_one_process_and_its_claims_die_with_it() {
+    let cfg = config(Duration::from_secs(600), Duration::from_secs(3600));
+    let k = key("orphan");
+    let store = EmbeddedStore::open(&cfg).unwrap();
+    assert_eq!(
+        store.claim(&k, "1:0:retry", "a").await.unwrap(),
+        Claim::Acquired { takeover: false }
+    );
+    // A second worker on the same file is refused with a message that says what to do.
+    let err = EmbeddedStore::open(&cfg)
+        .err()
+        .expect("a second opener is refused")
+        .to_string();
+    assert!(
+        err.contains("in use by another process") && err.contains("postgres"),
+        "{err}"
+    );
+    // The owner dies mid-job (no complete, no release): the next process may run the key at
+    // once, without waiting for the 10-minute lease.
+    drop(store);
+    let store = EmbeddedStore::open(&cfg).unwrap();
+    assert_eq!(
+        store.claim(&k, "1:0:retry", "b").await.unwrap(),
+        Claim::Acquired { takeover: false }
+    );
+}
