@@ -55,6 +55,8 @@ pub struct PhaseResult {
     pub jobs_per_sec: f64,
     /// Worker peak resident memory, when the phase ran the worker binary.
     pub peak_rss_kib: Option<u64>,
+    /// CPU time (user + system) the phase's process used per job, in microseconds.
+    pub cpu_us_per_job: Option<f64>,
     /// p50/p99 publish-to-outcome latency at half the peak rate, in milliseconds.
     pub latency_ms: Option<(f64, f64)>,
 }
@@ -110,7 +112,14 @@ pub async fn run(base: Config, options: BenchOptions) -> Result<Vec<PhaseResult>
         }
         let line: Vec<String> = phases
             .iter()
-            .map(|p| format!("{} {:.0}/s", p.name, p.jobs_per_sec))
+            .map(|p| {
+                format!(
+                    "{} {:.0}/s ({} µs CPU/job)",
+                    p.name,
+                    p.jobs_per_sec,
+                    p.cpu_us_per_job.map_or("-".into(), |c| format!("{c:.0}"))
+                )
+            })
             .collect();
         println!("round {round}: {}", line.join(", "));
         rounds.push(phases);
@@ -131,17 +140,18 @@ pub async fn run(base: Config, options: BenchOptions) -> Result<Vec<PhaseResult>
 
     println!();
     println!("medians over {} round(s):", rounds.len());
-    println!("| phase | jobs/s | vs bare | peak RSS | p50 ms | p99 ms |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| phase | jobs/s | vs bare | CPU µs/job | peak RSS | p50 ms | p99 ms |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for r in &results {
         let (p50, p99) = r.latency_ms.map_or(("-".into(), "-".into()), |(a, b)| {
             (format!("{a:.1}"), format!("{b:.1}"))
         });
         println!(
-            "| {} | {:.0} | {:.2} | {} | {p50} | {p99} |",
+            "| {} | {:.0} | {:.2} | {} | {} | {p50} | {p99} |",
             r.name,
             r.jobs_per_sec,
             r.jobs_per_sec / bare.jobs_per_sec,
+            r.cpu_us_per_job.map_or("-".into(), |c| format!("{c:.0}")),
             r.peak_rss_kib
                 .map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
         );
@@ -378,13 +388,20 @@ async fn bare_phase(
     sim_url: &str,
     options: &BenchOptions,
 ) -> Result<PhaseResult, BenchError> {
+    // With latency on, the loop also answers the latency phase's jobs.
+    let jobs = options.jobs
+        + if options.latency {
+            latency_jobs(options)
+        } else {
+            0
+        };
     child_phase(
         broker,
         base,
         sim_url,
         options,
         "bare",
-        &["bench-bare-loop", "--jobs", &options.jobs.to_string()],
+        &["bench-bare-loop", "--jobs", &jobs.to_string()],
     )
     .await
 }
@@ -450,13 +467,17 @@ pub async fn bare_loop(config: Config, jobs: usize) -> Result<(), BenchError> {
                 return Err(fail(format!("endpoint answered {}", reply.status)));
             }
             let result = format!(r#"{{"pipeline_id":{},"status":"succeeded"}}"#, i + 1);
+            let mut properties = BasicProperties::default().with_delivery_mode(2);
+            if let Some(id) = delivery.properties.correlation_id() {
+                properties = properties.with_correlation_id(id.clone());
+            }
             let confirm = publish
                 .basic_publish(
                     exchange.as_ref().into(),
                     "stage.retry.succeeded".into(),
                     BasicPublishOptions::default(),
                     result.as_bytes(),
-                    BasicProperties::default().with_delivery_mode(2),
+                    properties,
                 )
                 .await
                 .map_err(fail)?
@@ -565,8 +586,9 @@ async fn child_phase(
     let pid = child.id().ok_or_else(|| fail("the child exited at once"))?;
     let counted = count_outcomes(broker, &results, options.jobs).await;
     let peak_rss_kib = peak_rss(pid);
+    let cpu_us_per_job = cpu_seconds(pid).map(|s| s * 1e6 / options.jobs as f64);
     let mut latency_ms = None;
-    if options.latency && store != "bare" {
+    if options.latency {
         if let Ok(rate) = &counted {
             latency_ms = Some(
                 latency(
@@ -574,7 +596,7 @@ async fn child_phase(
                     &config,
                     &results,
                     *rate / 2.0,
-                    options.jobs.min(10_000),
+                    latency_jobs(options),
                     &tag,
                 )
                 .await?,
@@ -592,8 +614,24 @@ async fn child_phase(
         name: "bare loop".into(),
         jobs_per_sec: counted?,
         peak_rss_kib,
+        cpu_us_per_job,
         latency_ms,
     })
+}
+
+/// CPU time (user + system) a process has used so far, in seconds, from /proc.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // Clock ticks of USER_HZ, which Linux fixes at 100 for user space.
+    Some(ticks as f64 / 100.0)
+}
+
+/// Jobs published in a latency phase.
+fn latency_jobs(options: &BenchOptions) -> usize {
+    options.jobs.min(10_000)
 }
 
 /// Peak resident set (VmHWM) of a process, from /proc.
@@ -642,6 +680,9 @@ async fn latency(
                     r#"{{"pipeline_id":{},"stage_index":0,"idempotency_key":"{key}"}}"#,
                     1 + i
                 );
+                let properties = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_correlation_id(key.as_str().into());
                 sent.lock().expect("lock").insert(key, Instant::now());
                 let _ = channel
                     .basic_publish(
@@ -649,7 +690,7 @@ async fn latency(
                         queue.as_str().into(),
                         BasicPublishOptions::default(),
                         body.as_bytes(),
-                        BasicProperties::default().with_delivery_mode(2),
+                        properties,
                     )
                     .await;
             }
@@ -662,10 +703,13 @@ async fn latency(
             _ => return Err(fail("latency phase: outcomes stopped")),
         };
         let arrived = Instant::now();
-        let outcome: serde_json::Value = serde_json::from_slice(&delivery.data).map_err(fail)?;
-        if let Some(at) = outcome["idempotency_key"]
-            .as_str()
-            .and_then(|k| sent.lock().expect("lock").remove(k))
+        // Matched on correlation_id, which the worker (contract §4) and the bare loop both copy
+        // from the request.
+        if let Some(at) = delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .and_then(|k| sent.lock().expect("lock").remove(k.as_str()))
         {
             samples.push(arrived.duration_since(at).as_secs_f64() * 1000.0);
         }
