@@ -186,14 +186,19 @@ impl EmbeddedStore {
         Ok(EmbeddedStore { shared })
     }
 
-    /// The connection, locked, with a transaction open.
-    async fn lock(&self) -> Result<MutexGuard<'_, Db>, StoreError> {
-        let mut db = match self.shared.db.try_lock() {
-            Ok(db) => db,
+    /// The connection, locked.
+    async fn locked(&self) -> Result<MutexGuard<'_, Db>, StoreError> {
+        match self.shared.db.try_lock() {
+            Ok(db) => Ok(db),
             Err(_) => tokio::time::timeout(OP_TIMEOUT, self.shared.db.lock())
                 .await
-                .map_err(|_| StoreError(format!("the store stayed busy for {OP_TIMEOUT:?}")))?,
-        };
+                .map_err(|_| StoreError(format!("the store stayed busy for {OP_TIMEOUT:?}"))),
+        }
+    }
+
+    /// The connection, locked, with a transaction open.
+    async fn lock(&self) -> Result<MutexGuard<'_, Db>, StoreError> {
+        let mut db = self.locked().await?;
         db.begin(&self.shared.opened)?;
         Ok(db)
     }
@@ -488,6 +493,12 @@ impl Store for EmbeddedStore {
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(self.run(|db, _, _| db.conn.query_row("SELECT 1", [], |_| Ok(()))))
+        // A read outside any transaction: readiness probes open nothing for the committer.
+        Box::pin(async move {
+            let db = self.locked().await?;
+            db.conn
+                .query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(|e| StoreError(e.to_string()))
+        })
     }
 }

@@ -83,7 +83,15 @@ pub async fn open(config: &Config) -> Result<Option<Arc<dyn Store>>, StoreError>
     let idem = &config.idempotency;
     Ok(match idem.backend.as_str() {
         "off" => None,
-        "embedded" => Some(Arc::new(embedded::EmbeddedStore::open(idem)?)),
+        "embedded" => {
+            // Opening may wait (up to a few seconds) for a previous process to let go of the
+            // file: off the async threads.
+            let idem = idem.clone();
+            let store = tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(&idem))
+                .await
+                .map_err(|e| StoreError(format!("opening the embedded store failed: {e}")))??;
+            Some(Arc::new(store))
+        }
         "postgres" => Some(Arc::new(postgres::PostgresStore::connect(idem).await?)),
         other => return Err(StoreError(format!("unknown idempotency.backend {other:?}"))),
     })
