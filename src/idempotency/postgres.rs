@@ -58,6 +58,8 @@ struct Conn {
     complete: Statement,
     /// Prepared RELEASE_SQL.
     release: Statement,
+    /// Prepared GUARD_SQL.
+    guard: Statement,
 }
 
 /// Limit for connecting and for any one statement.
@@ -185,6 +187,7 @@ impl PostgresStore {
                 lookup: client.prepare(LOOKUP_SQL).await?,
                 complete: client.prepare(COMPLETE_SQL).await?,
                 release: client.prepare(RELEASE_SQL).await?,
+                guard: client.prepare(GUARD_SQL).await?,
                 client,
             })
         };
@@ -312,10 +315,12 @@ impl Store for PostgresStore {
             i32::try_from(max).unwrap_or(i32::MAX),
         );
         Box::pin(async move {
-            let conn = self.conn(true).await?;
+            // On the claim connections (asynchronous commit): like a claim, a count lost in a
+            // database crash only lets one more execution through; the row lock keeps it atomic.
+            let conn = self.conn(false).await?;
             let row = bounded(
                 conn.client
-                    .query_opt(GUARD_SQL, &[&fingerprint, &window_ms, &max]),
+                    .query_opt(&conn.guard, &[&fingerprint, &window_ms, &max]),
             )
             .await?;
             Ok(row.is_some())
