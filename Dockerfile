@@ -53,7 +53,8 @@ COPY --from=builder /build/target/release/swr-stage-worker /usr/local/bin/swr-st
 
 USER swr:swr
 # The embedded idempotency store lives at idempotency.path = data/idempotency.db, relative to the
-# working directory: keep it on a volume so it survives a new container.
+# working directory: keep it on a volume so it survives a new container. One worker owns the file
+# (a second container on the same volume stops at start); replicas use the postgres backend.
 WORKDIR /var/lib/swr-stage-worker
 VOLUME ["/var/lib/swr-stage-worker"]
 
