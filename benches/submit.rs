@@ -31,30 +31,9 @@ async fn bench() {
     let prefix = format!("bench.submit.{suffix}");
     let url = std::env::var("AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
-    let env: Vec<(String, String)> = [
-        ("AMQP_URL", url),
-        (
-            "SWR_STAGE_WORKER__AMQP__REQUEST_QUEUE",
-            format!("{prefix}.requests"),
-        ),
-        (
-            "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_EXCHANGE",
-            format!("{prefix}.dlx"),
-        ),
-        (
-            "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_QUEUE",
-            format!("{prefix}.dead"),
-        ),
-        (
-            "SWR_STAGE_WORKER__AMQP__RESULTS_EXCHANGE",
-            format!("{prefix}.results"),
-        ),
-        ("SWR_STAGE_WORKER__AMQP__CONNECTION_NAME", prefix.clone()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let config = Config::load(None, env).expect("bench configuration");
+    let mut config =
+        Config::load(None, [("AMQP_URL".to_owned(), url)]).expect("bench configuration");
+    config.amqp.name_after(&prefix);
 
     let dir = std::env::temp_dir().join(&prefix);
     std::fs::create_dir_all(&dir).expect("temp dir");

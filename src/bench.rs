@@ -237,12 +237,7 @@ fn phase_config(base: &Config, sim_url: &str, tag: &str) -> Config {
     config.swr.auth.token = Secret::new(TOKEN);
     // The in-process simulator takes this fixed token, whatever the configured token source.
     config.swr.auth.kind = "static".into();
-    config.amqp.request_queue = format!("{prefix}.requests");
-    config.amqp.request_exchanges = Vec::new();
-    config.amqp.dead_letter_exchange = format!("{prefix}.dlx");
-    config.amqp.dead_letter_queue = format!("{prefix}.dead");
-    config.amqp.results_exchange = format!("{prefix}.results");
-    config.amqp.connection_name = format!("{prefix}.worker");
+    config.amqp.name_after(&prefix);
     config
 }
 
@@ -530,36 +525,16 @@ async fn child_phase(
     let config = phase_config(base, sim_url, &tag);
     let (channel, results) = prepare(broker, &config, options.jobs, &tag).await?;
     let store_dir = std::env::temp_dir().join(format!("{}.store", config.amqp.request_queue));
-    let mut env: HashMap<&str, String> = HashMap::new();
-    env.insert("AMQP_URL", config.amqp.url.expose().to_owned());
-    env.insert("SWR_ENDPOINT", sim_url.to_owned());
-    env.insert("SWR_AUTH_TOKEN", TOKEN.to_owned());
+    let mut env: HashMap<String, String> = config.amqp.names_env().into_iter().collect();
+    env.insert("AMQP_URL".into(), config.amqp.url.expose().to_owned());
+    env.insert("SWR_ENDPOINT".into(), sim_url.to_owned());
+    env.insert("SWR_AUTH_TOKEN".into(), TOKEN.to_owned());
     env.insert(
-        "SWR_STAGE_WORKER__AMQP__REQUEST_QUEUE",
-        config.amqp.request_queue.clone(),
-    );
-    env.insert(
-        "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_EXCHANGE",
-        config.amqp.dead_letter_exchange.clone(),
-    );
-    env.insert(
-        "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_QUEUE",
-        config.amqp.dead_letter_queue.clone(),
-    );
-    env.insert(
-        "SWR_STAGE_WORKER__AMQP__RESULTS_EXCHANGE",
-        config.amqp.results_exchange.clone(),
-    );
-    env.insert(
-        "SWR_STAGE_WORKER__AMQP__CONNECTION_NAME",
-        config.amqp.connection_name.clone(),
-    );
-    env.insert(
-        "SWR_STAGE_WORKER__WORKER__CONCURRENCY",
+        "SWR_STAGE_WORKER__WORKER__CONCURRENCY".into(),
         options.concurrency.to_string(),
     );
     env.insert(
-        "SWR_STAGE_WORKER__IDEMPOTENCY__BACKEND",
+        "SWR_STAGE_WORKER__IDEMPOTENCY__BACKEND".into(),
         if store == "bare" {
             "off".into()
         } else {
@@ -567,11 +542,11 @@ async fn child_phase(
         },
     );
     env.insert(
-        "SWR_STAGE_WORKER__IDEMPOTENCY__PATH",
+        "SWR_STAGE_WORKER__IDEMPOTENCY__PATH".into(),
         store_dir.join("idempotency.db").display().to_string(),
     );
     env.insert(
-        "SWR_STAGE_WORKER__IDEMPOTENCY__URL",
+        "SWR_STAGE_WORKER__IDEMPOTENCY__URL".into(),
         options.postgres_url.clone(),
     );
     let exe = std::env::current_exe().map_err(fail)?;

@@ -134,6 +134,35 @@ pub struct AmqpConfig {
     pub consumer_timeout: Duration,
 }
 
+impl AmqpConfig {
+    /// Names every broker object and the connection after `prefix` (`<prefix>.requests`,
+    /// `.dlx`, `.dead`, `.results`, `.worker`) and binds no extra exchanges: how the demo, the
+    /// benchmark and the tests keep their objects apart from a real worker's.
+    pub fn name_after(&mut self, prefix: &str) {
+        self.request_queue = format!("{prefix}.requests");
+        self.request_exchanges = Vec::new();
+        self.dead_letter_exchange = format!("{prefix}.dlx");
+        self.dead_letter_queue = format!("{prefix}.dead");
+        self.results_exchange = format!("{prefix}.results");
+        self.connection_name = format!("{prefix}.worker");
+    }
+
+    /// These names as environment overrides (contract §6), for running the binary as a child
+    /// process against the same broker objects.
+    pub fn names_env(&self) -> Vec<(String, String)> {
+        [
+            ("REQUEST_QUEUE", &self.request_queue),
+            ("DEAD_LETTER_EXCHANGE", &self.dead_letter_exchange),
+            ("DEAD_LETTER_QUEUE", &self.dead_letter_queue),
+            ("RESULTS_EXCHANGE", &self.results_exchange),
+            ("CONNECTION_NAME", &self.connection_name),
+        ]
+        .into_iter()
+        .map(|(key, value)| (format!("{ENV_PREFIX}AMQP__{key}"), value.clone()))
+        .collect()
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SwrConfig {
@@ -747,6 +776,18 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn names_after_a_prefix_round_trip_through_the_environment() {
+        let mut amqp = Config::load(None, Vec::new()).unwrap().amqp;
+        amqp.name_after("t.x");
+        let loaded = Config::load(None, amqp.names_env()).unwrap().amqp;
+        assert_eq!(loaded.request_queue, "t.x.requests");
+        assert_eq!(loaded.dead_letter_exchange, "t.x.dlx");
+        assert_eq!(loaded.dead_letter_queue, "t.x.dead");
+        assert_eq!(loaded.results_exchange, "t.x.results");
+        assert_eq!(loaded.connection_name, "t.x.worker");
     }
 
     #[test]

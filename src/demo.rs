@@ -108,12 +108,7 @@ pub async fn run(base: Config, count: usize) -> Result<(), DemoError> {
     config.swr.auth.token = Secret::new(DEMO_TOKEN);
     // The in-process simulator takes this fixed token, whatever the configured token source.
     config.swr.auth.kind = "static".into();
-    config.amqp.request_queue = format!("{prefix}.requests");
-    config.amqp.request_exchanges = Vec::new();
-    config.amqp.dead_letter_exchange = format!("{prefix}.dlx");
-    config.amqp.dead_letter_queue = format!("{prefix}.dead");
-    config.amqp.results_exchange = format!("{prefix}.results");
-    config.amqp.connection_name = format!("{prefix}.worker");
+    config.amqp.name_after(&prefix);
     config.retry.initial_interval = Duration::from_millis(100);
     config.worker.id = "demo-worker".to_owned();
     // A demo must not collide with a real worker's telemetry port on the same host.

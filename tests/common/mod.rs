@@ -64,26 +64,6 @@ pub fn test_env(prefix: &str, sim_url: &str, extra: &[(&str, &str)]) -> Vec<(Str
         // The simulator also serves IAM; only used with swr.auth.kind = "iam_password".
         ("SWR_STAGE_WORKER__IAM__ENDPOINT".into(), sim_url.to_owned()),
         (
-            "SWR_STAGE_WORKER__AMQP__REQUEST_QUEUE".into(),
-            format!("{prefix}.requests"),
-        ),
-        (
-            "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_EXCHANGE".into(),
-            format!("{prefix}.dlx"),
-        ),
-        (
-            "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_QUEUE".into(),
-            format!("{prefix}.dead"),
-        ),
-        (
-            "SWR_STAGE_WORKER__AMQP__RESULTS_EXCHANGE".into(),
-            format!("{prefix}.results"),
-        ),
-        (
-            "SWR_STAGE_WORKER__AMQP__CONNECTION_NAME".into(),
-            format!("{prefix}.worker"),
-        ),
-        (
             "SWR_STAGE_WORKER__RETRY__INITIAL_INTERVAL".into(),
             "10ms".into(),
         ),
@@ -102,8 +82,18 @@ pub fn test_env(prefix: &str, sim_url: &str, extra: &[(&str, &str)]) -> Vec<(Str
             store_path(prefix),
         ),
     ];
+    env.extend(broker_names(prefix));
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     env
+}
+
+/// The environment that names the test's broker objects and connection after `prefix`.
+fn broker_names(prefix: &str) -> Vec<(String, String)> {
+    let mut amqp = Config::load(None, Vec::new())
+        .expect("the defaults load")
+        .amqp;
+    amqp.name_after(prefix);
+    amqp.names_env()
 }
 
 /// The worker binary as a child process with the test's configuration; stderr goes to a file
@@ -408,37 +398,18 @@ impl TestEnv {
 
     /// The environment that points the binary at this test's broker objects and simulator,
     /// for tests that run `swr-stage-worker` as a child process.
-    pub fn binary_env(&self) -> Vec<(&'static str, String)> {
-        let amqp = &self.config.amqp;
-        vec![
-            ("AMQP_URL", amqp_url()),
-            ("SWR_ENDPOINT", self.sim.url()),
-            ("SWR_AUTH_TOKEN", TOKEN.to_owned()),
+    pub fn binary_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("AMQP_URL".to_owned(), amqp_url()),
+            ("SWR_ENDPOINT".to_owned(), self.sim.url()),
+            ("SWR_AUTH_TOKEN".to_owned(), TOKEN.to_owned()),
             (
-                "SWR_STAGE_WORKER__AMQP__REQUEST_QUEUE",
-                amqp.request_queue.clone(),
-            ),
-            (
-                "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_EXCHANGE",
-                amqp.dead_letter_exchange.clone(),
-            ),
-            (
-                "SWR_STAGE_WORKER__AMQP__DEAD_LETTER_QUEUE",
-                amqp.dead_letter_queue.clone(),
-            ),
-            (
-                "SWR_STAGE_WORKER__AMQP__RESULTS_EXCHANGE",
-                amqp.results_exchange.clone(),
-            ),
-            (
-                "SWR_STAGE_WORKER__AMQP__CONNECTION_NAME",
-                amqp.connection_name.clone(),
-            ),
-            (
-                "SWR_STAGE_WORKER__IDEMPOTENCY__PATH",
+                "SWR_STAGE_WORKER__IDEMPOTENCY__PATH".to_owned(),
                 store_path(&self.prefix),
             ),
-        ]
+        ];
+        env.extend(self.config.amqp.names_env());
+        env
     }
 
     /// Stops the worker (if running) and removes this test's broker objects.
