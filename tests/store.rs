@@ -393,3 +393,91 @@ async fn embedded_file_belongs_to_one_process_and_its_claims_die_with_it() {
         Claim::Acquired { takeover: false }
     );
 }
+
+#[tokio::test]
+async fn embedded_file_of_the_previous_layout_is_migrated_with_its_outcomes() {
+    // A file as the previous release left it: one WITHOUT ROWID table of claims and outcomes
+    // (schema version 2), holding a finished key, a finished key past its TTL and a claim that
+    // was running when that process died.
+    let cfg = config(Duration::from_secs(600), Duration::from_secs(3600));
+    let (done, old, orphan) = (key("done"), key("old"), key("orphan"));
+    let now = 1_800_000_000_000i64;
+    {
+        let db = rusqlite::Connection::open(&cfg.path).unwrap();
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE idempotency (
+                 key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,
+                 state TEXT NOT NULL CHECK (state IN ('running', 'finished')),
+                 owner TEXT NOT NULL, lease_until INTEGER NOT NULL, outcome TEXT,
+                 expires_at INTEGER NOT NULL
+             ) WITHOUT ROWID;
+             CREATE INDEX idempotency_expires ON idempotency (expires_at);
+             CREATE TABLE guard (fingerprint TEXT PRIMARY KEY, window_start INTEGER NOT NULL,
+                 executions INTEGER NOT NULL) WITHOUT ROWID;
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+        let mut insert = db
+            .prepare("INSERT INTO idempotency VALUES (?1, ?2, ?3, 'old#1', ?4, ?5, ?6)")
+            .unwrap();
+        let stored = |k: &str| serde_json::to_string(&outcome(k, Status::Succeeded)).unwrap();
+        insert
+            .execute(rusqlite::params![
+                done,
+                "1:0:retry",
+                "finished",
+                0,
+                stored(&done),
+                now + 3_600_000
+            ])
+            .unwrap();
+        insert
+            .execute(rusqlite::params![
+                old,
+                "2:0:retry",
+                "finished",
+                0,
+                stored(&old),
+                now - 1
+            ])
+            .unwrap();
+        insert
+            .execute(rusqlite::params![
+                orphan,
+                "3:0:retry",
+                "running",
+                now + 600_000,
+                None::<String>,
+                now + 3_600_000
+            ])
+            .unwrap();
+    }
+    let store = EmbeddedStore::open_with_clock(&cfg, Arc::new(move || now)).unwrap();
+    match store.claim(&done, "1:0:retry", "new#1").await.unwrap() {
+        Claim::Finished(o) => assert_eq!(o.idempotency_key, done),
+        other => panic!("the finished key must be replayed after the migration, got {other:?}"),
+    }
+    assert_eq!(
+        store.claim(&done, "9:0:retry", "new#1").await.unwrap(),
+        Claim::Mismatch {
+            fingerprint: "1:0:retry".into()
+        },
+        "the fingerprint moves with the outcome"
+    );
+    assert_eq!(
+        store.claim(&old, "2:0:retry", "new#1").await.unwrap(),
+        Claim::Acquired { takeover: false },
+        "an expired record is not replayed"
+    );
+    assert_eq!(
+        store.claim(&orphan, "3:0:retry", "new#1").await.unwrap(),
+        Claim::Acquired { takeover: false },
+        "a dead process's claim does not hold the key"
+    );
+    assert_eq!(
+        store.prune().await.unwrap(),
+        1,
+        "the expired record is pruned"
+    );
+}

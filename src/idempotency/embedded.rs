@@ -12,8 +12,13 @@
 //!
 //! Ownership: the file is opened in SQLite's exclusive locking mode, so a second process cannot
 //! use it while this one runs (several workers share the PostgreSQL backend instead). It also
-//! means every claim still `running` in the file at start was left by a process that died, so
-//! those claims are opened for take-over at once rather than after their lease.
+//! means claims need not be written at all: they live in this process's memory and die with it,
+//! so a key a dead process left mid-call runs again at once rather than after its lease.
+//!
+//! Layout: `outcomes` holds finished outcomes in a rowid table (appended in time order, with a
+//! unique index on the key), `guard` the loop-guard counts. Per job that is one small index entry
+//! and one guard row at random places plus an append, instead of a whole outcome row placed by
+//! its random key (which split pages and cost about twice as much with random keys).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -40,7 +45,7 @@ const PRUNE_BATCH: usize = 1000;
 /// WAL pages between checkpoints (32 MiB): fewer, larger checkpoints, each page written once.
 const CHECKPOINT_PAGES: i64 = 8192;
 /// Schema version kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Milliseconds since the epoch; injectable for tests.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -271,20 +276,6 @@ fn migrate(db: &Connection) -> rusqlite::Result<usize> {
     db.execute_batch("BEGIN IMMEDIATE")?;
     let migrated = (|| {
         let version: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version < 1 {
-            db.execute_batch(
-                "CREATE TABLE IF NOT EXISTS idempotency (
-                     key         TEXT PRIMARY KEY,
-                     fingerprint TEXT NOT NULL,
-                     state       TEXT NOT NULL CHECK (state IN ('running', 'finished')),
-                     owner       TEXT NOT NULL,
-                     lease_until INTEGER NOT NULL,
-                     outcome     TEXT,
-                     expires_at  INTEGER NOT NULL
-                 ) WITHOUT ROWID;
-                 CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires_at);",
-            )?;
-        }
         if version < 2 {
             db.execute_batch(
                 "CREATE TABLE IF NOT EXISTS guard (
@@ -294,11 +285,37 @@ fn migrate(db: &Connection) -> rusqlite::Result<usize> {
                  ) WITHOUT ROWID;",
             )?;
         }
+        let mut orphans = 0;
+        if version < 3 {
+            // Finished outcomes only (claims live in memory), in a rowid table: rows are appended
+            // in time order and only the small key index takes a write at a random place.
+            db.execute_batch(
+                "CREATE TABLE IF NOT EXISTS outcomes (
+                     id          INTEGER PRIMARY KEY,
+                     key         TEXT NOT NULL UNIQUE,
+                     fingerprint TEXT NOT NULL,
+                     owner       TEXT NOT NULL,
+                     outcome     TEXT NOT NULL,
+                     expires_at  INTEGER NOT NULL
+                 );
+                 CREATE INDEX IF NOT EXISTS outcomes_expires ON outcomes (expires_at);",
+            )?;
+            if version >= 1 {
+                // From the first schema (one WITHOUT ROWID table of claims and outcomes). Rows
+                // a dead process left running are void: their keys run again.
+                orphans = db.execute("DELETE FROM idempotency WHERE state = 'running'", [])?;
+                db.execute_batch(
+                    "INSERT OR IGNORE INTO outcomes (key, fingerprint, owner, outcome, expires_at)
+                         SELECT key, fingerprint, owner, outcome, expires_at FROM idempotency
+                         WHERE outcome IS NOT NULL ORDER BY expires_at;
+                     DROP TABLE idempotency;",
+                )?;
+            }
+        }
         if version < SCHEMA_VERSION {
             db.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
-        // Claims are kept in memory now; rows a dead process left running are void.
-        db.execute("DELETE FROM idempotency WHERE state = 'running'", [])
+        Ok(orphans)
     })();
     match migrated {
         Ok(orphans) => {
@@ -337,11 +354,10 @@ fn claim(
     let finished = db
         .conn
         .prepare_cached(
-            "SELECT fingerprint, outcome FROM idempotency
-             WHERE key = ?1 AND state = 'finished' AND expires_at >= ?2",
+            "SELECT fingerprint, outcome FROM outcomes WHERE key = ?1 AND expires_at >= ?2",
         )?
         .query_row(params![key, now], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
         })
         .optional()?;
     match finished {
@@ -350,7 +366,7 @@ fn claim(
                 fingerprint: stored,
             })
         }
-        Some((_, Some(outcome))) => {
+        Some((_, outcome)) => {
             return match serde_json::from_str::<Outcome>(&outcome) {
                 Ok(o) => Ok(Claim::Finished(Box::new(o))),
                 Err(e) => Err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))),
@@ -394,13 +410,20 @@ impl Store for EmbeddedStore {
                 .unwrap_or_default();
             db.conn
                 .prepare_cached(
-                    "INSERT INTO idempotency (key, fingerprint, state, owner, lease_until, outcome, expires_at)
-                     VALUES (?1, ?2, 'finished', ?3, 0, ?4, ?5)
+                    "INSERT INTO outcomes (key, fingerprint, owner, outcome, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT (key) DO UPDATE SET
-                         fingerprint = ?2, state = 'finished', owner = ?3, outcome = ?4, expires_at = ?5
-                     WHERE state = 'running' OR expires_at < ?6",
+                         fingerprint = ?2, owner = ?3, outcome = ?4, expires_at = ?5
+                     WHERE expires_at < ?6",
                 )?
-                .execute(params![key, fingerprint, owner, outcome, now.saturating_add(s.ttl_ms), now])
+                .execute(params![
+                    key,
+                    fingerprint,
+                    owner,
+                    outcome,
+                    now.saturating_add(s.ttl_ms),
+                    now
+                ])
                 .map(drop)
         }))
     }
@@ -429,8 +452,8 @@ impl Store for EmbeddedStore {
                         db.running.retain(|_, r| r.lease_until >= now);
                         db.conn
                             .prepare_cached(
-                                "DELETE FROM idempotency WHERE key IN
-                                 (SELECT key FROM idempotency WHERE expires_at < ?1 LIMIT ?2)",
+                                "DELETE FROM outcomes WHERE id IN
+                                 (SELECT id FROM outcomes WHERE expires_at < ?1 LIMIT ?2)",
                             )?
                             .execute(params![now, PRUNE_BATCH as i64])
                     })
@@ -459,16 +482,13 @@ impl Store for EmbeddedStore {
                 .run(move |db, now, _| {
                     db.conn
                         .prepare_cached(
-                            "SELECT outcome FROM idempotency
-                         WHERE key = ?1 AND state = 'finished' AND expires_at >= ?2",
+                            "SELECT outcome FROM outcomes WHERE key = ?1 AND expires_at >= ?2",
                         )?
-                        .query_row(params![key, now], |r| r.get::<_, Option<String>>(0))
+                        .query_row(params![key, now], |r| r.get::<_, String>(0))
                         .optional()
                 })
                 .await?;
-            Ok(found
-                .flatten()
-                .and_then(|json| serde_json::from_str(&json).ok()))
+            Ok(found.and_then(|json| serde_json::from_str(&json).ok()))
         })
     }
 
