@@ -340,21 +340,19 @@ async fn run_request(
             outcome.swr_request_id = execution.swr_request_id;
             outcome.error = execution.error;
             finish(&mut outcome, started.1);
-            // The store write and the outcome's confirm run side by side (each costs a round
-            // trip), and the ack waits for both: the record is on disk before the ack.
-            let settle = async {
-                if let (Some(gate), Some(ticket)) = (&ctx.gate, ticket) {
-                    // A final answer is kept and replayed; a retryable failure frees the key so
-                    // a later re-submission runs again (contract §5).
-                    if outcome.error.as_ref().is_some_and(|e| e.retryable) {
-                        gate.release(ticket).await;
-                    } else {
-                        gate.complete(ticket, &outcome).await;
-                    }
+            // The record is on disk before the outcome goes out: a worker killed in between
+            // leaves a stored outcome that its redelivery replays, never a published one that
+            // a redelivery would run and publish fresh a second time.
+            if let (Some(gate), Some(ticket)) = (&ctx.gate, ticket) {
+                // A final answer is kept and replayed; a retryable failure frees the key so a
+                // later re-submission runs again (contract §5).
+                if outcome.error.as_ref().is_some_and(|e| e.retryable) {
+                    gate.release(ticket).await;
+                } else {
+                    gate.complete(ticket, &outcome).await;
                 }
-            };
-            let publish = publish_surviving_reconnect(ctx, publisher, envelope, &outcome);
-            let ((), published) = tokio::join!(settle, publish);
+            }
+            let published = publish_surviving_reconnect(ctx, publisher, envelope, &outcome).await;
             return match published {
                 Ok(()) => Disposition::Ack,
                 Err(e) => Disposition::Requeue(format!("outcome not confirmed: {e}")),
