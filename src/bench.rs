@@ -278,6 +278,13 @@ async fn prepare(
     Ok((channel, results))
 }
 
+/// Job `i`'s idempotency key: spread over the key space as producers' message ids and derived
+/// UUIDs are, so the store's index takes its writes at random places as it does in production.
+fn job_key(tag: &str, i: usize) -> String {
+    let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("{tag}-{i}").as_bytes());
+    format!("{tag}-{id}")
+}
+
 /// Publishes jobs `range` with confirms in a window.
 async fn fill(
     channel: &Channel,
@@ -292,8 +299,9 @@ async fn fill(
     let mut pending = std::collections::VecDeque::new();
     for i in range {
         let body = format!(
-            r#"{{"pipeline_id":{},"stage_index":0,"idempotency_key":"{tag}-{i}"}}"#,
-            1 + i
+            r#"{{"pipeline_id":{},"stage_index":0,"idempotency_key":"{}"}}"#,
+            1 + i,
+            job_key(tag, i)
         );
         let confirm = channel
             .basic_publish(
@@ -650,7 +658,7 @@ async fn latency(
             let start = tokio::time::Instant::now();
             for i in 0..n {
                 tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
-                let key = format!("{tag}-{i}");
+                let key = job_key(&tag, i);
                 let body = format!(
                     r#"{{"pipeline_id":{},"stage_index":0,"idempotency_key":"{key}"}}"#,
                     1 + i
