@@ -178,7 +178,11 @@ pub async fn run(base: Config, options: BenchOptions) -> Result<Vec<PhaseResult>
             ""
         }
     );
-    let _ = broker.close(200, "bench done".into()).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        broker.close(200, "bench done".into()),
+    )
+    .await;
     sim.shutdown().await;
     Ok(results)
 }
@@ -462,10 +466,17 @@ pub async fn bare_loop(config: Config, jobs: usize) -> Result<(), BenchError> {
                 client.endpoint(),
                 i + 1
             );
-            let reply = client
-                .attempt(&url, &format!("bare-{i}"), &token)
-                .await
-                .map_err(fail)?;
+            // A connection the endpoint closed as a request left (keep-alive race) is tried
+            // again, as the worker's retry would; the loop must not die of a rare reset.
+            let key = format!("bare-{i}");
+            let mut reply = client.attempt(&url, &key, &token).await;
+            for _ in 0..2 {
+                if reply.is_ok() {
+                    break;
+                }
+                reply = client.attempt(&url, &key, &token).await;
+            }
+            let reply = reply.map_err(fail)?;
             if reply.status != 201 {
                 return Err(fail(format!("endpoint answered {}", reply.status)));
             }
@@ -567,24 +578,30 @@ async fn child_phase(
         .spawn()
         .map_err(fail)?;
     let pid = child.id().ok_or_else(|| fail("the child exited at once"))?;
-    let counted = count_outcomes(broker, &results, options.jobs).await;
+    let mut counted = count_outcomes(broker, &results, options.jobs).await;
     let peak_rss_kib = peak_rss(pid);
     let cpu_us_per_job = cpu_seconds(pid).map(|s| s * 1e6 / options.jobs as f64);
     let mut latency_ms = None;
     if options.latency {
         if let Ok(rate) = &counted {
-            latency_ms = Some(
-                latency(
-                    broker,
-                    &config,
-                    &results,
-                    *rate / 2.0,
-                    latency_jobs(options),
-                    &tag,
-                )
-                .await?,
-            );
+            match latency(
+                broker,
+                &config,
+                &results,
+                *rate / 2.0,
+                latency_jobs(options),
+                &tag,
+            )
+            .await
+            {
+                Ok(figures) => latency_ms = Some(figures),
+                Err(e) => counted = Err(e),
+            }
         }
+    }
+    // A phase whose process died says so, instead of only that its outcomes stopped.
+    if let (Err(e), Ok(Some(status))) = (&counted, child.try_wait()) {
+        counted = Err(fail(format!("{e} (the phase's process exited: {status})")));
     }
     let _ = std::process::Command::new("kill")
         .arg("-TERM")
