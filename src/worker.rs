@@ -371,37 +371,56 @@ async fn run_request(
 /// Publishes an outcome; if the connection broke meanwhile (the SWR call outlived it), waits
 /// for the next session's publisher and publishes there. The delivery itself is void then (its
 /// ack cannot reach the broker); its redelivery is answered from the idempotency store.
+///
+/// A broker error (as opposed to a nack, a message with no route, or a confirm that did not come
+/// on a live channel) means the channel or its connection broke, even if its state has not
+/// flipped yet: the outcome then goes to the first session that is not this one. Giving up here
+/// would leave the key with a stored outcome that only its redelivery publishes, as a replay.
 async fn publish_surviving_reconnect(
     ctx: &JobContext,
     publisher: &Publisher,
     envelope: &Envelope<'_>,
     outcome: &Outcome,
 ) -> Result<(), PublishError> {
-    let error = match publish_outcome(ctx, publisher, envelope, outcome).await {
+    let mut error = match publish_outcome(ctx, publisher, envelope, outcome).await {
         Ok(()) => return Ok(()),
-        Err(e) if publisher.is_usable() => return Err(e),
+        Err(e) if publisher.is_usable() && !matches!(e, PublishError::Broker(_)) => return Err(e),
         Err(e) => e,
     };
     let amqp = &ctx.config.amqp;
-    let patience = amqp.reconnect_max_interval * 2 + amqp.connect_timeout;
+    let deadline =
+        tokio::time::Instant::now() + amqp.reconnect_max_interval * 2 + amqp.connect_timeout;
     let mut sessions = ctx.publishers.subscribe();
-    let next = tokio::time::timeout(
-        patience,
-        sessions.wait_for(|p| p.as_ref().is_some_and(|p| p.is_usable())),
-    )
-    .await
-    .ok()
-    .and_then(Result::ok)
-    .and_then(|current| current.clone());
-    match next {
-        Some(next) => {
-            tracing::info!(
-                "connection was lost during the job; publishing its outcome on the new one"
-            );
-            publish_outcome(ctx, &next, envelope, outcome).await
+    // The broken session, by address (a pointer itself cannot be held across an await).
+    let mut broken = std::ptr::from_ref(publisher) as usize;
+    // A few sessions at most: each try either publishes, or finds that session broken too.
+    for _ in 0..3 {
+        let next = tokio::time::timeout_at(
+            deadline,
+            sessions.wait_for(|p| {
+                p.as_ref().is_some_and(|p| {
+                    p.is_usable() && std::ptr::from_ref(p.as_ref()) as usize != broken
+                })
+            }),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .and_then(|current| current.clone());
+        let Some(next) = next else {
+            return Err(error);
+        };
+        tracing::info!("connection was lost during the job; publishing its outcome on the new one");
+        match publish_outcome(ctx, &next, envelope, outcome).await {
+            Ok(()) => return Ok(()),
+            Err(e) if next.is_usable() && !matches!(e, PublishError::Broker(_)) => return Err(e),
+            Err(e) => {
+                error = e;
+                broken = std::ptr::from_ref(next.as_ref()) as usize;
+            }
         }
-        None => Err(error),
     }
+    Err(error)
 }
 
 async fn reject_invalid(

@@ -228,12 +228,15 @@ async fn scenario(fault: Fault) -> Figures {
                     workers.push(spawn(&vars, 9));
                 }
                 Fault::ConnectionsClosed => {
-                    assert_eq!(close_connections_named(&format!("{}.w0", env.prefix)), 1);
+                    assert_eq!(
+                        close_connections_named(&format!("{}.w0", env.prefix)).await,
+                        1
+                    );
                 }
                 Fault::BrokerRestart => {
-                    rabbitmqctl(&["stop_app"]);
-                    rabbitmqctl(&["start_app"]);
-                    rabbitmqctl(&["await_startup"]);
+                    rabbitmqctl(&["stop_app"]).await;
+                    rabbitmqctl(&["start_app"]).await;
+                    rabbitmqctl(&["await_startup"]).await;
                     env.reconnect().await;
                 }
                 Fault::SwrOutage => {

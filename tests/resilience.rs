@@ -61,9 +61,17 @@ fn assert_once_each(env: &TestEnv, keys: &[String], outcomes: &[Outcome]) {
     for o in outcomes.iter().filter(|o| !o.replayed) {
         *fresh.entry(o.idempotency_key.as_str()).or_default() += 1;
     }
+    let none = keys
+        .iter()
+        .filter(|k| !fresh.contains_key(k.as_str()))
+        .count();
+    let twice = fresh.values().filter(|&&n| n > 1).count();
+    assert_eq!(none, 0, "every key has a fresh outcome, not only replays");
+    // Window 4 of docs/contract.md: an outcome the broker took just before the connection died
+    // (its confirm lost with it) is published again. Only jobs in flight then (16) can be hit.
     assert!(
-        fresh.values().all(|&n| n == 1),
-        "never two fresh outcomes for a key"
+        twice <= 16,
+        "{twice} keys published fresh twice; only the 16 in flight at the break may be"
     );
     let executions = env.sim.executions();
     assert_eq!(executions.len(), keys.len(), "every key reached SWR");
@@ -85,7 +93,7 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_every_job_finishes() 
     let first = env.outcomes(300).await;
     let name = env.config.amqp.connection_name.clone();
     assert_eq!(
-        close_connections_named(&name),
+        close_connections_named(&name).await,
         1,
         "the worker's one connection was found by its name"
     );
@@ -112,9 +120,9 @@ async fn broker_restart_is_ridden_out_by_the_same_process() {
         &env.prefix,
     );
     let first = env.outcomes(300).await;
-    rabbitmqctl(&["stop_app"]);
-    rabbitmqctl(&["start_app"]);
-    rabbitmqctl(&["await_startup"]);
+    rabbitmqctl(&["stop_app"]).await;
+    rabbitmqctl(&["start_app"]).await;
+    rabbitmqctl(&["await_startup"]).await;
     // The test's own connection died with the broker: open a new one for the rest.
     env.reconnect().await;
     let outcomes = until_every_key_answered(&mut env, &keys, first).await;

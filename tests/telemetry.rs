@@ -212,21 +212,12 @@ async fn readiness_follows_the_broker_connection() {
     .await;
     let base = format!("http://{listen}");
     wait_ready(&base, true).await;
-    let stop = std::process::Command::new("rabbitmqctl")
-        .arg("stop_app")
-        .status()
-        .unwrap();
-    assert!(stop.success());
+    common::rabbitmqctl(&["stop_app"]).await;
     let down = wait_ready(&base, false).await;
     assert_eq!(down["broker"], "disconnected");
     assert_eq!(scrape(&base).await["swr_stage_broker_connected"], 0.0);
-    for args in [["start_app"], ["await_startup"]] {
-        assert!(std::process::Command::new("rabbitmqctl")
-            .args(args)
-            .status()
-            .unwrap()
-            .success());
-    }
+    common::rabbitmqctl(&["start_app"]).await;
+    common::rabbitmqctl(&["await_startup"]).await;
     wait_ready(&base, true).await;
     assert_eq!(scrape(&base).await["swr_stage_broker_connected"], 1.0);
     env.reconnect().await;

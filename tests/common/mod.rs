@@ -510,11 +510,18 @@ pub async fn bind_watcher(channel: &Channel, exchange: &str, pattern: &str) -> C
         .unwrap()
 }
 
-pub fn rabbitmqctl(args: &[&str]) -> String {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
+/// Runs `rabbitmqctl` without blocking the test's runtime, which also serves the simulator: a
+/// blocked runtime would stall SWR answers and open the worker's circuit breaker.
+pub async fn rabbitmqctl(args: &[&str]) -> String {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new("rabbitmqctl")
+            .args(args)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("rabbitmqctl {args:?} did not finish within 120 s"))
+    .expect("rabbitmqctl runs");
     assert!(
         out.status.success(),
         "rabbitmqctl {args:?}: {}",
@@ -525,19 +532,20 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
 
 /// Closes, from the server side, only the connections whose client-provided name is `name`
 /// (never a neighbour test's). Returns how many were closed.
-pub fn close_connections_named(name: &str) -> usize {
+pub async fn close_connections_named(name: &str) -> usize {
     let listing = rabbitmqctl(&[
         "list_connections",
         "pid",
         "client_properties",
         "--quiet",
         "--no-table-headers",
-    ]);
+    ])
+    .await;
     let wanted = format!("{{\"connection_name\",\"{name}\"}}");
     let mut closed = 0;
     for line in listing.lines().filter(|l| l.contains(&wanted)) {
         let pid = line.split('\t').next().expect("pid column");
-        rabbitmqctl(&["close_connection", pid, "closed by a resilience test"]);
+        rabbitmqctl(&["close_connection", pid, "closed by a resilience test"]).await;
         closed += 1;
     }
     closed
