@@ -527,7 +527,7 @@ async fn existing_queue_with_other_arguments_stops_the_worker_with_the_fix() {
         )
         .await
         .unwrap();
-    env.config.amqp.request_queue = classic.clone();
+    let original = std::mem::replace(&mut env.config.amqp.request_queue, classic.clone());
     env.start_worker();
     let err = env.stop_worker_when_done().await.unwrap_err().to_string();
     assert!(err.contains(&format!("queue '{classic}'")), "{err}");
@@ -540,6 +540,8 @@ async fn existing_queue_with_other_arguments_stops_the_worker_with_the_fix() {
         .queue_delete(classic.as_str().into(), Default::default())
         .await
         .unwrap();
+    // The teardown deletes the queues the configuration names: the test's own request queue too.
+    env.config.amqp.request_queue = original;
     env.teardown().await;
 }
 
