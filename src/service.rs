@@ -10,7 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -77,7 +77,7 @@ pub async fn run(
     }
     let slots = Arc::new(Semaphore::new(config.worker.concurrency as usize));
     let mut jobs: JoinSet<()> = JoinSet::new();
-    let broken = Arc::new(Notify::new());
+    let broken = ctx.session_broken.clone();
     let mut delay = RECONNECT_INITIAL;
     tokio::pin!(shutdown);
     tracing::info!(
@@ -98,6 +98,9 @@ pub async fn run(
         let end = match opened {
             Ok(session) => {
                 delay = RECONNECT_INITIAL;
+                // A "publisher broke" signal stored for the session that just ended must not
+                // end this one: take it before this session's publisher is handed out.
+                let _ = broken.notified().now_or_never();
                 ctx.publishers.send_replace(Some(session.publisher.clone()));
                 ctx.metrics.set_broker_connected(true);
                 tracing::info!(queue = %config.amqp.request_queue, "consuming");

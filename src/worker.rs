@@ -11,7 +11,7 @@ use lapin::message::Delivery;
 use lapin::types::{AMQPValue, LongString, ShortString};
 use lapin::BasicProperties;
 use time::OffsetDateTime;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
 use crate::amqp::publisher::{PublishError, Publisher, Routed};
@@ -67,6 +67,9 @@ pub struct JobContext {
     /// The current session's publisher, replaced on every reconnect, so a job whose SWR call
     /// outlived its connection can still publish its outcome on the next one.
     pub publishers: watch::Sender<Option<Arc<Publisher>>>,
+    /// A job whose publish found the session's publisher broken says so here; the session loop
+    /// then opens a new session (a channel can break while its connection lives on).
+    pub session_broken: Arc<Notify>,
 }
 
 /// Why the job context could not be built.
@@ -121,6 +124,7 @@ impl JobContext {
             worker_id,
             gate,
             publishers: watch::channel(None).0,
+            session_broken: Arc::new(Notify::new()),
         })
     }
 }
@@ -391,16 +395,27 @@ async fn publish_surviving_reconnect(
     let deadline =
         tokio::time::Instant::now() + amqp.reconnect_max_interval * 2 + amqp.connect_timeout;
     let mut sessions = ctx.publishers.subscribe();
-    // The broken session, by address (a pointer itself cannot be held across an await).
-    let mut broken = std::ptr::from_ref(publisher) as usize;
+    // The sessions found broken, by identity; the first one is the job's own.
+    let mut broken: Vec<Arc<Publisher>> = Vec::new();
+    let is_broken = |p: &Arc<Publisher>, broken: &[Arc<Publisher>]| {
+        std::ptr::eq(p.as_ref(), publisher) || broken.iter().any(|b| Arc::ptr_eq(b, p))
+    };
     // A few sessions at most: each try either publishes, or finds that session broken too.
     for _ in 0..3 {
+        // If the broken session is still the current one, the session loop may not know yet
+        // (a dead connection it sees itself; a broken channel it does not).
+        if sessions
+            .borrow()
+            .as_ref()
+            .is_some_and(|p| is_broken(p, &broken))
+        {
+            ctx.session_broken.notify_one();
+        }
         let next = tokio::time::timeout_at(
             deadline,
             sessions.wait_for(|p| {
-                p.as_ref().is_some_and(|p| {
-                    p.is_usable() && std::ptr::from_ref(p.as_ref()) as usize != broken
-                })
+                p.as_ref()
+                    .is_some_and(|p| p.is_usable() && !is_broken(p, &broken))
             }),
         )
         .await
@@ -416,7 +431,7 @@ async fn publish_surviving_reconnect(
             Err(e) if next.is_usable() && !matches!(e, PublishError::Broker(_)) => return Err(e),
             Err(e) => {
                 error = e;
-                broken = std::ptr::from_ref(next.as_ref()) as usize;
+                broken.push(next);
             }
         }
     }
