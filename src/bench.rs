@@ -600,14 +600,22 @@ async fn child_phase(
         }
     }
     // A phase whose process died says so, instead of only that its outcomes stopped.
-    if let (Err(e), Ok(Some(status))) = (&counted, child.try_wait()) {
+    let exited = match &counted {
+        Err(_) => child.try_wait().ok().flatten(),
+        Ok(_) => None,
+    };
+    if let (Err(e), Some(status)) = (&counted, exited) {
         counted = Err(fail(format!("{e} (the phase's process exited: {status})")));
     }
-    let _ = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status();
-    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    // Only a child still running is signalled: an exited one was reaped, and its pid may be
+    // another process's by now.
+    if exited.is_none() {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+        let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    }
     cleanup(&channel, &config, &results).await;
     let _ = std::fs::remove_dir_all(&store_dir);
     Ok(PhaseResult {

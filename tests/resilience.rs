@@ -6,9 +6,10 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use common::{close_connections_named, rabbitmqctl, TestEnv};
+use futures_util::StreamExt;
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use serde_json::json;
@@ -37,19 +38,24 @@ async fn publish_jobs(env: &TestEnv, n: usize) -> Vec<String> {
     keys
 }
 
-/// Collects outcomes until every key has one.
+/// Collects outcomes until every key has a fresh (not replayed) one: a redelivery's replay can
+/// arrive before the fresh copy a job publishes on the new connection. A key that never gets
+/// one fails the test when `next_outcome` runs out of time.
 async fn until_every_key_answered(
     env: &mut TestEnv,
     keys: &[String],
     mut seen: Vec<Outcome>,
 ) -> Vec<Outcome> {
-    let mut answered: HashMap<String, usize> = HashMap::new();
-    for o in &seen {
-        *answered.entry(o.idempotency_key.clone()).or_default() += 1;
-    }
-    while answered.len() < keys.len() {
+    let mut fresh: HashSet<String> = seen
+        .iter()
+        .filter(|o| !o.replayed)
+        .map(|o| o.idempotency_key.clone())
+        .collect();
+    while fresh.len() < keys.len() {
         let (o, _) = env.next_outcome().await;
-        *answered.entry(o.idempotency_key.clone()).or_default() += 1;
+        if !o.replayed {
+            fresh.insert(o.idempotency_key.clone());
+        }
         seen.push(o);
     }
     seen
@@ -276,5 +282,63 @@ async fn a_second_signal_exits_at_once_and_the_broker_keeps_the_request() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn an_outcome_whose_channel_broke_is_published_fresh_on_a_new_session() {
+    let mut env = TestEnv::start("channel-broke").await;
+    // A first job shows the worker's session is up (with the exchange it declared).
+    env.publish_json(&json!({"pipeline_id": 30, "stage_index": 0}))
+        .await;
+    assert_eq!(env.next_outcome().await.0.status, Status::Succeeded);
+    let replies = env.reply_queue().await;
+    let mut reply_stream = env
+        .channel
+        .basic_consume(
+            replies.as_str().into(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    // Publishing to an exchange that does not exist closes the channel (404) while the
+    // connection lives on: the worker's next outcome breaks its publisher channel.
+    let results = env.config.amqp.results_exchange.clone();
+    env.channel
+        .exchange_delete(results.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let key = format!("{}-broken-channel", env.prefix);
+    env.publish(
+        json!({"pipeline_id": 31, "stage_index": 0, "idempotency_key": key})
+            .to_string()
+            .as_bytes(),
+        BasicProperties::default().with_reply_to(replies.as_str().into()),
+    )
+    .await;
+    // The session is replaced (the new one declares the exchange again) and the job publishes
+    // its outcome there, fresh; the redelivery of the request adds a replay. A job that gave up
+    // instead would leave the key with the replay alone.
+    let mut seen = Vec::new();
+    let fresh = loop {
+        let delivery = tokio::time::timeout(common::WAIT, reply_stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("no fresh outcome within 30 s; replies seen: {seen:?}"))
+            .expect("reply stream open")
+            .expect("reply delivery");
+        let outcome: Outcome = serde_json::from_slice(&delivery.data).unwrap();
+        if !outcome.replayed {
+            break outcome;
+        }
+        seen.push(outcome);
+    };
+    assert_eq!(fresh.idempotency_key, key);
+    assert_eq!(fresh.status, Status::Succeeded);
+    assert_eq!(env.sim.executions().get(&key).copied(), Some(1));
     env.teardown().await;
 }

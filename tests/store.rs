@@ -395,14 +395,21 @@ async fn embedded_file_belongs_to_one_process_and_its_claims_die_with_it() {
 }
 
 #[tokio::test]
-async fn embedded_file_of_the_previous_layout_is_migrated_with_its_outcomes() {
-    // A file as the previous release left it: one WITHOUT ROWID table of claims and outcomes
-    // (schema version 2), holding a finished key, a finished key past its TTL and a claim that
-    // was running when that process died.
+async fn embedded_files_of_earlier_layouts_are_migrated_with_their_outcomes() {
+    for version in [1, 2] {
+        migrates_from(version).await;
+    }
+}
+
+/// A file as an earlier release left it: one WITHOUT ROWID table of claims and outcomes (schema
+/// version 1; version 2 added the loop-guard table), holding a finished key, a finished key past
+/// its TTL and a claim that was running when that process died.
+async fn migrates_from(version: u32) {
     let cfg = config(Duration::from_secs(600), Duration::from_secs(3600));
     let (done, old, orphan) = (key("done"), key("old"), key("orphan"));
     let now = 1_800_000_000_000i64;
     {
+        std::fs::create_dir_all(std::path::Path::new(&cfg.path).parent().unwrap()).unwrap();
         let db = rusqlite::Connection::open(&cfg.path).unwrap();
         db.execute_batch(
             "PRAGMA journal_mode = WAL;
@@ -412,12 +419,18 @@ async fn embedded_file_of_the_previous_layout_is_migrated_with_its_outcomes() {
                  owner TEXT NOT NULL, lease_until INTEGER NOT NULL, outcome TEXT,
                  expires_at INTEGER NOT NULL
              ) WITHOUT ROWID;
-             CREATE INDEX idempotency_expires ON idempotency (expires_at);
-             CREATE TABLE guard (fingerprint TEXT PRIMARY KEY, window_start INTEGER NOT NULL,
-                 executions INTEGER NOT NULL) WITHOUT ROWID;
-             PRAGMA user_version = 2;",
+             CREATE INDEX idempotency_expires ON idempotency (expires_at);",
         )
         .unwrap();
+        if version >= 2 {
+            db.execute_batch(
+                "CREATE TABLE guard (fingerprint TEXT PRIMARY KEY, window_start INTEGER NOT NULL,
+                     executions INTEGER NOT NULL) WITHOUT ROWID;
+                 INSERT INTO guard VALUES ('7:0:retry', 1800000000000, 3);",
+            )
+            .unwrap();
+        }
+        db.pragma_update(None, "user_version", version).unwrap();
         let mut insert = db
             .prepare("INSERT INTO idempotency VALUES (?1, ?2, ?3, 'old#1', ?4, ?5, ?6)")
             .unwrap();
@@ -479,5 +492,15 @@ async fn embedded_file_of_the_previous_layout_is_migrated_with_its_outcomes() {
         store.prune().await.unwrap(),
         1,
         "the expired record is pruned"
+    );
+    // Version 2's loop-guard counts survive (3 of 3 used); version 1 starts with none.
+    let allowed = store
+        .count_execution("7:0:retry", Duration::from_secs(3600), 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        allowed,
+        version < 2,
+        "guard count from schema version {version}"
     );
 }

@@ -456,18 +456,7 @@ async fn key_comes_from_field_then_message_id_then_body_hash() {
 #[tokio::test]
 async fn correlation_id_and_reply_to_are_honoured() {
     let mut env = TestEnv::start("reply").await;
-    let reply_queue = format!("{}.replies", env.prefix);
-    env.channel
-        .queue_declare(
-            reply_queue.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                auto_delete: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .unwrap();
+    let reply_queue = env.reply_queue().await;
     let props = BasicProperties::default()
         .with_correlation_id("corr-9".into())
         .with_reply_to(reply_queue.as_str().into());

@@ -300,9 +300,15 @@ fn migrate(db: &Connection) -> rusqlite::Result<usize> {
                  );
                  CREATE INDEX IF NOT EXISTS outcomes_expires ON outcomes (expires_at);",
             )?;
-            if version >= 1 {
-                // From the first schema (one WITHOUT ROWID table of claims and outcomes). Rows
-                // a dead process left running are void: their keys run again.
+            // From the first schema (one WITHOUT ROWID table of claims and outcomes), found by
+            // name: an early release could stop between creating it and recording the version.
+            let old_table: bool = db.query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'idempotency'",
+                [],
+                |r| r.get(0),
+            )?;
+            if old_table {
+                // Rows a dead process left running are void: their keys run again.
                 orphans = db.execute("DELETE FROM idempotency WHERE state = 'running'", [])?;
                 db.execute_batch(
                     "INSERT OR IGNORE INTO outcomes (key, fingerprint, owner, outcome, expires_at)

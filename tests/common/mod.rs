@@ -300,6 +300,24 @@ impl TestEnv {
         }
     }
 
+    /// Declares this test's reply queue (`<prefix>.replies`, deleted with its last consumer or
+    /// by the teardown) and returns its name, for requests with `reply_to`.
+    pub async fn reply_queue(&self) -> String {
+        let name = format!("{}.replies", self.prefix);
+        self.channel
+            .queue_declare(
+                name.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        name
+    }
+
     /// Publishes a JSON request to the default exchange, confirmed.
     pub async fn publish_json(&self, body: &Value) {
         self.publish(body.to_string().as_bytes(), BasicProperties::default())
@@ -418,8 +436,17 @@ impl TestEnv {
             self.stop_worker().await.expect("worker stops cleanly");
         }
         let amqp = &self.config.amqp;
-        let seen = format!("{}.seen", self.prefix);
-        for q in [&amqp.request_queue, &amqp.dead_letter_queue, &seen] {
+        let (seen, replies) = (
+            format!("{}.seen", self.prefix),
+            format!("{}.replies", self.prefix),
+        );
+        // Deleting a queue that does not exist is not an error in RabbitMQ.
+        for q in [
+            &amqp.request_queue,
+            &amqp.dead_letter_queue,
+            &seen,
+            &replies,
+        ] {
             let _ = self
                 .channel
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
@@ -517,6 +544,7 @@ pub async fn rabbitmqctl(args: &[&str]) -> String {
         Duration::from_secs(120),
         tokio::process::Command::new("rabbitmqctl")
             .args(args)
+            .kill_on_drop(true)
             .output(),
     )
     .await
