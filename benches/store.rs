@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use swr_stage_worker::bench::cpu_seconds;
 use swr_stage_worker::config::{Config, IdempotencyConfig};
 use swr_stage_worker::idempotency::embedded::EmbeddedStore;
 use swr_stage_worker::idempotency::{fingerprint, Claim, Store};
@@ -102,18 +103,7 @@ fn outcome(key: &str, pipeline: i64) -> Outcome {
     .expect("outcome")
 }
 
-/// CPU time (user + system) of this process so far, from /proc (clock ticks of 10 ms).
+/// CPU time (user + system) of this process so far.
 fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let ticks: u64 = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| {
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            fields
-                .get(11..13)
-                .map(|f| f.iter().filter_map(|t| t.parse::<u64>().ok()).sum())
-                .unwrap_or(0)
-        })
-        .unwrap_or(0);
-    Duration::from_millis(ticks * 10)
+    Duration::from_secs_f64(cpu_seconds(std::process::id()).unwrap_or(0.0))
 }

@@ -627,8 +627,8 @@ async fn child_phase(
     })
 }
 
-/// CPU time (user + system) a process has used so far, in seconds, from /proc.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+/// CPU time (user + system) a process has used so far, in seconds (10 ms steps), from /proc.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The fields after the command name (which is in parentheses and may hold spaces).
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();

@@ -17,7 +17,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer, Event};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::amqp::publisher::Publisher;
@@ -77,7 +77,6 @@ pub async fn run(
     }
     let slots = Arc::new(Semaphore::new(config.worker.concurrency as usize));
     let mut jobs: JoinSet<()> = JoinSet::new();
-    let broken = ctx.session_broken.clone();
     let mut delay = RECONNECT_INITIAL;
     tokio::pin!(shutdown);
     tracing::info!(
@@ -100,11 +99,11 @@ pub async fn run(
                 delay = RECONNECT_INITIAL;
                 // A "publisher broke" signal stored for the session that just ended must not
                 // end this one: take it before this session's publisher is handed out.
-                let _ = broken.notified().now_or_never();
+                let _ = ctx.session_broken.notified().now_or_never();
                 ctx.publishers.send_replace(Some(session.publisher.clone()));
                 ctx.metrics.set_broker_connected(true);
                 tracing::info!(queue = %config.amqp.request_queue, "consuming");
-                consume(&ctx, session, &mut shutdown, &slots, &mut jobs, &broken).await
+                consume(&ctx, session, &mut shutdown, &slots, &mut jobs).await
             }
             Err(SessionError::Topology(e @ TopologyError::Mismatch { .. })) => {
                 return Err(RunError::Topology(e))
@@ -211,7 +210,6 @@ async fn consume(
     shutdown: &mut std::pin::Pin<&mut (impl Future<Output = ()> + Send)>,
     slots: &Arc<Semaphore>,
     jobs: &mut JoinSet<()>,
-    broken: &Arc<Notify>,
 ) -> SessionEnd {
     // Connection events are watched while waiting for a slot too: with every slot held by jobs
     // whose publish waits for a new connection, only this notices that one is needed.
@@ -221,7 +219,7 @@ async fn consume(
         let permit = tokio::select! {
             biased;
             () = &mut *shutdown => break None,
-            () = broken.notified() => break Some("the publisher channel broke".to_owned()),
+            () = ctx.session_broken.notified() => break Some("the publisher channel broke".to_owned()),
             event = events.next() => match lost(event) {
                 Some(reason) => break Some(reason),
                 None => continue,
@@ -232,7 +230,7 @@ async fn consume(
         let probe = tokio::select! {
             biased;
             () = &mut *shutdown => break None,
-            () = broken.notified() => break Some("the publisher channel broke".to_owned()),
+            () = ctx.session_broken.notified() => break Some("the publisher channel broke".to_owned()),
             event = events.next() => match lost(event) {
                 Some(reason) => break Some(reason),
                 None => continue,
@@ -242,7 +240,7 @@ async fn consume(
         let next = tokio::select! {
             biased;
             () = &mut *shutdown => break None,
-            () = broken.notified() => break Some("the publisher channel broke".to_owned()),
+            () = ctx.session_broken.notified() => break Some("the publisher channel broke".to_owned()),
             event = events.next() => match lost(event) {
                 Some(reason) => break Some(reason),
                 None => continue,
@@ -251,9 +249,8 @@ async fn consume(
         };
         match next {
             Some(Ok(delivery)) => {
-                let (ctx, publisher, broken) =
-                    (ctx.clone(), session.publisher.clone(), broken.clone());
-                jobs.spawn(handle(ctx, publisher, delivery, permit, broken, probe));
+                let (ctx, publisher) = (ctx.clone(), session.publisher.clone());
+                jobs.spawn(handle(ctx, publisher, delivery, permit, probe));
             }
             Some(Err(e)) => break Some(format!("consumer error: {e}")),
             None => break Some("the broker cancelled the consumer".to_owned()),
@@ -342,7 +339,6 @@ async fn handle(
     publisher: Arc<Publisher>,
     delivery: Delivery,
     permit: OwnedSemaphorePermit,
-    broken: Arc<Notify>,
     probe: bool,
 ) {
     let limit = ctx.config.amqp.confirm_timeout;
@@ -359,7 +355,7 @@ async fn handle(
         Disposition::Requeue(reason) => {
             tracing::warn!(%reason, "requeueing the request");
             if !publisher.is_usable() {
-                broken.notify_one();
+                ctx.session_broken.notify_one();
             }
             tokio::time::sleep(REQUEUE_DELAY).await;
             let requeue = BasicNackOptions {

@@ -388,7 +388,7 @@ async fn publish_surviving_reconnect(
 ) -> Result<(), PublishError> {
     let mut error = match publish_outcome(ctx, publisher, envelope, outcome).await {
         Ok(()) => return Ok(()),
-        Err(e) if publisher.is_usable() && !matches!(e, PublishError::Broker(_)) => return Err(e),
+        Err(e) if !session_broke(publisher, &e) => return Err(e),
         Err(e) => e,
     };
     let amqp = &ctx.config.amqp;
@@ -428,7 +428,7 @@ async fn publish_surviving_reconnect(
         tracing::info!("connection was lost during the job; publishing its outcome on the new one");
         match publish_outcome(ctx, &next, envelope, outcome).await {
             Ok(()) => return Ok(()),
-            Err(e) if next.is_usable() && !matches!(e, PublishError::Broker(_)) => return Err(e),
+            Err(e) if !session_broke(&next, &e) => return Err(e),
             Err(e) => {
                 error = e;
                 broken.push(next);
@@ -436,6 +436,12 @@ async fn publish_surviving_reconnect(
         }
     }
     Err(error)
+}
+
+/// Whether a failed publish means its session broke: its channel is closed, or the broker
+/// failed the publish itself (rather than a nack, no route, or a confirm late on a live channel).
+fn session_broke(publisher: &Publisher, error: &PublishError) -> bool {
+    !publisher.is_usable() || matches!(error, PublishError::Broker(_))
 }
 
 async fn reject_invalid(
