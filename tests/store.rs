@@ -229,6 +229,52 @@ async fn embedded_records_expire_after_ttl_and_are_pruned() {
 }
 
 #[tokio::test]
+async fn embedded_pruning_goes_oldest_first_past_one_batch_and_keeps_live_records() {
+    let (store, now) = embedded(Duration::from_secs(60), Duration::from_secs(3600));
+    let start = now.load(Ordering::SeqCst);
+    let complete = |keys: Vec<String>| {
+        let store = &store;
+        async move {
+            for chunk in keys.chunks(100) {
+                futures_util::future::join_all(chunk.iter().map(|k| async move {
+                    store.claim(k, "1:0:retry", "a").await.unwrap();
+                    store
+                        .complete(k, &outcome(k, Status::Succeeded))
+                        .await
+                        .unwrap();
+                }))
+                .await;
+            }
+        }
+    };
+    // More than one pruning batch (1,000 rows) of old records, then younger ones.
+    let old: Vec<String> = (0..2500).map(|_| key("old")).collect();
+    complete(old.clone()).await;
+    now.store(start + 1_800_000, Ordering::SeqCst);
+    let young: Vec<String> = (0..10).map(|_| key("young")).collect();
+    complete(young.clone()).await;
+    // Past the old records' TTL, one of them runs again: its record is written anew in its old
+    // place, out of time order, and must survive the pruning around it.
+    now.store(start + 3_600_001, Ordering::SeqCst);
+    complete(old[..1].to_vec()).await;
+    assert_eq!(store.prune().await.unwrap(), 2499);
+    for k in young.iter().chain(&old[..1]) {
+        assert!(
+            matches!(
+                store.claim(k, "1:0:retry", "b").await.unwrap(),
+                Claim::Finished(_)
+            ),
+            "a live record was pruned"
+        );
+    }
+    assert_eq!(
+        store.claim(&old[1], "1:0:retry", "b").await.unwrap(),
+        Claim::Acquired { takeover: false },
+        "a pruned key is new again"
+    );
+}
+
+#[tokio::test]
 async fn embedded_expired_record_is_not_replayed_even_before_pruning() {
     let (store, now) = embedded(Duration::from_secs(60), Duration::from_secs(3600));
     let k = key("stale");
@@ -344,6 +390,63 @@ async fn embedded_loop_guard_counts_per_window() {
 }
 
 #[tokio::test]
+async fn embedded_loop_guard_counts_survive_a_restart_and_ended_windows_are_pruned() {
+    let cfg = config(Duration::from_secs(60), Duration::from_secs(3600));
+    let now = Arc::new(AtomicI64::new(1_800_000_000_000));
+    let open = || {
+        let clock = now.clone();
+        EmbeddedStore::open_with_clock(&cfg, Arc::new(move || clock.load(Ordering::SeqCst)))
+            .unwrap()
+    };
+    let (hour, step) = (Duration::from_secs(3600), "5:1:rollback");
+    let store = open();
+    for _ in 0..2 {
+        assert!(store.count_execution(step, hour, 3).await.unwrap());
+    }
+    drop(store);
+    now.fetch_add(60_000, Ordering::SeqCst);
+    let store = open();
+    assert!(
+        store.count_execution(step, hour, 3).await.unwrap(),
+        "the third execution in the window"
+    );
+    assert!(
+        !store.count_execution(step, hour, 3).await.unwrap(),
+        "a restart does not reset the window: the fourth is refused"
+    );
+    assert!(
+        store.count_execution("5:1:retry", hour, 3).await.unwrap(),
+        "the other mode is another step"
+    );
+    // The first window ends an hour after its first execution (the second started a minute in).
+    now.fetch_add(3_540_000, Ordering::SeqCst);
+    store.prune().await.unwrap();
+    drop(store);
+    let db = rusqlite::Connection::open(&cfg.path).unwrap();
+    let left: Vec<String> = db
+        .prepare("SELECT fingerprint FROM guard_log")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        left,
+        ["5:1:retry"],
+        "only the window that has not ended is kept"
+    );
+    drop(db);
+    let store = open();
+    for _ in 0..3 {
+        assert!(
+            store.count_execution(step, hour, 3).await.unwrap(),
+            "a new window starts afresh"
+        );
+    }
+    assert!(!store.count_execution(step, hour, 3).await.unwrap());
+}
+
+#[tokio::test]
 async fn postgres_loop_guard_is_shared_and_atomic() {
     let store = Arc::new(postgres(Duration::from_secs(60), Duration::from_secs(3600)).await);
     let fp = key("guard");
@@ -399,6 +502,60 @@ async fn embedded_files_of_earlier_layouts_are_migrated_with_their_outcomes() {
     for version in [1, 2] {
         migrates_from(version).await;
     }
+}
+
+/// Version 3: finished outcomes in a rowid table with an index on their expiry, and one
+/// loop-guard row per step. Version 4 keeps the outcomes, drops that index, and turns the counts
+/// into log rows.
+#[tokio::test]
+async fn embedded_files_of_version_3_keep_outcomes_and_loop_guard_counts() {
+    let cfg = config(Duration::from_secs(600), Duration::from_secs(3600));
+    let (done, now) = (key("done"), 1_800_000_000_000i64);
+    {
+        std::fs::create_dir_all(std::path::Path::new(&cfg.path).parent().unwrap()).unwrap();
+        let db = rusqlite::Connection::open(&cfg.path).unwrap();
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE guard (fingerprint TEXT PRIMARY KEY, window_start INTEGER NOT NULL,
+                 executions INTEGER NOT NULL) WITHOUT ROWID;
+             INSERT INTO guard VALUES ('7:0:retry', 1800000000000, 3), ('8:0:retry', 1800000000000, 2);
+             CREATE TABLE outcomes (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE,
+                 fingerprint TEXT NOT NULL, owner TEXT NOT NULL, outcome TEXT NOT NULL,
+                 expires_at INTEGER NOT NULL);
+             CREATE INDEX outcomes_expires ON outcomes (expires_at);
+             PRAGMA user_version = 3;",
+        )
+        .unwrap();
+        db.execute(
+            "INSERT INTO outcomes (key, fingerprint, owner, outcome, expires_at)
+             VALUES (?1, '1:0:retry', 'old#1', ?2, ?3)",
+            rusqlite::params![
+                done,
+                serde_json::to_string(&outcome(&done, Status::Succeeded)).unwrap(),
+                now + 3_600_000
+            ],
+        )
+        .unwrap();
+    }
+    let store = EmbeddedStore::open_with_clock(&cfg, Arc::new(move || now)).unwrap();
+    assert!(matches!(
+        store.claim(&done, "1:0:retry", "new#1").await.unwrap(),
+        Claim::Finished(_)
+    ));
+    let hour = Duration::from_secs(3600);
+    assert!(!store.count_execution("7:0:retry", hour, 3).await.unwrap());
+    assert!(store.count_execution("8:0:retry", hour, 3).await.unwrap());
+    assert!(!store.count_execution("8:0:retry", hour, 3).await.unwrap());
+    drop(store);
+    let db = rusqlite::Connection::open(&cfg.path).unwrap();
+    let objects: Vec<String> = db
+        .prepare("SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(objects, ["guard_log", "outcomes"]);
 }
 
 /// A file as an earlier release left it: one WITHOUT ROWID table of claims and outcomes (schema

@@ -16,11 +16,18 @@
 //! so a key a dead process left mid-call runs again at once rather than after its lease.
 //!
 //! Layout: `outcomes` holds finished outcomes in a rowid table (appended in time order, with a
-//! unique index on the key), `guard` the loop-guard counts. Per job that is one small index entry
-//! and one guard row at random places plus an append, instead of a whole outcome row placed by
-//! its random key (which split pages and cost about twice as much with random keys).
+//! unique index on the key); `guard_log` records each execution the loop guard allowed, also
+//! appended. Per job that is one small index entry at a random place plus two appends, instead of
+//! a whole outcome row placed by its random key (which split pages and cost about twice as much)
+//! and a guard row per step at another random place (a third of what was left). Both tables are
+//! pruned oldest-first by rowid, which follows time, so neither needs an index on its time.
+//!
+//! Loop-guard counts are answered from memory (one small entry per step that ran within the
+//! window, at most [`GUARD_CAP`]) and rebuilt from `guard_log` when the file is opened, so a
+//! restart keeps them.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::{mpsc as std_mpsc, Arc, Weak};
 use std::time::Duration;
@@ -45,7 +52,10 @@ const PRUNE_BATCH: usize = 1000;
 /// WAL pages between checkpoints (32 MiB): fewer, larger checkpoints, each page written once.
 const CHECKPOINT_PAGES: i64 = 8192;
 /// Schema version kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
+/// Steps whose loop-guard window is tracked in memory at most (under 64 bytes each). Past it the
+/// oldest windows are forgotten first, with a warning: the guard then lets those steps run again.
+pub const GUARD_CAP: usize = 1_000_000;
 
 /// Milliseconds since the epoch; injectable for tests.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -78,6 +88,21 @@ struct Db {
     /// (calling SWR with the same Idempotency-Key, as a take-over does). Bounded by the jobs in
     /// flight; entries whose lease ran out are dropped when pruning.
     running: HashMap<String, Running>,
+    /// Loop-guard windows by step (see [`guard_key`]); every allowed execution is also appended
+    /// to `guard_log`, from which this map is rebuilt on open.
+    guard: HashMap<u64, GuardWindow>,
+    /// The loop-guard window last asked for, in milliseconds: what pruning keeps. Until one is
+    /// asked for, the guard is not pruned.
+    guard_window_ms: Option<i64>,
+    /// [`GUARD_CAP`], smaller in tests.
+    guard_cap: usize,
+}
+
+/// One step's current loop-guard window.
+#[derive(Clone, Copy)]
+struct GuardWindow {
+    start: i64,
+    executions: u32,
 }
 
 /// One in-memory claim.
@@ -156,7 +181,9 @@ impl EmbeddedStore {
         }
         let conn = Connection::open(path)
             .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
-        let orphans = migrate(&conn).map_err(|e| match e {
+        let migrated =
+            migrate(&conn).and_then(|orphans| load_guard(&conn).map(|guard| (orphans, guard)));
+        let (orphans, guard) = migrated.map_err(|e| match e {
             rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DatabaseBusy => {
                 StoreError(format!(
                     "{} is in use by another process (idempotency.path): each worker needs its own file; several workers share idempotency.backend = \"postgres\"",
@@ -177,6 +204,9 @@ impl EmbeddedStore {
                 conn,
                 open: None,
                 running: HashMap::new(),
+                guard,
+                guard_window_ms: None,
+                guard_cap: GUARD_CAP,
             }),
             clock,
             lease_ms: millis(config.lease),
@@ -276,15 +306,6 @@ fn migrate(db: &Connection) -> rusqlite::Result<usize> {
     db.execute_batch("BEGIN IMMEDIATE")?;
     let migrated = (|| {
         let version: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version < 2 {
-            db.execute_batch(
-                "CREATE TABLE IF NOT EXISTS guard (
-                     fingerprint  TEXT PRIMARY KEY,
-                     window_start INTEGER NOT NULL,
-                     executions   INTEGER NOT NULL
-                 ) WITHOUT ROWID;",
-            )?;
-        }
         let mut orphans = 0;
         if version < 3 {
             // Finished outcomes only (claims live in memory), in a rowid table: rows are appended
@@ -297,8 +318,7 @@ fn migrate(db: &Connection) -> rusqlite::Result<usize> {
                      owner       TEXT NOT NULL,
                      outcome     TEXT NOT NULL,
                      expires_at  INTEGER NOT NULL
-                 );
-                 CREATE INDEX IF NOT EXISTS outcomes_expires ON outcomes (expires_at);",
+                 );",
             )?;
             // From the first schema (one WITHOUT ROWID table of claims and outcomes), found by
             // name: an early release could stop between creating it and recording the version.
@@ -318,6 +338,32 @@ fn migrate(db: &Connection) -> rusqlite::Result<usize> {
                 )?;
             }
         }
+        if version < 4 {
+            // Loop-guard executions as an appended log instead of one row per step at a random
+            // place; version 2 and 3 counts become that many log rows of their window.
+            db.execute_batch(
+                "CREATE TABLE IF NOT EXISTS guard_log (
+                     id           INTEGER PRIMARY KEY,
+                     fingerprint  TEXT NOT NULL,
+                     window_start INTEGER NOT NULL
+                 );
+                 DROP INDEX IF EXISTS outcomes_expires;",
+            )?;
+            let old_table: bool = db.query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'guard'",
+                [],
+                |r| r.get(0),
+            )?;
+            if old_table {
+                db.execute_batch(
+                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000)
+                     INSERT INTO guard_log (fingerprint, window_start)
+                         SELECT fingerprint, window_start FROM guard JOIN n ON n.i <= guard.executions
+                         ORDER BY window_start;
+                     DROP TABLE guard;",
+                )?;
+            }
+        }
         if version < SCHEMA_VERSION {
             db.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
@@ -333,6 +379,100 @@ fn migrate(db: &Connection) -> rusqlite::Result<usize> {
             Err(e)
         }
     }
+}
+
+/// The loop-guard windows, replayed from `guard_log` in order (pruning keeps it to the windows
+/// that had not ended).
+fn load_guard(db: &Connection) -> rusqlite::Result<HashMap<u64, GuardWindow>> {
+    let mut guard: HashMap<u64, GuardWindow> = HashMap::new();
+    let mut rows = db.prepare("SELECT fingerprint, window_start FROM guard_log ORDER BY id")?;
+    let mut rows = rows.query([])?;
+    while let Some(row) = rows.next()? {
+        let (fingerprint, start): (String, i64) = (row.get(0)?, row.get(1)?);
+        let window = guard.entry(guard_key(&fingerprint)).or_insert(GuardWindow {
+            start,
+            executions: 0,
+        });
+        if window.start != start {
+            *window = GuardWindow {
+                start,
+                executions: 0,
+            };
+        }
+        window.executions += 1;
+    }
+    Ok(guard)
+}
+
+/// A step's fingerprint (`pipeline:stage:mode`, see [`super::fingerprint`]) packed exactly into
+/// 63 bits; anything else is hashed, with the top bit set so the two never meet.
+fn guard_key(fingerprint: &str) -> u64 {
+    let mut parts = fingerprint.split(':');
+    let packed = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(pipeline), Some(stage), Some(mode), None) => {
+            match (pipeline.parse::<u32>(), stage.parse::<u32>(), mode) {
+                (Ok(p), Ok(s), "retry" | "rollback") if p < 1 << 31 && s < 1 << 31 => {
+                    Some(u64::from(p) << 32 | u64::from(s) << 1 | u64::from(mode == "rollback"))
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    packed.unwrap_or_else(|| {
+        let mut hasher = std::hash::DefaultHasher::new();
+        fingerprint.hash(&mut hasher);
+        hasher.finish() | 1 << 63
+    })
+}
+
+/// Makes room for one more step in a full loop-guard map: windows that ended go first, then the
+/// oldest tenth.
+fn make_guard_room(db: &mut Db, now: i64) {
+    if let Some(window_ms) = db.guard_window_ms {
+        db.guard.retain(|_, w| w.start > now - window_ms);
+        if db.guard.len() < db.guard_cap {
+            return;
+        }
+    }
+    let mut starts: Vec<i64> = db.guard.values().map(|w| w.start).collect();
+    let (_, &mut oldest_kept, _) = starts.select_nth_unstable(db.guard_cap / 10);
+    db.guard.retain(|_, w| w.start > oldest_kept);
+    tracing::warn!(
+        cap = db.guard_cap,
+        "more steps ran within guard.window than the loop guard tracks; the oldest windows were forgotten and those steps may run again"
+    );
+}
+
+/// Deletes up to [`PRUNE_BATCH`] rows of `table` after rowid `after` whose `column` is below
+/// `cutoff`. Returns how many went and where the next batch starts, or `None` when pruning should
+/// stop: rows are appended in time order, so a batch with nothing to delete means the rest is
+/// newer still (a row that is out of order, such as an expired key written again in place, is
+/// skipped and never stops it).
+fn prune_batch(
+    conn: &Connection,
+    table: &str,
+    column: &str,
+    after: i64,
+    cutoff: i64,
+) -> rusqlite::Result<(usize, Option<i64>)> {
+    let (last, rows): (Option<i64>, i64) = conn
+        .prepare_cached(&format!(
+            "SELECT max(id), count(*) FROM (SELECT id FROM {table} WHERE id > ?1 ORDER BY id LIMIT ?2)"
+        ))?
+        .query_row(params![after, PRUNE_BATCH as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let Some(last) = last else {
+        return Ok((0, None));
+    };
+    let deleted = conn
+        .prepare_cached(&format!(
+            "DELETE FROM {table} WHERE id > ?1 AND id <= ?2 AND {column} < ?3"
+        ))?
+        .execute(params![after, last, cutoff])?;
+    let more = deleted > 0 && rows == PRUNE_BATCH as i64;
+    Ok((deleted, more.then_some(last)))
 }
 
 fn claim(
@@ -450,34 +590,38 @@ impl Store for EmbeddedStore {
 
     fn prune(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
-            // In batches, letting jobs in between, so a large backlog never stalls the store.
+            // Oldest first, in batches, letting jobs in between, so a large backlog never stalls
+            // the store.
             let mut pruned = 0u64;
-            loop {
-                let n = self
+            let mut after = Some(0);
+            while let Some(from) = after {
+                let (n, next) = self
                     .run(|db, now, _| {
                         db.running.retain(|_, r| r.lease_until >= now);
-                        db.conn
-                            .prepare_cached(
-                                "DELETE FROM outcomes WHERE id IN
-                                 (SELECT id FROM outcomes WHERE expires_at < ?1 LIMIT ?2)",
-                            )?
-                            .execute(params![now, PRUNE_BATCH as i64])
+                        prune_batch(&db.conn, "outcomes", "expires_at", from, now)
                     })
                     .await?;
                 pruned += n as u64;
-                if n < PRUNE_BATCH {
-                    break;
-                }
+                after = next;
                 tokio::task::yield_now().await;
             }
-            // Guard windows older than a day are of no use to any window setting here.
-            self.run_durable(|db, now, _| {
-                db.conn
-                    .prepare_cached("DELETE FROM guard WHERE window_start < ?1")?
-                    .execute(params![now - 86_400_000])
-                    .map(drop)
-            })
-            .await?;
+            // Loop-guard windows that ended: from memory and from the log.
+            let mut after = Some(0);
+            while let Some(from) = after {
+                (_, after) = self
+                    .run(|db, now, _| {
+                        let Some(window_ms) = db.guard_window_ms else {
+                            return Ok((0, None));
+                        };
+                        let cutoff = now - window_ms + 1;
+                        db.guard.retain(|_, w| w.start >= cutoff);
+                        prune_batch(&db.conn, "guard_log", "window_start", from, cutoff)
+                    })
+                    .await?;
+                tokio::task::yield_now().await;
+            }
+            // The deletions become durable with the jobs' next commit; pruning again after a
+            // crash finds the same rows.
             Ok(pruned)
         })
     }
@@ -505,16 +649,37 @@ impl Store for EmbeddedStore {
         max: u32,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(self.run(move |db, now, _| {
+            // A fixed window per step, from its first execution: one that started
+            // `window` ago or earlier has ended, and the next execution starts a new one.
+            let window_ms = millis(window);
+            db.guard_window_ms = Some(window_ms);
+            let key = guard_key(fingerprint);
+            let current = db
+                .guard
+                .get(&key)
+                .copied()
+                .filter(|w| w.start > now - window_ms);
+            let next = match current {
+                Some(w) if w.executions >= max => return Ok(false),
+                Some(w) => GuardWindow {
+                    start: w.start,
+                    executions: w.executions + 1,
+                },
+                None => GuardWindow {
+                    start: now,
+                    executions: 1,
+                },
+            };
             db.conn
                 .prepare_cached(
-                    "INSERT INTO guard (fingerprint, window_start, executions) VALUES (?1, ?2, 1)
-                 ON CONFLICT (fingerprint) DO UPDATE SET
-                     executions = CASE WHEN window_start <= ?2 - ?3 THEN 1 ELSE executions + 1 END,
-                     window_start = CASE WHEN window_start <= ?2 - ?3 THEN ?2 ELSE window_start END
-                 WHERE window_start <= ?2 - ?3 OR executions < ?4",
+                    "INSERT INTO guard_log (fingerprint, window_start) VALUES (?1, ?2)",
                 )?
-                .execute(params![fingerprint, now, millis(window), max])
-                .map(|changed| changed > 0)
+                .execute(params![fingerprint, next.start])?;
+            if db.guard.len() >= db.guard_cap && !db.guard.contains_key(&key) {
+                make_guard_room(db, now);
+            }
+            db.guard.insert(key, next);
+            Ok(true)
         }))
     }
 
@@ -526,5 +691,75 @@ impl Store for EmbeddedStore {
                 .query_row("SELECT 1", [], |_| Ok(()))
                 .map_err(|e| StoreError(e.to_string()))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    use super::*;
+
+    const MINUTE: i64 = 60_000;
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn store(dir: &str) -> (EmbeddedStore, Arc<AtomicI64>) {
+        let mut config = crate::config::Config::load(None, [])
+            .expect("default configuration")
+            .idempotency;
+        config.path = std::env::temp_dir()
+            .join(format!(
+                "swr-stage-worker-unit-{dir}-{}",
+                uuid::Uuid::new_v4()
+            ))
+            .join("idempotency.db")
+            .display()
+            .to_string();
+        let now = Arc::new(AtomicI64::new(1_800_000_000_000));
+        let clock = now.clone();
+        let store =
+            EmbeddedStore::open_with_clock(&config, Arc::new(move || clock.load(Ordering::SeqCst)))
+                .expect("open");
+        store.shared.db.try_lock().expect("unlocked").guard_cap = 10;
+        (store, now)
+    }
+
+    fn step(i: i64) -> String {
+        super::super::fingerprint(i, 0, "retry")
+    }
+
+    #[tokio::test]
+    async fn a_full_loop_guard_forgets_ended_windows_first() {
+        let (store, now) = store("guard-ended");
+        for i in 1..=10 {
+            assert!(store.count_execution(&step(i), HOUR, 1).await.unwrap());
+        }
+        now.fetch_add(60 * MINUTE, Ordering::SeqCst);
+        assert!(store.count_execution(&step(11), HOUR, 1).await.unwrap());
+        let db = store.shared.db.try_lock().unwrap();
+        assert_eq!(db.guard.len(), 1, "only the live window is left");
+    }
+
+    #[tokio::test]
+    async fn a_full_loop_guard_forgets_the_oldest_windows_and_keeps_the_rest() {
+        let (store, now) = store("guard-full");
+        for i in 1..=10 {
+            assert!(store.count_execution(&step(i), HOUR, 1).await.unwrap());
+            now.fetch_add(MINUTE, Ordering::SeqCst);
+        }
+        // All ten windows are live; an eleventh step makes room by dropping the oldest tenth
+        // (and whatever started at the same moment as the last one dropped).
+        assert!(store.count_execution(&step(11), HOUR, 1).await.unwrap());
+        assert_eq!(store.shared.db.try_lock().unwrap().guard.len(), 9);
+        assert!(
+            store.count_execution(&step(1), HOUR, 1).await.unwrap(),
+            "the oldest window was forgotten"
+        );
+        for i in 3..=11 {
+            assert!(
+                !store.count_execution(&step(i), HOUR, 1).await.unwrap(),
+                "step {i} is still counted"
+            );
+        }
     }
 }
