@@ -70,6 +70,24 @@ fn fail(e: impl std::fmt::Display) -> BenchError {
     BenchError(e.to_string())
 }
 
+/// Limit for any one call to the broker, the endpoint or a child task.
+const NET_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A bounded await: a broker or endpoint that stops answering fails the bench with a message
+/// instead of hanging it.
+trait Bounded<T>: std::future::Future + Sized {
+    async fn bounded(self) -> Result<T, BenchError>;
+}
+
+impl<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>> Bounded<T> for F {
+    async fn bounded(self) -> Result<T, BenchError> {
+        match tokio::time::timeout(NET_TIMEOUT, self).await {
+            Ok(result) => result.map_err(fail),
+            Err(_) => Err(fail(format!("no answer within {NET_TIMEOUT:?}"))),
+        }
+    }
+}
+
 /// The token the benchmark's simulator accepts.
 const TOKEN: &str = "bench-token";
 
@@ -83,15 +101,15 @@ pub async fn run(base: Config, options: BenchOptions) -> Result<Vec<PhaseResult>
             ..SimConfig::default()
         },
     )
-    .await
-    .map_err(fail)?;
+    .bounded()
+    .await?;
     let broker = connect(
         &base.amqp.url,
         "swr-stage-worker.bench",
         Duration::from_secs(10),
     )
-    .await
-    .map_err(fail)?;
+    .bounded()
+    .await?;
     println!(
         "bench: {} jobs per phase, prefetch/concurrency {}, endpoint {}",
         options.jobs,
@@ -197,7 +215,7 @@ async fn endpoint_rate(url: &str, n: usize, concurrency: usize) -> Result<f64, B
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
-        let permit = slots.clone().acquire_owned().await.map_err(fail)?;
+        let permit = slots.clone().acquire_owned().bounded().await?;
         let (client, url) = (
             client.clone(),
             format!("{url}/v3/manage/pipelines/{}/stages/0?mode=retry", 1 + i),
@@ -221,12 +239,12 @@ async fn post(client: &reqwest::Client, url: &str, key: &str) -> Result<(), Benc
         .header("Idempotency-Key", key)
         .header(reqwest::header::CONTENT_LENGTH, "0")
         .send()
-        .await
-        .map_err(fail)?;
+        .bounded()
+        .await?;
     if response.status().as_u16() != 201 {
         return Err(fail(format!("endpoint answered {}", response.status())));
     }
-    response.bytes().await.map_err(fail)?;
+    response.bytes().bounded().await?;
     Ok(())
 }
 
@@ -252,10 +270,8 @@ async fn prepare(
     n: usize,
     tag: &str,
 ) -> Result<(Channel, String), BenchError> {
-    let channel = broker.create_channel().await.map_err(fail)?;
-    topology::declare(&channel, &config.amqp)
-        .await
-        .map_err(fail)?;
+    let channel = broker.create_channel().bounded().await?;
+    topology::declare(&channel, &config.amqp).bounded().await?;
     let results = format!("{}.seen", config.amqp.results_exchange);
     channel
         .queue_declare(
@@ -266,8 +282,8 @@ async fn prepare(
             },
             FieldTable::default(),
         )
-        .await
-        .map_err(fail)?;
+        .bounded()
+        .await?;
     channel
         .queue_bind(
             results.as_str().into(),
@@ -276,8 +292,8 @@ async fn prepare(
             QueueBindOptions::default(),
             FieldTable::default(),
         )
-        .await
-        .map_err(fail)?;
+        .bounded()
+        .await?;
     fill(&channel, &config.amqp.request_queue, 0..n, tag).await?;
     Ok((channel, results))
 }
@@ -298,8 +314,8 @@ async fn fill(
 ) -> Result<(), BenchError> {
     channel
         .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(fail)?;
+        .bounded()
+        .await?;
     let mut pending = std::collections::VecDeque::new();
     for i in range {
         let body = format!(
@@ -315,18 +331,18 @@ async fn fill(
                 body.as_bytes(),
                 BasicProperties::default().with_delivery_mode(2),
             )
-            .await
-            .map_err(fail)?;
+            .bounded()
+            .await?;
         pending.push_back(confirm);
         if pending.len() >= 2048 {
             let confirm = pending.pop_front().expect("not empty");
-            if !confirm.await.map_err(fail)?.is_ack() {
+            if !confirm.bounded().await?.is_ack() {
                 return Err(fail("the broker refused a request"));
             }
         }
     }
     for confirm in pending {
-        if !confirm.await.map_err(fail)?.is_ack() {
+        if !confirm.bounded().await?.is_ack() {
             return Err(fail("the broker refused a request"));
         }
     }
@@ -335,11 +351,11 @@ async fn fill(
 
 /// Counts `n` outcomes on `queue`; returns jobs/s from the first to the last.
 async fn count_outcomes(broker: &Connection, queue: &str, n: usize) -> Result<f64, BenchError> {
-    let channel = broker.create_channel().await.map_err(fail)?;
+    let channel = broker.create_channel().bounded().await?;
     channel
         .basic_qos(1000, BasicQosOptions::default())
-        .await
-        .map_err(fail)?;
+        .bounded()
+        .await?;
     let mut consumer = channel
         .basic_consume(
             queue.into(),
@@ -350,8 +366,8 @@ async fn count_outcomes(broker: &Connection, queue: &str, n: usize) -> Result<f6
             },
             FieldTable::default(),
         )
-        .await
-        .map_err(fail)?;
+        .bounded()
+        .await?;
     let mut first = None;
     for seen in 0..n {
         match tokio::time::timeout(Duration::from_secs(60), consumer.next()).await {
@@ -365,26 +381,34 @@ async fn count_outcomes(broker: &Connection, queue: &str, n: usize) -> Result<f6
         .map_or(Duration::ZERO, |f| f.elapsed())
         .as_secs_f64()
         .max(1e-9);
-    let _ = channel.close(200, "counted".into()).await;
+    let _ =
+        tokio::time::timeout(Duration::from_secs(5), channel.close(200, "counted".into())).await;
     Ok((n.saturating_sub(1)) as f64 / elapsed)
 }
 
+/// Deletes a phase's queues and exchanges and closes its channel (bounded: a broker that stopped
+/// answering leaves them behind rather than hanging the bench).
 async fn cleanup(channel: &Channel, config: &Config, results: &str) {
     let amqp = &config.amqp;
-    for q in [
-        amqp.request_queue.as_str(),
-        amqp.dead_letter_queue.as_str(),
-        results,
-    ] {
-        let _ = channel
-            .queue_delete(q.into(), QueueDeleteOptions::default())
-            .await;
-    }
-    for x in [&amqp.dead_letter_exchange, &amqp.results_exchange] {
-        let _ = channel
-            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
-    }
+    let delete_all = async {
+        for q in [
+            amqp.request_queue.as_str(),
+            amqp.dead_letter_queue.as_str(),
+            results,
+        ] {
+            let _ = channel
+                .queue_delete(q.into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for x in [&amqp.dead_letter_exchange, &amqp.results_exchange] {
+            let _ = channel
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        // Closed here, not left for the connection's close, which would log it as an error.
+        let _ = channel.close(200, "phase done".into()).await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(30), delete_all).await;
 }
 
 /// The bare loop phase: the same queues and endpoint, driven by [`bare_loop`] in a child
@@ -422,18 +446,18 @@ pub async fn bare_loop(config: Config, jobs: usize) -> Result<(), BenchError> {
         &config.amqp.connection_name,
         Duration::from_secs(10),
     )
-    .await
-    .map_err(fail)?;
-    let consume = broker.create_channel().await.map_err(fail)?;
+    .bounded()
+    .await?;
+    let consume = broker.create_channel().bounded().await?;
     consume
         .basic_qos(config.worker.concurrency as u16, BasicQosOptions::default())
-        .await
-        .map_err(fail)?;
-    let publish = broker.create_channel().await.map_err(fail)?;
+        .bounded()
+        .await?;
+    let publish = broker.create_channel().bounded().await?;
     publish
         .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(fail)?;
+        .bounded()
+        .await?;
     let client =
         crate::swr::client::SwrClient::new(&config.swr.endpoint, &config.http).map_err(fail)?;
     let token = config.swr.auth.token.clone();
@@ -444,14 +468,14 @@ pub async fn bare_loop(config: Config, jobs: usize) -> Result<(), BenchError> {
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
-        .await
-        .map_err(fail)?;
+        .bounded()
+        .await?;
     let exchange: Arc<str> = config.amqp.results_exchange.as_str().into();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..jobs {
-        let delivery = deliveries
-            .next()
+        let delivery = tokio::time::timeout(NET_TIMEOUT, deliveries.next())
             .await
+            .map_err(|_| fail(format!("no request delivered within {NET_TIMEOUT:?}")))?
             .ok_or_else(|| fail("consumer ended"))?
             .map_err(fail)?;
         let (client, publish, exchange, token) = (
@@ -493,17 +517,14 @@ pub async fn bare_loop(config: Config, jobs: usize) -> Result<(), BenchError> {
                     result.as_bytes(),
                     properties,
                 )
-                .await
-                .map_err(fail)?
-                .await
-                .map_err(fail)?;
+                .bounded()
+                .await?
+                .bounded()
+                .await?;
             if !confirm.is_ack() {
                 return Err(fail("result nacked"));
             }
-            delivery
-                .ack(BasicAckOptions::default())
-                .await
-                .map_err(fail)?;
+            delivery.ack(BasicAckOptions::default()).bounded().await?;
             Ok::<(), BenchError>(())
         });
         while let Some(done) = tasks.try_join_next() {
@@ -513,7 +534,7 @@ pub async fn bare_loop(config: Config, jobs: usize) -> Result<(), BenchError> {
     while let Some(done) = tasks.join_next().await {
         done.map_err(fail)??;
     }
-    let _ = broker.close(200, "done".into()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), broker.close(200, "done".into())).await;
     Ok(())
 }
 
@@ -658,7 +679,7 @@ async fn latency(
     n: usize,
     tag: &str,
 ) -> Result<(f64, f64), BenchError> {
-    let channel = broker.create_channel().await.map_err(fail)?;
+    let channel = broker.create_channel().bounded().await?;
     let mut consumer = channel
         .basic_consume(
             results.into(),
@@ -669,8 +690,8 @@ async fn latency(
             },
             FieldTable::default(),
         )
-        .await
-        .map_err(fail)?;
+        .bounded()
+        .await?;
     let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
     let publisher = {
         let (sent, queue, tag) = (
@@ -678,7 +699,7 @@ async fn latency(
             config.amqp.request_queue.clone(),
             format!("{tag}-lat"),
         );
-        let channel = broker.create_channel().await.map_err(fail)?;
+        let channel = broker.create_channel().bounded().await?;
         tokio::spawn(async move {
             let start = tokio::time::Instant::now();
             for i in 0..n {
@@ -722,8 +743,8 @@ async fn latency(
             samples.push(arrived.duration_since(at).as_secs_f64() * 1000.0);
         }
     }
-    publisher.await.map_err(fail)?;
-    let _ = channel.close(200, "done".into()).await;
+    publisher.bounded().await?;
+    let _ = tokio::time::timeout(Duration::from_secs(5), channel.close(200, "done".into())).await;
     samples.sort_by(f64::total_cmp);
     let pick = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
     Ok((pick(0.50), pick(0.99)))
