@@ -253,12 +253,12 @@ async fn embedded_pruning_goes_oldest_first_past_one_batch_and_keeps_live_record
     now.store(start + 1_800_000, Ordering::SeqCst);
     let young: Vec<String> = (0..10).map(|_| key("young")).collect();
     complete(young.clone()).await;
-    // Past the old records' TTL, one of them runs again: its record is written anew in its old
-    // place, out of time order, and must survive the pruning around it.
+    // Past the old records' TTL, a whole batch of them runs again: their new records must
+    // survive, and must not stop the pruning of the old ones behind them.
     now.store(start + 3_600_001, Ordering::SeqCst);
-    complete(old[..1].to_vec()).await;
-    assert_eq!(store.prune().await.unwrap(), 2499);
-    for k in young.iter().chain(&old[..1]) {
+    complete(old[..1000].to_vec()).await;
+    assert_eq!(store.prune().await.unwrap(), 1500);
+    for k in young.iter().chain(&old[..1000]) {
         assert!(
             matches!(
                 store.claim(k, "1:0:retry", "b").await.unwrap(),
@@ -268,7 +268,7 @@ async fn embedded_pruning_goes_oldest_first_past_one_batch_and_keeps_live_record
         );
     }
     assert_eq!(
-        store.claim(&old[1], "1:0:retry", "b").await.unwrap(),
+        store.claim(&old[1000], "1:0:retry", "b").await.unwrap(),
         Claim::Acquired { takeover: false },
         "a pruned key is new again"
     );
@@ -518,7 +518,8 @@ async fn embedded_files_of_version_3_keep_outcomes_and_loop_guard_counts() {
             "PRAGMA journal_mode = WAL;
              CREATE TABLE guard (fingerprint TEXT PRIMARY KEY, window_start INTEGER NOT NULL,
                  executions INTEGER NOT NULL) WITHOUT ROWID;
-             INSERT INTO guard VALUES ('7:0:retry', 1800000000000, 3), ('8:0:retry', 1800000000000, 2);
+             INSERT INTO guard VALUES ('7:0:retry', 1800000000000, 3), ('8:0:retry', 1800000000000, 2),
+                 ('9:0:retry', 1800000000000, 1500);
              CREATE TABLE outcomes (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE,
                  fingerprint TEXT NOT NULL, owner TEXT NOT NULL, outcome TEXT NOT NULL,
                  expires_at INTEGER NOT NULL);
@@ -546,6 +547,17 @@ async fn embedded_files_of_version_3_keep_outcomes_and_loop_guard_counts() {
     assert!(!store.count_execution("7:0:retry", hour, 3).await.unwrap());
     assert!(store.count_execution("8:0:retry", hour, 3).await.unwrap());
     assert!(!store.count_execution("8:0:retry", hour, 3).await.unwrap());
+    assert!(
+        store
+            .count_execution("9:0:retry", hour, 1501)
+            .await
+            .unwrap()
+            && !store
+                .count_execution("9:0:retry", hour, 1501)
+                .await
+                .unwrap(),
+        "large counts are kept whole"
+    );
     drop(store);
     let db = rusqlite::Connection::open(&cfg.path).unwrap();
     let objects: Vec<String> = db

@@ -53,9 +53,10 @@ const PRUNE_BATCH: usize = 1000;
 const CHECKPOINT_PAGES: i64 = 8192;
 /// Schema version kept in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 4;
-/// Steps whose loop-guard window is tracked in memory at most (under 64 bytes each). Past it the
-/// oldest windows are forgotten first, with a warning: the guard then lets those steps run again.
-pub const GUARD_CAP: usize = 1_000_000;
+/// Steps whose loop-guard window is tracked in memory at most (about 52 bytes each, so 26 MiB at
+/// the cap). Past it the oldest windows are forgotten first, with a warning: the guard then lets
+/// those steps run again.
+pub const GUARD_CAP: usize = 500_000;
 
 /// Milliseconds since the epoch; injectable for tests.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -183,6 +184,11 @@ impl EmbeddedStore {
             .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
         let migrated =
             migrate(&conn).and_then(|orphans| load_guard(&conn).map(|guard| (orphans, guard)));
+        let migrated = migrated.map(|(orphans, mut guard)| {
+            // Windows forgotten for the cap are still in the log until they end.
+            forget_oldest_guard_windows(&mut guard, GUARD_CAP - GUARD_CAP / 10, GUARD_CAP);
+            (orphans, guard)
+        });
         let (orphans, guard) = migrated.map_err(|e| match e {
             rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DatabaseBusy => {
                 StoreError(format!(
@@ -356,7 +362,8 @@ fn migrate(db: &Connection) -> rusqlite::Result<usize> {
             )?;
             if old_table {
                 db.execute_batch(
-                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000)
+                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n
+                         WHERE i < (SELECT max(executions) FROM guard))
                      INSERT INTO guard_log (fingerprint, window_start)
                          SELECT fingerprint, window_start FROM guard JOIN n ON n.i <= guard.executions
                          ORDER BY window_start;
@@ -429,17 +436,25 @@ fn guard_key(fingerprint: &str) -> u64 {
 /// Makes room for one more step in a full loop-guard map: windows that ended go first, then the
 /// oldest tenth.
 fn make_guard_room(db: &mut Db, now: i64) {
+    // Down to nine tenths of the cap, so the next sweep is a tenth of the cap's steps away.
+    let target = db.guard_cap - db.guard_cap / 10;
     if let Some(window_ms) = db.guard_window_ms {
         db.guard.retain(|_, w| w.start > now - window_ms);
-        if db.guard.len() < db.guard_cap {
-            return;
-        }
     }
-    let mut starts: Vec<i64> = db.guard.values().map(|w| w.start).collect();
-    let (_, &mut oldest_kept, _) = starts.select_nth_unstable(db.guard_cap / 10);
-    db.guard.retain(|_, w| w.start > oldest_kept);
+    forget_oldest_guard_windows(&mut db.guard, target, db.guard_cap);
+}
+
+/// Drops the oldest windows until at most `target` are left (ties may take a few more).
+fn forget_oldest_guard_windows(guard: &mut HashMap<u64, GuardWindow>, target: usize, cap: usize) {
+    let Some(excess) = guard.len().checked_sub(target).filter(|&n| n > 0) else {
+        return;
+    };
+    let mut starts: Vec<i64> = guard.values().map(|w| w.start).collect();
+    let (_, &mut newest_dropped, _) = starts.select_nth_unstable(excess - 1);
+    guard.retain(|_, w| w.start > newest_dropped);
     tracing::warn!(
-        cap = db.guard_cap,
+        cap,
+        forgotten = excess,
         "more steps ran within guard.window than the loop guard tracks; the oldest windows were forgotten and those steps may run again"
     );
 }
@@ -447,8 +462,8 @@ fn make_guard_room(db: &mut Db, now: i64) {
 /// Deletes up to [`PRUNE_BATCH`] rows of `table` after rowid `after` whose `column` is below
 /// `cutoff`. Returns how many went and where the next batch starts, or `None` when pruning should
 /// stop: rows are appended in time order, so a batch with nothing to delete means the rest is
-/// newer still (a row that is out of order, such as an expired key written again in place, is
-/// skipped and never stops it).
+/// newer still. (A lowered `idempotency.ttl` breaks that order for a while: the newer, shorter
+/// lived rows then wait until the older ones expire, at most the old TTL.)
 fn prune_batch(
     conn: &Connection,
     table: &str,
@@ -554,23 +569,24 @@ impl Store for EmbeddedStore {
                 .remove(key)
                 .map(|r| (r.fingerprint, r.owner))
                 .unwrap_or_default();
-            db.conn
-                .prepare_cached(
-                    "INSERT INTO outcomes (key, fingerprint, owner, outcome, expires_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT (key) DO UPDATE SET
-                         fingerprint = ?2, owner = ?3, outcome = ?4, expires_at = ?5
-                     WHERE expires_at < ?6",
-                )?
-                .execute(params![
-                    key,
-                    fingerprint,
-                    owner,
-                    outcome,
-                    now.saturating_add(s.ttl_ms),
-                    now
-                ])
-                .map(drop)
+            let expires = now.saturating_add(s.ttl_ms);
+            let mut insert = db.conn.prepare_cached(
+                "INSERT INTO outcomes (key, fingerprint, owner, outcome, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (key) DO NOTHING",
+            )?;
+            if insert.execute(params![key, fingerprint, owner, outcome, expires])? == 0 {
+                // The key has a record. A live one stays (the first outcome wins); an expired
+                // one is replaced by a new row at the end, not rewritten in place, so rows stay
+                // in expiry order for pruning.
+                let expired = db
+                    .conn
+                    .prepare_cached("DELETE FROM outcomes WHERE key = ?1 AND expires_at < ?2")?
+                    .execute(params![key, now])?;
+                if expired > 0 {
+                    insert.execute(params![key, fingerprint, owner, outcome, expires])?;
+                }
+            }
+            Ok(())
         }))
     }
 
@@ -605,16 +621,24 @@ impl Store for EmbeddedStore {
                 after = next;
                 tokio::task::yield_now().await;
             }
-            // Loop-guard windows that ended: from memory and from the log.
-            let mut after = Some(0);
-            while let Some(from) = after {
+            // Loop-guard windows that ended: from memory once, then from the log in batches. Log
+            // rows hold their window's start, not their own time, so a few ended ones may sit
+            // behind live ones until a later pass; every row is gone one window after it was
+            // written.
+            let cutoff = self
+                .run(|db, now, _| {
+                    let Some(window_ms) = db.guard_window_ms else {
+                        return Ok(None);
+                    };
+                    let cutoff = now - window_ms + 1;
+                    db.guard.retain(|_, w| w.start >= cutoff);
+                    Ok(Some(cutoff))
+                })
+                .await?;
+            let mut after = cutoff.map(|_| 0);
+            while let (Some(from), Some(cutoff)) = (after, cutoff) {
                 (_, after) = self
-                    .run(|db, now, _| {
-                        let Some(window_ms) = db.guard_window_ms else {
-                            return Ok((0, None));
-                        };
-                        let cutoff = now - window_ms + 1;
-                        db.guard.retain(|_, w| w.start >= cutoff);
+                    .run(|db, _, _| {
                         prune_batch(&db.conn, "guard_log", "window_start", from, cutoff)
                     })
                     .await?;
@@ -747,19 +771,19 @@ mod tests {
             assert!(store.count_execution(&step(i), HOUR, 1).await.unwrap());
             now.fetch_add(MINUTE, Ordering::SeqCst);
         }
-        // All ten windows are live; an eleventh step makes room by dropping the oldest tenth
-        // (and whatever started at the same moment as the last one dropped).
+        // All ten windows are live; an eleventh step makes room by going down to nine tenths
+        // of the cap: the oldest window is dropped.
         assert!(store.count_execution(&step(11), HOUR, 1).await.unwrap());
-        assert_eq!(store.shared.db.try_lock().unwrap().guard.len(), 9);
-        assert!(
-            store.count_execution(&step(1), HOUR, 1).await.unwrap(),
-            "the oldest window was forgotten"
-        );
-        for i in 3..=11 {
+        assert_eq!(store.shared.db.try_lock().unwrap().guard.len(), 10);
+        for i in 2..=11 {
             assert!(
                 !store.count_execution(&step(i), HOUR, 1).await.unwrap(),
                 "step {i} is still counted"
             );
         }
+        assert!(
+            store.count_execution(&step(1), HOUR, 1).await.unwrap(),
+            "the oldest window was forgotten"
+        );
     }
 }
