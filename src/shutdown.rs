@@ -5,21 +5,27 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// Resolves on the first SIGTERM or SIGINT, and arms the "second signal exits now" watcher.
 ///
-/// Both signals are registered once, before the first is awaited, and the same registrations
-/// wait for the second: a listener registered after the first signal would miss a second one
-/// sent in between (an impatient Ctrl-C, Ctrl-C), and the worker would drain for the whole
-/// grace period instead of exiting.
-pub async fn termination_signal() {
+/// Both signals are registered when this is called, not when the future is first polled: a
+/// signal that comes while the worker is still starting (opening its store can wait for a
+/// previous process to let go of the file) is then held for the drain instead of killing the
+/// process. The same registrations wait for the second signal: a listener registered after the
+/// first would miss a second one sent in between (an impatient Ctrl-C, Ctrl-C), and the worker
+/// would drain for the whole grace period instead of exiting. Call it from within the runtime.
+pub fn termination_signal() -> impl std::future::Future<Output = ()> + Send {
     let mut signals = Signals::register();
-    signals.next().await;
-    tracing::info!("shutdown requested: draining in-flight jobs (signal again to exit at once)");
-    tokio::spawn(async move {
+    async move {
         signals.next().await;
-        tracing::warn!(
-            "second signal: exiting without draining; the broker requeues unacked requests"
+        tracing::info!(
+            "shutdown requested: draining in-flight jobs (signal again to exit at once)"
         );
-        std::process::exit(130);
-    });
+        tokio::spawn(async move {
+            signals.next().await;
+            tracing::warn!(
+                "second signal: exiting without draining; the broker requeues unacked requests"
+            );
+            std::process::exit(130);
+        });
+    }
 }
 
 /// SIGTERM and SIGINT, listened to from the moment of registration.
@@ -57,5 +63,25 @@ impl Signals {
             }
             (None, None) => std::future::pending().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// A SIGTERM sent after the call but before the future is first polled (the worker still
+    /// starting) is not lost, and does not kill the process.
+    #[tokio::test]
+    async fn a_signal_before_the_first_poll_is_held() {
+        let stop = super::termination_signal();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &std::process::id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+        tokio::time::timeout(Duration::from_secs(10), stop)
+            .await
+            .expect("the signal sent before the first poll resolves the future");
     }
 }
