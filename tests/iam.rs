@@ -94,6 +94,28 @@ async fn an_expired_token_is_renewed_once_and_the_job_retried() {
 }
 
 #[tokio::test]
+async fn a_401_on_the_last_allowed_attempt_still_gets_its_renewal() {
+    // One attempt allowed: the renewal's retry is outside the transient budget (contract §1).
+    let mut env = start(
+        "iam-last",
+        PASSWORD,
+        &[("SWR_STAGE_WORKER__RETRY__MAX_ATTEMPTS", "1")],
+    )
+    .await;
+    env.publish_json(&json!({"pipeline_id": 1, "stage_index": 0}))
+        .await;
+    assert_eq!(env.next_outcome().await.0.status, Status::Succeeded);
+    assert_eq!(env.sim.expire_tokens(), 1);
+    env.publish_json(&json!({"pipeline_id": 2, "stage_index": 0}))
+        .await;
+    let (o, _) = env.next_outcome().await;
+    assert_eq!(o.status, Status::Succeeded, "{:?}", o.error);
+    assert_eq!((o.attempts, o.http_status), (2, Some(201)));
+    assert_eq!(env.sim.stats().tokens_issued, 2);
+    env.teardown().await;
+}
+
+#[tokio::test]
 async fn twenty_jobs_in_flight_when_tokens_expire_share_one_renewal() {
     let mut env = start(
         "iam-flight",

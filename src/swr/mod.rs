@@ -157,7 +157,9 @@ pub async fn execute(
                     }
                     Class::Reauth => {
                         let unauthorized = describe(ErrorKind::Unauthorized);
-                        if reauthed || schedule.attempts() >= retry.max_attempts {
+                        // Once per job, outside the transient budget (contract §1): a 401 on
+                        // the last allowed attempt still gets its renewed token and one more try.
+                        if reauthed {
                             return finish(
                                 sent,
                                 http_status,
