@@ -21,7 +21,9 @@ use crate::config::ConfigError;
 use crate::idempotency::{self, fingerprint, Admission, Gate, StoreError};
 use crate::outcome::{timestamp, ErrorKind, Outcome, OutcomeError, Status, OUTCOME_TYPE};
 use crate::ratelimit::RateLimiter;
-use crate::request::{body_key, derive_key, parse_request, InvalidRequest, StageRequest};
+use crate::request::{
+    body_key, derive_key, parse_request, valid_key, InvalidRequest, StageRequest,
+};
 use crate::swr::auth::{StaticToken, TokenSource};
 use crate::swr::client::SwrClient;
 use crate::swr::iam::{IamClient, IamCredentials, IamToken};
@@ -179,6 +181,27 @@ pub async fn process(
                 &delivery.data,
             );
             let span = tracing::info_span!("job", key = %key, pipeline_id = request.pipeline_id, stage_index = request.stage_index, mode = request.mode.as_str());
+            // A key taken from message_id goes into the Idempotency-Key header as it is, so it
+            // must follow the body field's rule (an HTTP header cannot carry "job-é").
+            if let Some(id) = envelope
+                .message_id
+                .filter(|id| request.idempotency_key.is_none() && !valid_key(id))
+            {
+                let invalid = InvalidRequest {
+                    reason: format!(
+                        "AMQP property `message_id` {id:?} cannot be the idempotency key: expected 1..=255 printable ASCII characters without spaces (0x21..=0x7E); fix it, or give the key in the body's `idempotency_key`"
+                    ),
+                    pipeline_id: Some(request.pipeline_id),
+                    stage_index: Some(request.stage_index),
+                    mode: Some(request.mode),
+                    idempotency_key: None,
+                    campaign_id: request.campaign_id,
+                    metadata: request.metadata,
+                };
+                return reject_invalid(ctx, publisher, delivery, &envelope, key, invalid, started)
+                    .instrument(span)
+                    .await;
+            }
             let job = Job {
                 publisher,
                 delivery,
@@ -226,8 +249,51 @@ async fn run_request(
     outcome.metadata = request.metadata.clone();
 
     let now = OffsetDateTime::from(started.0);
-    match request.not_after {
-        Some(deadline) if deadline < now => {
+    let expired = request.not_after.filter(|deadline| *deadline < now);
+    // The store is asked before `not_after`: a key that already finished is replayed even when
+    // this delivery came too late (SWR is not called either way, and only the replay says what
+    // happened to the job).
+    let mut ticket = match &ctx.gate {
+        None => None,
+        Some(gate) => {
+            let print = fingerprint(
+                request.pipeline_id,
+                request.stage_index,
+                request.mode.as_str(),
+            );
+            match gate.admit(&outcome.idempotency_key, &print).await {
+                Admission::Run(ticket) => Some(ticket),
+                Admission::Replay(stored) => {
+                    return replay(ctx, publisher, envelope, *stored).await
+                }
+                Admission::Requeue(reason) => return Disposition::Requeue(reason),
+                Admission::Mismatch { fingerprint } => {
+                    let invalid = InvalidRequest {
+                        reason: format!(
+                            "field `idempotency_key`: {:?} was already used for another request (pipeline:stage:mode {fingerprint}, this one is {print}); give each request its own key",
+                            outcome.idempotency_key
+                        ),
+                        pipeline_id: Some(request.pipeline_id),
+                        stage_index: Some(request.stage_index),
+                        mode: Some(request.mode),
+                        idempotency_key: request.idempotency_key.clone(),
+                        campaign_id: request.campaign_id.clone(),
+                        metadata: request.metadata.clone(),
+                    };
+                    let key = std::mem::take(&mut outcome.idempotency_key);
+                    return reject_invalid(
+                        ctx, publisher, delivery, envelope, key, invalid, started,
+                    )
+                    .await;
+                }
+            }
+        }
+    };
+    match expired {
+        Some(deadline) => {
+            if let (Some(gate), Some(claimed)) = (&ctx.gate, ticket.take()) {
+                gate.release(claimed).await;
+            }
             outcome.status = Status::Rejected;
             outcome.error = Some(OutcomeError {
                 kind: ErrorKind::Expired,
@@ -241,43 +307,7 @@ async fn run_request(
                 swr_error_code: None,
             });
         }
-        _ => {
-            let mut ticket = match &ctx.gate {
-                None => None,
-                Some(gate) => {
-                    let print = fingerprint(
-                        request.pipeline_id,
-                        request.stage_index,
-                        request.mode.as_str(),
-                    );
-                    match gate.admit(&outcome.idempotency_key, &print).await {
-                        Admission::Run(ticket) => Some(ticket),
-                        Admission::Replay(stored) => {
-                            return replay(ctx, publisher, envelope, *stored).await
-                        }
-                        Admission::Requeue(reason) => return Disposition::Requeue(reason),
-                        Admission::Mismatch { fingerprint } => {
-                            let invalid = InvalidRequest {
-                                reason: format!(
-                                    "field `idempotency_key`: {:?} was already used for another request (pipeline:stage:mode {fingerprint}, this one is {print}); give each request its own key",
-                                    outcome.idempotency_key
-                                ),
-                                pipeline_id: Some(request.pipeline_id),
-                                stage_index: Some(request.stage_index),
-                                mode: Some(request.mode),
-                                idempotency_key: request.idempotency_key.clone(),
-                                campaign_id: request.campaign_id.clone(),
-                                metadata: request.metadata.clone(),
-                            };
-                            let key = std::mem::take(&mut outcome.idempotency_key);
-                            return reject_invalid(
-                                ctx, publisher, delivery, envelope, key, invalid, started,
-                            )
-                            .await;
-                        }
-                    }
-                }
-            };
+        None => {
             if let (Some(gate), Some(claimed)) = (&ctx.gate, ticket.take()) {
                 // The loop guard counts executions, so it is asked only by a job about to run.
                 let guard = &ctx.config.guard;

@@ -406,9 +406,72 @@ async fn expired_requests_are_rejected_and_acked_not_dead_lettered() {
     )
     .await;
     assert_eq!(env.next_outcome().await.0.status, Status::Succeeded);
+    // A key that already finished is replayed even when a later delivery of it comes past its
+    // not_after: the replay, not `expired`, says what happened to the job.
+    let done = json!({"pipeline_id": 4, "stage_index": 0, "idempotency_key": "late-1"});
+    env.publish_json(&done).await;
+    assert_eq!(env.next_outcome().await.0.status, Status::Succeeded);
+    let mut late = done.clone();
+    late["not_after"] = json!("2020-01-01T00:00:00Z");
+    env.publish_json(&late).await;
+    let (o, _) = env.next_outcome().await;
+    assert_eq!(
+        (o.status, o.replayed, o.error.is_none()),
+        (Status::Succeeded, true, true),
+        "a late duplicate of a finished key is replayed"
+    );
+    // An expired request whose key never ran leaves the key free for a timely one.
+    let fresh = json!({"pipeline_id": 5, "stage_index": 0, "idempotency_key": "late-2"});
+    let mut expired = fresh.clone();
+    expired["not_after"] = json!("2020-01-01T00:00:00Z");
+    env.publish_json(&expired).await;
+    assert_eq!(
+        env.next_outcome().await.0.error.unwrap().kind,
+        ErrorKind::Expired
+    );
+    env.publish_json(&fresh).await;
+    let (o, _) = env.next_outcome().await;
+    assert_eq!((o.status, o.replayed), (Status::Succeeded, false));
     env.stop_worker().await.unwrap();
     assert!(env.dead_letters().await.is_empty());
-    assert_eq!(env.sim.calls().len(), 1);
+    assert_eq!(env.sim.calls().len(), 3);
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn a_message_id_that_cannot_be_a_header_is_rejected_naming_it() {
+    let mut env = TestEnv::start("bad-message-id").await;
+    let body = json!({"pipeline_id": 12, "stage_index": 0}).to_string();
+    env.publish(
+        body.as_bytes(),
+        BasicProperties::default().with_message_id("job-\u{e9}".into()),
+    )
+    .await;
+    let (o, delivery) = env.next_outcome().await;
+    let error = o.error.expect("an error");
+    assert_eq!(
+        (o.status, error.kind, o.attempts, o.idempotency_key.as_str()),
+        (Status::Rejected, ErrorKind::InvalidRequest, 0, "job-\u{e9}")
+    );
+    assert!(error.message.contains("message_id"), "{}", error.message);
+    assert_eq!(delivery.routing_key.as_str(), "stage.retry.rejected");
+    // The same request with the key in the body runs.
+    let keyed = json!({"pipeline_id": 12, "stage_index": 0, "idempotency_key": "job-e"});
+    env.publish(
+        keyed.to_string().as_bytes(),
+        BasicProperties::default().with_message_id("job-\u{e9}".into()),
+    )
+    .await;
+    assert_eq!(env.next_outcome().await.0.status, Status::Succeeded);
+    env.stop_worker().await.unwrap();
+    let dead = env.dead_letters().await;
+    assert_eq!(dead.len(), 1, "one DLQ copy");
+    assert_eq!(dead[0].delivery.data, body.as_bytes());
+    assert_eq!(
+        env.sim.calls().len(),
+        1,
+        "SWR was called for the keyed request only"
+    );
     env.teardown().await;
 }
 
