@@ -514,8 +514,14 @@ async fn reject_invalid(
     let dlx = ctx.config.amqp.dead_letter_exchange.as_str();
     // A redelivery of a request whose DLQ copy was already confirmed (the ack was lost with a
     // connection) must not put a second copy there: the copy is remembered in the store.
-    // Keyed by the body's own hash: the same message, whatever key its producer gave it.
-    let marker = format!("{DLQ_MARKER}{}", body_key(&delivery.data));
+    // Keyed by the job's key and the body's hash together: the same message, and never another
+    // message that happens to share one of the two (two `{}` bodies with their own message ids
+    // are two requests, each with its own outcome and DLQ copy).
+    let marker = format!(
+        "{DLQ_MARKER}{}:{}",
+        outcome.idempotency_key,
+        body_key(&delivery.data)
+    );
     if delivery.redelivered {
         if let Some(gate) = &ctx.gate {
             if let Ok(Some(stored)) = gate.store().finished(&marker).await {

@@ -3,6 +3,7 @@
 mod common;
 
 use common::{TestEnv, TOKEN};
+use lapin::options::{BasicGetOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, ShortString};
 use lapin::BasicProperties;
 use serde_json::json;
@@ -435,6 +436,62 @@ async fn expired_requests_are_rejected_and_acked_not_dead_lettered() {
     env.stop_worker().await.unwrap();
     assert!(env.dead_letters().await.is_empty());
     assert_eq!(env.sim.calls().len(), 3);
+    env.teardown().await;
+}
+
+/// Two invalid requests with the same body but their own message ids are two requests: the
+/// second, even when redelivered, gets its own outcome and its own DLQ copy, not the first's.
+#[tokio::test]
+async fn a_redelivered_invalid_request_is_not_taken_for_another_with_the_same_body() {
+    let mut env = TestEnv::start("dlq-same-body").await;
+    let props = |id: &str| BasicProperties::default().with_message_id(id.into());
+    env.publish(b"{}", props("m1")).await;
+    let (first, _) = env.next_outcome().await;
+    assert_eq!(
+        (first.idempotency_key.as_str(), first.replayed),
+        ("m1", false)
+    );
+    env.stop_worker().await.unwrap();
+    // m2 is delivered once and handed back, so the worker sees it redelivered.
+    env.publish(b"{}", props("m2")).await;
+    let queue = env.config.amqp.request_queue.clone();
+    let taken = env
+        .channel
+        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .expect("m2 is in the queue");
+    taken
+        .delivery
+        .reject(BasicRejectOptions { requeue: true })
+        .await
+        .unwrap();
+    env.start_worker();
+    let (second, _) = env.next_outcome().await;
+    assert_eq!(
+        (
+            second.idempotency_key.as_str(),
+            second.replayed,
+            second.status
+        ),
+        ("m2", false, Status::Rejected)
+    );
+    env.stop_worker().await.unwrap();
+    let mut copies: Vec<String> = env
+        .dead_letters()
+        .await
+        .iter()
+        .map(|m| {
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    copies.sort();
+    assert_eq!(copies, ["m1", "m2"], "one DLQ copy each");
     env.teardown().await;
 }
 
