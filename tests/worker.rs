@@ -495,6 +495,46 @@ async fn a_redelivered_invalid_request_is_not_taken_for_another_with_the_same_bo
     env.teardown().await;
 }
 
+/// Outcomes whose reply_to names no queue come back from the broker (basic.return) while
+/// dead-letter copies are being confirmed: no return may be taken for a DLQ copy's, or that
+/// request is requeued and copied to the DLQ a second time.
+#[tokio::test]
+async fn returned_replies_are_never_taken_for_dead_letter_copies() {
+    const EACH: usize = 300;
+    let mut env = TestEnv::start("returns").await;
+    let nowhere = format!("{}.no-such-queue", env.prefix);
+    for i in 0..EACH {
+        env.publish(
+            json!({"pipeline_id": 1 + i, "stage_index": 0})
+                .to_string()
+                .as_bytes(),
+            BasicProperties::default().with_reply_to(nowhere.as_str().into()),
+        )
+        .await;
+        env.publish(
+            json!({"pipeline_id": 0, "stage_index": 0, "idempotency_key": format!("bad-{i}")})
+                .to_string()
+                .as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    }
+    let mut rejected = 0;
+    for _ in 0..2 * EACH {
+        if env.next_outcome().await.0.status == Status::Rejected {
+            rejected += 1;
+        }
+    }
+    assert_eq!(rejected, EACH);
+    env.stop_worker().await.unwrap();
+    assert_eq!(
+        env.dead_letters().await.len(),
+        EACH,
+        "one DLQ copy per invalid request"
+    );
+    env.teardown().await;
+}
+
 #[tokio::test]
 async fn a_message_id_that_cannot_be_a_header_is_rejected_naming_it() {
     let mut env = TestEnv::start("bad-message-id").await;

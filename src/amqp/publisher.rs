@@ -29,36 +29,54 @@ pub enum Routed {
     NoQueue,
 }
 
-/// A confirm-mode channel shared by all jobs (lapin channels are safe to share).
+/// Confirm-mode channels shared by all jobs (lapin channels are safe to share): one for
+/// outcomes, one for dead-letter copies.
+///
+/// Two channels because a returned message (basic.return) is matched to a confirm by order, not
+/// by delivery tag: lapin hands it to the next confirm it completes, and a multiple ack completes
+/// several in no set order. On one shared channel an outcome that found no queue could be taken
+/// for a DLQ copy that did (the request would be requeued and copied to the DLQ again), or the
+/// reverse (a DLQ copy lost, the request acked). On its own channel a DLQ copy's confirm can only
+/// carry a DLQ copy's return, and every DLQ copy goes to the same fanout exchange.
 #[derive(Clone)]
 pub struct Publisher {
-    /// Channel in confirm mode.
+    /// Channel in confirm mode for outcomes.
     channel: Channel,
+    /// Channel in confirm mode for dead-letter copies.
+    dead_letters: Channel,
     /// Limit for one confirm.
     confirm_timeout: Duration,
 }
 
 impl Publisher {
-    /// Opens a channel on `connection` and puts it in confirm mode.
+    /// Opens the channels on `connection` and puts them in confirm mode.
     pub async fn open(
         connection: &Connection,
         confirm_timeout: Duration,
     ) -> Result<Publisher, PublishError> {
-        let channel = within(confirm_timeout, connection.create_channel()).await??;
-        within(
-            confirm_timeout,
-            channel.confirm_select(ConfirmSelectOptions::default()),
-        )
-        .await??;
         Ok(Publisher {
-            channel,
+            channel: confirming(connection, confirm_timeout).await?,
+            dead_letters: confirming(connection, confirm_timeout).await?,
             confirm_timeout,
         })
     }
 
-    /// Publishes `body` as a mandatory message and waits for its confirm.
+    /// Publishes `body` (an outcome) as a mandatory message and waits for its confirm.
     pub async fn publish(
         &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<Routed, PublishError> {
+        self.publish_on(&self.channel, exchange, routing_key, body, properties)
+            .await
+    }
+
+    /// Publishes on `channel` as a mandatory message and waits for its confirm.
+    async fn publish_on(
+        &self,
+        channel: &Channel,
         exchange: &str,
         routing_key: &str,
         body: &[u8],
@@ -69,8 +87,7 @@ impl Publisher {
             ..BasicPublishOptions::default()
         };
         let confirm = async {
-            let pending = self
-                .channel
+            let pending = channel
                 .basic_publish(
                     exchange.into(),
                     routing_key.into(),
@@ -91,7 +108,7 @@ impl Publisher {
         })
     }
 
-    /// Like [`publish`](Self::publish), but a message that reached no queue is an error.
+    /// Publishes a dead-letter copy on its own channel; a copy that reached no queue is an error.
     pub async fn publish_routed(
         &self,
         exchange: &str,
@@ -100,7 +117,7 @@ impl Publisher {
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
         match self
-            .publish(exchange, routing_key, body, properties)
+            .publish_on(&self.dead_letters, exchange, routing_key, body, properties)
             .await?
         {
             Routed::Yes => Ok(()),
@@ -110,19 +127,28 @@ impl Publisher {
         }
     }
 
-    /// False once the channel is closed or errored; jobs then ask for a new session.
+    /// False once a channel is closed or errored; jobs then ask for a new session.
     pub fn is_usable(&self) -> bool {
-        self.channel.status().connected()
+        self.channel.status().connected() && self.dead_letters.status().connected()
     }
 
-    /// Closes the channel (after in-flight publishes are confirmed or given up).
+    /// Closes the channels (after in-flight publishes are confirmed or given up).
     pub async fn close(&self) {
-        let _ = within(
-            self.confirm_timeout,
-            self.channel.close(200, "shutdown".into()),
-        )
-        .await;
+        for channel in [&self.channel, &self.dead_letters] {
+            let _ = within(self.confirm_timeout, channel.close(200, "shutdown".into())).await;
+        }
     }
+}
+
+/// A new channel on `connection`, in confirm mode.
+async fn confirming(connection: &Connection, limit: Duration) -> Result<Channel, PublishError> {
+    let channel = within(limit, connection.create_channel()).await??;
+    within(
+        limit,
+        channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await??;
+    Ok(channel)
 }
 
 /// Every await on the broker is bounded (a publish can hang when the server goes away).
