@@ -165,10 +165,16 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<StageRequest, Box<
         }))
     };
     if body.len() > max_bytes {
-        return reject(format!(
-            "body: expected at most {max_bytes} bytes (limits.max_message_bytes), got {} bytes",
-            body.len()
-        ));
+        return Err(Box::new(InvalidRequest {
+            reason: format!(
+                "body: expected at most {max_bytes} bytes (limits.max_message_bytes), got {} bytes",
+                body.len()
+            ),
+            // Still the producer's key when it gave one (contract §3's order), read without
+            // building the oversized request.
+            idempotency_key: key_field_only(body),
+            ..InvalidRequest::default()
+        }));
     }
     let text = match std::str::from_utf8(body) {
         Ok(text) => text,
@@ -331,6 +337,40 @@ fn validate_fields(fields: Vec<(String, Value)>) -> Result<StageRequest, Box<Inv
             metadata,
         })),
     }
+}
+
+/// The top-level `idempotency_key` of a JSON object, if it is there and valid, found in one pass
+/// that skips everything else without keeping it (memory does not grow with the body).
+fn key_field_only(body: &[u8]) -> Option<String> {
+    /// Objects only (a derived struct would also take an array), every other field skipped.
+    struct KeyOnly(Option<String>);
+    impl<'de> Deserialize<'de> for KeyOnly {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Scan;
+            impl<'de> Visitor<'de> for Scan {
+                type Value = KeyOnly;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<KeyOnly, A::Error> {
+                    let mut key = None;
+                    while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                        if name == "idempotency_key" {
+                            key = map.next_value::<Option<String>>().ok().flatten();
+                        } else {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                    Ok(KeyOnly(key))
+                }
+            }
+            deserializer.deserialize_map(Scan)
+        }
+    }
+    serde_json::from_slice::<KeyOnly>(body)
+        .ok()?
+        .0
+        .filter(|key| valid_key(key))
 }
 
 /// An integer JSON number in `min..=2147483647`; floats (even `2.0`) and strings are not integers.
@@ -549,6 +589,28 @@ mod tests {
             "{}",
             e.reason
         );
+    }
+
+    #[test]
+    fn an_oversized_body_keeps_its_own_valid_key() {
+        let padding = "a".repeat(200);
+        let body = |key: Value| {
+            json!({"pipeline_id": 1, "metadata": {"x": padding, "k": "not this"}, "idempotency_key": key, "stage_index": 0})
+                .to_string()
+        };
+        let key_of = |body: String| {
+            parse_request(body.as_bytes(), 64)
+                .unwrap_err()
+                .idempotency_key
+        };
+        assert_eq!(key_of(body(json!("big-1"))), Some("big-1".to_owned()));
+        assert_eq!(
+            key_of(body(json!("has space"))),
+            None,
+            "an invalid key is not used"
+        );
+        assert_eq!(key_of(body(json!(7))), None);
+        assert_eq!(key_of(format!("[{padding:?}]")), None, "not an object");
     }
 
     #[test]
