@@ -761,6 +761,19 @@ pub fn redact_url(url: &str) -> String {
             if parsed.password().is_some() {
                 let _ = parsed.set_password(Some("***"));
             }
+            // PostgreSQL also takes the password as a query parameter (`?password=`, and
+            // `sslpassword` for the client key).
+            let secret = |name: &str| name.to_ascii_lowercase().contains("password");
+            if parsed.query_pairs().any(|(name, _)| secret(&name)) {
+                let pairs: Vec<(String, String)> = parsed
+                    .query_pairs()
+                    .map(|(name, value)| {
+                        let value = if secret(&name) { "***".into() } else { value };
+                        (name.into_owned(), value.into_owned())
+                    })
+                    .collect();
+                parsed.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             parsed.to_string()
         }
         Err(_) => "<unparsable url>".to_owned(),
@@ -1082,6 +1095,26 @@ mod tests {
         assert!(!printed.contains("hunter2-iam"), "{printed}");
         let printed = format!("{:?}", c.swr.auth.iam_password().unwrap());
         assert!(!printed.contains("hunter2-iam"), "{printed}");
+    }
+
+    #[test]
+    fn redact_url_hides_a_password_given_as_a_query_parameter() {
+        let shown = redact_url(
+            "postgres://svc@db:5432/idem?sslmode=disable&password=hunter2&SSLPassword=k3y",
+        );
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("k3y"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("sslmode=disable") && shown.contains("password=***"),
+            "{shown}"
+        );
+        assert_eq!(
+            redact_url("postgres://svc@db/idem?sslmode=disable"),
+            "postgres://svc@db/idem?sslmode=disable",
+            "a URL without a password is shown as it is"
+        );
     }
 
     #[test]
