@@ -118,9 +118,18 @@ pub async fn run(base: Config, count: usize) -> Result<(), DemoError> {
     config.idempotency.path = store_dir.join("idempotency.db").display().to_string();
     config.validate().map_err(other)?;
 
-    let channel = probe.create_channel().await.map_err(other)?;
-    topology::declare(&channel, &config.amqp)
+    let limit = config.amqp.confirm_timeout;
+    let channel = tokio::time::timeout(limit, probe.create_channel())
         .await
+        .map_err(|_| other(format!("opening a channel: no answer within {limit:?}")))?
+        .map_err(other)?;
+    tokio::time::timeout(limit, topology::declare(&channel, &config.amqp))
+        .await
+        .map_err(|_| {
+            other(format!(
+                "declaring the topology: no answer within {limit:?}"
+            ))
+        })?
         .map_err(other)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(service::run(config.clone(), async {
@@ -168,8 +177,9 @@ pub async fn run(base: Config, count: usize) -> Result<(), DemoError> {
         }
     }
     println!("SWR executions (simulator): {}", sim.stats().executions);
-    cleanup(&channel, &config).await;
-    let _ = probe.close(200, "demo done".into()).await;
+    // Bounded: a broker that stopped answering leaves the demo's objects behind, nothing worse.
+    let _ = tokio::time::timeout(limit, cleanup(&channel, &config)).await;
+    let _ = tokio::time::timeout(limit, probe.close(200, "demo done".into())).await;
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(&store_dir);
     let summary = result.map_err(other)?.summary.unwrap_or_default();

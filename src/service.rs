@@ -158,7 +158,8 @@ async fn open_session(config: &Config) -> Result<Session, SessionError> {
     match tokio::time::timeout(limit, topology::declare(&setup, amqp)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            let _ = connection.close(200, "topology error".into()).await;
+            let _ =
+                tokio::time::timeout(limit, connection.close(200, "topology error".into())).await;
             return Err(SessionError::Topology(e));
         }
         Err(_) => {

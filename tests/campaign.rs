@@ -5,6 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use common::TestEnv;
 use lapin::options::BasicGetOptions;
@@ -17,6 +18,7 @@ use swr_stage_worker::campaign::input::{self, InputSource};
 use swr_stage_worker::campaign::progress::ProgressMode;
 use swr_stage_worker::campaign::replay::{self, ReplayPlan};
 use swr_stage_worker::campaign::submit::{self, SubmitPlan, SubmitResult};
+use swr_stage_worker::campaign::watch::Watcher;
 use swr_stage_worker::campaign::CampaignError;
 use swr_stage_worker::outcome::{ErrorKind, Status};
 use swr_stage_worker::sim::FaultRule;
@@ -634,5 +636,68 @@ async fn binary_watch_counts_its_campaign_only_and_rebuilds_failures() {
         "rebuilt from the outcome"
     );
     let _ = std::fs::remove_dir_all(&dir);
+    env.teardown().await;
+}
+
+/// The outcome watcher (`watch`, `submit --wait`) takes outcomes with acks and a prefetch, so a
+/// fleet publishing faster than the tool reads leaves them in the broker's queue, not in the
+/// tool's memory.
+#[tokio::test]
+async fn the_outcome_watcher_holds_no_more_than_its_prefetch() {
+    const PUBLISHED: usize = 3000;
+    let env = TestEnv::start("watch-prefetch").await;
+    let watcher = Watcher::bind(&env.conn, &env.config.amqp, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut confirms = Vec::new();
+    for _ in 0..PUBLISHED {
+        confirms.push(
+            env.channel
+                .basic_publish(
+                    env.config.amqp.results_exchange.as_str().into(),
+                    "stage.retry.succeeded".into(),
+                    Default::default(),
+                    b"{}",
+                    BasicProperties::default(),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    for confirm in confirms {
+        assert!(confirm.await.unwrap().is_ack());
+    }
+    // Nothing reads the watcher: the broker must hold all but the prefetch (1,000) back.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (ready, unacked) = loop {
+        let listing = common::rabbitmqctl(&[
+            "list_queues",
+            "-q",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .await;
+        let counts = listing.lines().find_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next() == Some(watcher.queue())).then(|| {
+                let mut n = fields.map(|f| f.parse::<usize>().unwrap_or(0));
+                (n.next().unwrap_or(0), n.next().unwrap_or(0))
+            })
+        });
+        if let Some((ready, unacked)) = counts {
+            if ready + unacked == PUBLISHED && unacked > 0 || tokio::time::Instant::now() > deadline
+            {
+                break (ready, unacked);
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the watcher's queue is not listed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!((ready, unacked), (PUBLISHED - 1000, 1000));
+    drop(watcher);
     env.teardown().await;
 }

@@ -88,6 +88,22 @@ pub(crate) async fn open_channel(
 }
 
 /// Every await on the broker is bounded: a broker that went away must not hang a command.
+/// Declares the topology within `limit` (a queue declare on a cluster without a quorum can go
+/// unanswered while the connection stays up).
+pub(crate) async fn declare_topology(
+    channel: &lapin::Channel,
+    amqp: &crate::config::AmqpConfig,
+    limit: Duration,
+) -> Result<(), CampaignError> {
+    match tokio::time::timeout(limit, crate::amqp::topology::declare(channel, amqp)).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(CampaignError::Timeout {
+            step: "declaring the topology",
+            timeout: limit,
+        }),
+    }
+}
+
 pub(crate) async fn bounded<T>(
     limit: Duration,
     step: &'static str,

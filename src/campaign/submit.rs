@@ -20,7 +20,6 @@ use super::input::{self, CampaignRequest, InputFormat, InputSource, ParsedInput}
 use super::progress::{Meter, ProgressMode};
 use super::watch::{self, CampaignSummary, OutcomeFilter, Watcher};
 use super::{open_channel, CampaignError, Failures};
-use crate::amqp::topology;
 use crate::config::Config;
 
 /// Default number of publishes awaiting their confirm at once: large enough to keep the
@@ -368,7 +367,7 @@ pub async fn submit_parsed(
 
     let connection = super::connect(config, "submit").await?;
     let channel = open_channel(&connection, config).await?;
-    topology::declare(&channel, &config.amqp).await?;
+    super::declare_topology(&channel, &config.amqp, config.amqp.confirm_timeout).await?;
     // Bound before the first publish: an outcome published a millisecond later is not missed.
     let watcher = if plan.wait {
         Some(Watcher::bind(&connection, &config.amqp, config.amqp.confirm_timeout).await?)
@@ -433,6 +432,10 @@ pub async fn submit_parsed(
         }
         result.summary = Some(summary);
     }
-    let _ = connection.close(200, "submit done".into()).await;
+    let _ = tokio::time::timeout(
+        config.amqp.confirm_timeout,
+        connection.close(200, "submit done".into()),
+    )
+    .await;
     Ok(result)
 }
