@@ -5,7 +5,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
 
 use common::TestEnv;
 use lapin::options::BasicGetOptions;
@@ -18,7 +17,6 @@ use swr_stage_worker::campaign::input::{self, InputSource};
 use swr_stage_worker::campaign::progress::ProgressMode;
 use swr_stage_worker::campaign::replay::{self, ReplayPlan};
 use swr_stage_worker::campaign::submit::{self, SubmitPlan, SubmitResult};
-use swr_stage_worker::campaign::watch::Watcher;
 use swr_stage_worker::campaign::CampaignError;
 use swr_stage_worker::outcome::{ErrorKind, Status};
 use swr_stage_worker::sim::FaultRule;
@@ -639,65 +637,51 @@ async fn binary_watch_counts_its_campaign_only_and_rebuilds_failures() {
     env.teardown().await;
 }
 
-/// The outcome watcher (`watch`, `submit --wait`) takes outcomes with acks and a prefetch, so a
-/// fleet publishing faster than the tool reads leaves them in the broker's queue, not in the
-/// tool's memory.
+/// Ctrl-C while a paced campaign is publishing stops it between publishes and says how far it
+/// got; an empty --campaign (an unset shell variable) is refused before anything is sent.
 #[tokio::test]
-async fn the_outcome_watcher_holds_no_more_than_its_prefetch() {
-    const PUBLISHED: usize = 3000;
-    let env = TestEnv::start("watch-prefetch").await;
-    let watcher = Watcher::bind(&env.conn, &env.config.amqp, Duration::from_secs(10))
-        .await
-        .unwrap();
-    let mut confirms = Vec::new();
-    for _ in 0..PUBLISHED {
-        confirms.push(
-            env.channel
-                .basic_publish(
-                    env.config.amqp.results_exchange.as_str().into(),
-                    "stage.retry.succeeded".into(),
-                    Default::default(),
-                    b"{}",
-                    BasicProperties::default(),
-                )
-                .await
-                .unwrap(),
-        );
-    }
-    for confirm in confirms {
-        assert!(confirm.await.unwrap().is_ack());
-    }
-    // Nothing reads the watcher: the broker must hold all but the prefetch (1,000) back.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let (ready, unacked) = loop {
-        let listing = common::rabbitmqctl(&[
-            "list_queues",
-            "-q",
-            "name",
-            "messages_ready",
-            "messages_unacknowledged",
-        ])
-        .await;
-        let counts = listing.lines().find_map(|line| {
-            let mut fields = line.split_whitespace();
-            (fields.next() == Some(watcher.queue())).then(|| {
-                let mut n = fields.map(|f| f.parse::<usize>().unwrap_or(0));
-                (n.next().unwrap_or(0), n.next().unwrap_or(0))
-            })
-        });
-        if let Some((ready, unacked)) = counts {
-            if ready + unacked == PUBLISHED && unacked > 0 || tokio::time::Instant::now() > deadline
-            {
-                break (ready, unacked);
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the watcher's queue is not listed"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+async fn an_interrupted_submit_says_how_far_it_got_and_an_empty_campaign_is_refused() {
+    let env = TestEnv::start_with("submit-stop", &[]).await;
+    let dir = scratch(&env.prefix);
+    let file = dir.join("paced.jsonl");
+    let lines: Vec<String> = (1..=100)
+        .map(|n| json!({"pipeline_id": n, "stage_index": 0}).to_string())
+        .collect();
+    write_lines(&file, &lines);
+    let plan = SubmitPlan {
+        campaign: Some("stop-test".into()),
+        // 100 lines at 5 a second take 20 s; the stop comes long before.
+        rate: Some(5.0),
+        failures: dir.join("failures.jsonl"),
+        ..SubmitPlan::new(InputSource::File(file.clone()))
     };
-    assert_eq!((ready, unacked), (PUBLISHED - 1000, 1000));
-    drop(watcher);
+    let stopped = submit::submit(
+        &env.config,
+        &plan,
+        ProgressMode::Hidden,
+        tokio::time::sleep(std::time::Duration::from_millis(700)),
+    )
+    .await;
+    match stopped {
+        Err(CampaignError::Interrupted { confirmed, total }) => {
+            assert_eq!(total, 100);
+            assert!(confirmed < total, "{confirmed} confirmed");
+        }
+        other => panic!("expected an interruption, got {other:?}"),
+    }
+    let empty = SubmitPlan {
+        campaign: Some(String::new()),
+        ..plan
+    };
+    let refused = run(&env, &empty).await;
+    assert!(
+        matches!(&refused, Err(CampaignError::BadCampaign(_))),
+        "{refused:?}"
+    );
+    let message = refused.unwrap_err().to_string();
+    assert!(
+        message.contains("--campaign") && message.contains("1..=128"),
+        "{message}"
+    );
     env.teardown().await;
 }

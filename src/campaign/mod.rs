@@ -56,6 +56,10 @@ pub enum CampaignError {
     },
     #[error("RabbitMQ closed the outcome watcher's queue before the count was complete")]
     WatcherClosed,
+    #[error("--campaign: expected 1..=128 characters (the contract's campaign_id), got {0}")]
+    BadCampaign(String),
+    #[error("interrupted while publishing: {confirmed} of {total} requests were confirmed (a few more may have been in flight); submitting the same input again sends the rest, and the idempotency keys keep the sent ones from running twice")]
+    Interrupted { confirmed: usize, total: usize },
     #[error(transparent)]
     Publish(#[from] submit::PublishError),
     #[error(transparent)]
@@ -65,6 +69,17 @@ pub enum CampaignError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// A campaign id as the contract allows it in `campaign_id` (1..=128 Unicode scalar values):
+/// an empty one (an unset shell variable) would make every request invalid, and a watch of it
+/// would match nothing.
+pub fn check_campaign_id(id: &str) -> Result<(), CampaignError> {
+    match id.chars().count() {
+        1..=128 => Ok(()),
+        0 => Err(CampaignError::BadCampaign("an empty string".into())),
+        n => Err(CampaignError::BadCampaign(format!("{n} characters"))),
+    }
 }
 
 /// Opens a connection named `<amqp.connection_name>.<command>`, so an operator can tell the

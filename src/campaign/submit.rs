@@ -298,7 +298,10 @@ pub async fn submit(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<SubmitResult, CampaignError> {
     let campaign = match &plan.campaign {
-        Some(id) => id.clone(),
+        Some(id) => {
+            super::check_campaign_id(id)?;
+            id.clone()
+        }
         None => {
             let id = input::generated_campaign_id();
             eprintln!("campaign {id} (generated; pass --campaign {id} to submit to it again)");
@@ -387,15 +390,29 @@ pub async fn submit_parsed(
         rate: plan.rate,
         confirm_timeout: config.amqp.confirm_timeout,
     };
-    let report = publish_requests(
-        &channel,
-        &config.amqp.request_queue,
-        &result.input.requests,
-        &options,
-        &meter,
-    )
-    .await;
+    // Ctrl-C (or SIGTERM) stops a paced campaign between publishes; what was confirmed stays
+    // sent, and submitting the same input again sends the rest (the keys de-duplicate).
+    tokio::pin!(stop);
+    let published = tokio::select! {
+        report = publish_requests(
+            &channel,
+            &config.amqp.request_queue,
+            &result.input.requests,
+            &options,
+            &meter,
+        ) => Some(report),
+        () = &mut stop => None,
+    };
+    let confirmed = meter.done() as usize;
     meter.finish();
+    let Some(report) = published else {
+        let _ = tokio::time::timeout(
+            config.amqp.confirm_timeout,
+            connection.close(200, "submit interrupted".into()),
+        )
+        .await;
+        return Err(CampaignError::Interrupted { confirmed, total });
+    };
     let report = report?;
     eprintln!(
         "submitted {} request(s) to queue '{}' for campaign {} ({:.0}/s, all confirmed)",

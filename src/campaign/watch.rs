@@ -13,9 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use serde_json::{Map, Value};
@@ -34,23 +32,9 @@ pub struct Watcher {
     _channel: Channel,
     /// Every outcome published after the bind.
     consumer: Consumer,
-    /// Limit for one broker call (the acks).
-    limit: Duration,
-    /// The server-named queue.
-    queue: String,
 }
 
-/// Outcomes the broker sends the watcher ahead of its acks. With automatic acks the broker would
-/// push every outcome at once and the client would buffer whatever the tool had not read yet;
-/// acked deliveries with this prefetch keep that buffer bounded.
-const WATCH_PREFETCH: u16 = 1000;
-
 impl Watcher {
-    /// The name of the watcher's own queue.
-    pub fn queue(&self) -> &str {
-        &self.queue
-    }
-
     /// Declares a server-named, exclusive, auto-deleted queue bound with `#` to the results
     /// exchange, and starts consuming it. Bind it before publishing, or outcomes can be missed.
     pub async fn bind(
@@ -87,21 +71,18 @@ impl Watcher {
             ),
         )
         .await?;
-        bounded(
-            limit,
-            "basic.qos (outcome watcher)",
-            channel.basic_qos(WATCH_PREFETCH, BasicQosOptions::default()),
-        )
-        .await?;
         let consumer = bounded(
             limit,
             "basic.consume (outcome watcher)",
             channel.basic_consume(
                 queue.name().clone(),
                 "".into(),
-                // Acked as soon as read (nothing to redeliver: the queue dies with us, and a lost
-                // count is recounted by running `watch` again), but acked, for the prefetch.
-                BasicConsumeOptions::default(),
+                BasicConsumeOptions {
+                    // Nothing to redeliver: the queue dies with us, and a lost count is recounted
+                    // by running `watch` again.
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
                 FieldTable::default(),
             ),
         )
@@ -109,8 +90,6 @@ impl Watcher {
         Ok(Watcher {
             _channel: channel,
             consumer,
-            limit,
-            queue: queue.name().to_string(),
         })
     }
 
@@ -159,12 +138,6 @@ impl Watcher {
                 }
                 None => return Err(CampaignError::WatcherClosed),
             };
-            bounded(
-                self.limit,
-                "basic.ack (outcome watcher)",
-                delivery.ack(BasicAckOptions::default()),
-            )
-            .await?;
             let Ok(outcome) = serde_json::from_slice::<Outcome>(&delivery.data) else {
                 // Not a contract outcome (another publisher on the exchange): not ours to count.
                 continue;
@@ -496,6 +469,7 @@ pub async fn watch(
     mode: ProgressMode,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<WatchResult, CampaignError> {
+    super::check_campaign_id(&plan.campaign)?;
     let connection = super::connect(config, "watch").await?;
     let channel = open_channel(&connection, config).await?;
     // The results exchange must exist to bind to; declaring is idempotent and is what the
