@@ -5,6 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use common::TestEnv;
 use lapin::options::BasicGetOptions;
@@ -683,5 +684,32 @@ async fn an_interrupted_submit_says_how_far_it_got_and_an_empty_campaign_is_refu
         message.contains("--campaign") && message.contains("1..=128"),
         "{message}"
     );
+    env.teardown().await;
+}
+
+/// `failures.jsonl` holds every line that did not succeed, including those whose outcome had not
+/// arrived when the wait ended (here no worker runs at all).
+#[tokio::test]
+async fn lines_without_an_outcome_are_in_the_failures_file() {
+    let mut env = TestEnv::start_with("no-outcome", &[]).await;
+    env.stop_worker().await.unwrap();
+    let dir = scratch(&env.prefix);
+    let file = dir.join("in.jsonl");
+    let lines: Vec<String> = (1..=3)
+        .map(|n| json!({"pipeline_id": n, "stage_index": 0}).to_string())
+        .collect();
+    write_lines(&file, &lines);
+    let failures = dir.join("failures.jsonl");
+    let plan = SubmitPlan {
+        campaign: Some("nobody-answers".into()),
+        wait: true,
+        timeout: Some(Duration::from_secs(1)),
+        failures: failures.clone(),
+        ..SubmitPlan::new(InputSource::File(file))
+    };
+    let result = run(&env, &plan).await.unwrap();
+    assert!(!result.all_succeeded());
+    let written = std::fs::read_to_string(&failures).unwrap();
+    assert_eq!(written.lines().collect::<Vec<_>>(), lines);
     env.teardown().await;
 }

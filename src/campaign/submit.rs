@@ -438,7 +438,7 @@ pub async fn submit_parsed(
             .collect(&filter, Some(total), plan.timeout, mode, stop)
             .await?;
         println!("{}", summary.render());
-        if summary.has_failures() {
+        if summary.has_failures() || summary.missing() > 0 {
             let written = watch::write_failures(&plan.failures, &summary, Some(&originals))
                 .map_err(|source| CampaignError::Failures {
                     path: plan.failures.clone(),

@@ -202,6 +202,8 @@ pub struct CampaignSummary {
     pub durations_ms: Vec<u64>,
     /// Every failed or rejected outcome, in arrival order, for `failures.jsonl`.
     pub failures: Vec<Outcome>,
+    /// The keys counted, so the lines whose outcome never came can be told (submit --wait).
+    pub received_keys: HashSet<String>,
     /// Set when the wait ended at `--timeout` (the limit), with outcomes possibly missing.
     pub timed_out: Option<Duration>,
     /// Set when the wait was interrupted (Ctrl-C).
@@ -221,6 +223,7 @@ impl CampaignSummary {
     /// Counts one outcome (the caller has already checked campaign and key).
     pub fn add(&mut self, outcome: Outcome) {
         self.received += 1;
+        self.received_keys.insert(outcome.idempotency_key.clone());
         *self.by_status.entry(outcome.status.as_str()).or_default() += 1;
         if let Some(error) = &outcome.error {
             *self.by_kind.entry(error.kind.as_str()).or_default() += 1;
@@ -336,8 +339,10 @@ impl CampaignSummary {
 /// What was written to the failures file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Failures {
-    /// Lines written (failed and rejected requests).
+    /// Lines written (failed and rejected requests, and those with no outcome).
     pub written: usize,
+    /// Of these, lines whose outcome had not arrived when the count ended.
+    pub unanswered: usize,
     /// Of these, lines rebuilt from the outcome because the input line was not known.
     pub reconstructed: usize,
     /// Failed or rejected outcomes with no pipeline_id/stage_index to rebuild a request from.
@@ -352,6 +357,13 @@ impl Failures {
             path.display(),
             self.written
         );
+        if self.unanswered > 0 {
+            let _ = write!(
+                text,
+                " ({} of them had no outcome yet: submitting them again runs each at most once)",
+                self.unanswered
+            );
+        }
         if self.reconstructed > 0 {
             let _ = write!(
                 text,
@@ -382,6 +394,7 @@ pub fn write_failures(
     let mut lines: Vec<(usize, String)> = Vec::with_capacity(summary.failures.len());
     let mut result = Failures {
         written: 0,
+        unanswered: 0,
         reconstructed: 0,
         skipped: 0,
     };
@@ -395,6 +408,13 @@ pub fn write_failures(
                 }
                 None => result.skipped += 1,
             },
+        }
+    }
+    // With the input known, the lines that got no outcome did not succeed either.
+    for (key, (line, text)) in originals.into_iter().flatten() {
+        if !summary.received_keys.contains(key) {
+            result.unanswered += 1;
+            lines.push((*line, text.clone()));
         }
     }
     // Input order, so the file reads like the input it came from (stable for rebuilt lines).
