@@ -622,10 +622,16 @@ impl Config {
             );
         }
         let breaker = &self.breaker;
-        if breaker.window == 0 || breaker.min_calls == 0 || breaker.min_calls > breaker.window {
+        if breaker.window == 0 {
+            return invalid("breaker.window", "expected at least 1");
+        }
+        if breaker.min_calls == 0 || breaker.min_calls > breaker.window {
+            return invalid("breaker.min_calls", "expected 1..=breaker.window");
+        }
+        if self.guard.max_executions > 0 && self.guard.window.is_zero() {
             return invalid(
-                "breaker.min_calls",
-                "expected 1..=breaker.window (and breaker.window >= 1)",
+                "guard.window",
+                "expected a duration above 0 (a zero window counts nothing; set guard.max_executions = 0 to turn the loop guard off)",
             );
         }
         if !(breaker.failure_ratio > 0.0 && breaker.failure_ratio <= 1.0) {
@@ -926,11 +932,16 @@ mod tests {
                 "1m",
                 "idempotency.lease",
             ),
+            ("SWR_STAGE_WORKER__BREAKER__WINDOW", "0", "breaker.window"),
+            ("SWR_STAGE_WORKER__GUARD__WINDOW", "0s", "guard.window"),
         ] {
             let err = Config::load(None, env(&[(var, value)]))
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains(key), "{var}={value}: {err}");
+            assert!(
+                err.contains(&format!("key `{key}`")),
+                "{var}={value}: {err}"
+            );
         }
     }
 
