@@ -13,7 +13,8 @@ use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::Channel;
 use serde_json::json;
 
-use crate::amqp::{connect, topology};
+use crate::amqp::connect;
+use crate::campaign;
 use crate::campaign::input::{self, InputFormat, InputSource};
 use crate::campaign::progress::ProgressMode;
 use crate::campaign::submit::{self, SubmitPlan};
@@ -118,18 +119,13 @@ pub async fn run(base: Config, count: usize) -> Result<(), DemoError> {
     config.idempotency.path = store_dir.join("idempotency.db").display().to_string();
     config.validate().map_err(other)?;
 
+    // The campaign tools' bounded channel and declare (limit: amqp.confirm_timeout).
     let limit = config.amqp.confirm_timeout;
-    let channel = tokio::time::timeout(limit, probe.create_channel())
+    let channel = campaign::open_channel(&probe, &config)
         .await
-        .map_err(|_| other(format!("opening a channel: no answer within {limit:?}")))?
         .map_err(other)?;
-    tokio::time::timeout(limit, topology::declare(&channel, &config.amqp))
+    campaign::declare_topology(&channel, &config.amqp, limit)
         .await
-        .map_err(|_| {
-            other(format!(
-                "declaring the topology: no answer within {limit:?}"
-            ))
-        })?
         .map_err(other)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(service::run(config.clone(), async {

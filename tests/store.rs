@@ -54,6 +54,14 @@ async fn postgres(lease: Duration, ttl: Duration) -> PostgresStore {
     }
 }
 
+/// The single text column of `sql`'s rows, read straight from a closed store's file.
+fn texts(path: &str, sql: &str) -> Vec<String> {
+    let db = rusqlite::Connection::open(path).unwrap();
+    let mut statement = db.prepare(sql).unwrap();
+    let rows = statement.query_map([], |r| r.get(0)).unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
+
 fn key(name: &str) -> String {
     format!("{name}-{}", uuid::Uuid::new_v4())
 }
@@ -422,20 +430,12 @@ async fn embedded_loop_guard_counts_survive_a_restart_and_ended_windows_are_prun
     now.fetch_add(3_540_000, Ordering::SeqCst);
     store.prune().await.unwrap();
     drop(store);
-    let db = rusqlite::Connection::open(&cfg.path).unwrap();
-    let left: Vec<String> = db
-        .prepare("SELECT fingerprint FROM guard_log")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let left = texts(&cfg.path, "SELECT fingerprint FROM guard_log");
     assert_eq!(
         left,
         ["5:1:retry"],
         "only the window that has not ended is kept"
     );
-    drop(db);
     let store = open();
     for _ in 0..3 {
         assert!(
@@ -559,14 +559,10 @@ async fn embedded_files_of_version_3_keep_outcomes_and_loop_guard_counts() {
         "large counts are kept whole"
     );
     drop(store);
-    let db = rusqlite::Connection::open(&cfg.path).unwrap();
-    let objects: Vec<String> = db
-        .prepare("SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let objects = texts(
+        &cfg.path,
+        "SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name",
+    );
     assert_eq!(objects, ["guard_log", "outcomes"]);
 }
 

@@ -115,7 +115,6 @@ impl Watcher {
             }
         };
         tokio::pin!(stop, expired);
-        let mut seen: HashSet<String> = HashSet::new();
         while expect.is_none_or(|n| summary.received < n) {
             let delivery = tokio::select! {
                 _ = &mut stop => {
@@ -145,7 +144,7 @@ impl Watcher {
             if !filter.matches(&outcome) {
                 continue;
             }
-            if !seen.insert(outcome.idempotency_key.clone()) {
+            if summary.received_keys.contains(&outcome.idempotency_key) {
                 // The same job answered twice (a redelivered request): one job, one count.
                 summary.duplicates += 1;
                 continue;
