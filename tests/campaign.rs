@@ -18,6 +18,7 @@ use swr_stage_worker::campaign::input::{self, InputSource};
 use swr_stage_worker::campaign::progress::ProgressMode;
 use swr_stage_worker::campaign::replay::{self, ReplayPlan};
 use swr_stage_worker::campaign::submit::{self, SubmitPlan, SubmitResult};
+use swr_stage_worker::campaign::watch::{OutcomeFilter, Watcher, WATCH_PREFETCH};
 use swr_stage_worker::campaign::CampaignError;
 use swr_stage_worker::outcome::{ErrorKind, Status};
 use swr_stage_worker::sim::FaultRule;
@@ -712,4 +713,87 @@ async fn lines_without_an_outcome_are_in_the_failures_file() {
     let written = std::fs::read_to_string(&failures).unwrap();
     assert_eq!(written.lines().collect::<Vec<_>>(), lines);
     env.teardown().await;
+}
+
+/// The outcome watcher holds at most `WATCH_PREFETCH` outcomes unacked, so its memory does not
+/// grow with the exchange's traffic: the rest wait in its queue on the broker. Counting runs
+/// while publishing is still going on (`started` not yet resolved), draining that queue.
+#[tokio::test]
+async fn the_outcome_watcher_is_bounded_by_its_prefetch_and_counts_while_publishing() {
+    const N: usize = 1000;
+    let env = TestEnv::without_worker("watch-prefetch", &[]).await;
+    let limit = Duration::from_secs(10);
+    let watcher = Watcher::bind(&env.conn, &env.config.amqp, limit)
+        .await
+        .unwrap();
+    let queue = watcher.queue().to_owned();
+    for n in 0..N {
+        let outcome = json!({
+            "idempotency_key": format!("key-{n}"), "pipeline_id": n + 1, "stage_index": 0,
+            "mode": "retry", "status": "succeeded", "http_status": 201, "attempts": 1,
+            "replayed": false, "error": null, "campaign_id": "bounded", "metadata": null,
+            "swr_request_id": null, "started_at": "2026-11-29T05:20:28.123Z",
+            "finished_at": "2026-11-29T05:20:28.141Z", "duration_ms": 18, "worker": "test/1"
+        });
+        let confirm = env
+            .channel
+            .basic_publish(
+                env.config.amqp.results_exchange.as_str().into(),
+                "stage.retry.succeeded".into(),
+                Default::default(),
+                outcome.to_string().as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+    }
+    // Nothing reads yet: the broker has handed over the prefetch and holds the rest.
+    let held = N - usize::from(WATCH_PREFETCH);
+    wait_for_depth(&env, &queue, held as u32).await;
+
+    let (published, published_rx) = tokio::sync::oneshot::channel();
+    let filter = OutcomeFilter {
+        campaign: "bounded".into(),
+        keys: None,
+    };
+    let counting = watcher.collect_after(
+        &filter,
+        Some(N),
+        Some(Duration::from_secs(30)),
+        ProgressMode::Hidden,
+        std::future::pending(),
+        async { published_rx.await.unwrap_or(false) },
+    );
+    let publishing = async {
+        // "Publishing" ends only once the watcher has emptied its queue on the broker.
+        wait_for_depth(&env, &queue, 0).await;
+        published.send(true).unwrap();
+    };
+    let (summary, ()) = tokio::join!(counting, publishing);
+    let summary = summary.unwrap();
+    assert_eq!(summary.received, N);
+    assert_eq!(summary.count(Status::Succeeded), N);
+    assert_eq!(summary.timed_out, None);
+    env.teardown().await;
+}
+
+/// Waits (up to 20 s) until `queue` holds exactly `depth` ready messages.
+async fn wait_for_depth(env: &TestEnv, queue: &str, depth: u32) {
+    let waiting = async {
+        while env.depth(queue).await != depth {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .is_err()
+    {
+        panic!(
+            "queue {queue} holds {} messages, expected {depth}",
+            env.depth(queue).await
+        );
+    }
 }

@@ -33,7 +33,7 @@ pub const DEFAULT_WINDOW: usize = 4096;
 pub struct PublishOptions {
     /// Most publishes awaiting a confirm at once; the oldest is awaited when it is full.
     pub window: usize,
-    /// Messages per second, on a smooth schedule (message i at start + i/rate); `None` = no pacing.
+    /// Messages per second, on a smooth schedule that does not burst after a stall; `None` = no pacing.
     pub rate: Option<f64>,
     /// Longest wait for one publish or confirm (`amqp.confirm_timeout`).
     pub confirm_timeout: Duration,
@@ -155,12 +155,10 @@ pub async fn publish_requests(
         };
         Err(error)
     };
+    let mut pacing = options.rate.map(|rate| Pacing::new(rate, schedule_start));
     for (i, request) in requests.iter().enumerate() {
-        if let Some(rate) = options.rate {
-            // The schedule is absolute, so a slow confirm does not lower the average rate and
-            // a fast stretch does not burst past it.
-            let due = schedule_start + Duration::from_secs_f64(i as f64 / rate);
-            tokio::time::sleep_until(due).await;
+        if let Some(pacing) = &mut pacing {
+            tokio::time::sleep_until(pacing.due(i, tokio::time::Instant::now())).await;
         }
         while in_flight.len() >= window {
             let oldest = in_flight.next().await.expect("the window is full");
@@ -180,6 +178,44 @@ pub async fn publish_requests(
         confirmed,
         elapsed: started.elapsed(),
     })
+}
+
+/// How far behind its schedule a paced run may fall and still catch up; past it (a stalled
+/// broker) the schedule starts again from now, so no burst follows the stall.
+pub const PACING_SLACK: Duration = Duration::from_millis(100);
+
+/// A smooth schedule: message `i` is due at `start + i / rate`, so timer jitter and slow
+/// confirms do not lower the average rate and a fast stretch does not run ahead of it.
+struct Pacing {
+    /// Messages per second.
+    rate: f64,
+    /// When message `first` was due.
+    anchor: tokio::time::Instant,
+    /// The message the schedule counts from.
+    first: usize,
+}
+
+impl Pacing {
+    fn new(rate: f64, start: tokio::time::Instant) -> Pacing {
+        Pacing {
+            rate,
+            anchor: start,
+            first: 0,
+        }
+    }
+
+    /// When message `i` (counted up from 0) may go, as seen at `now`.
+    fn due(&mut self, i: usize, now: tokio::time::Instant) -> tokio::time::Instant {
+        let due = self.anchor + Duration::from_secs_f64((i - self.first) as f64 / self.rate);
+        if now > due + PACING_SLACK {
+            // Behind by more than the slack: what was not sent during the stall is spread
+            // over the time after it, at the rate, instead of being sent at once.
+            self.anchor = now;
+            self.first = i;
+            return now;
+        }
+        due
+    }
 }
 
 /// One publish, to its confirm; both waits bounded by `limit`.
@@ -390,21 +426,57 @@ pub async fn submit_parsed(
         rate: plan.rate,
         confirm_timeout: config.amqp.confirm_timeout,
     };
+    let originals: HashMap<String, (usize, String)> = result
+        .input
+        .requests
+        .iter()
+        .map(|r| (r.idempotency_key.clone(), (r.line, r.original.clone())))
+        .collect();
+    let filter = OutcomeFilter {
+        campaign: result.campaign.clone(),
+        keys: Some(originals.keys().cloned().collect()),
+    };
     // Ctrl-C (or SIGTERM) stops a paced campaign between publishes; what was confirmed stays
     // sent, and submitting the same input again sends the rest (the keys de-duplicate).
-    tokio::pin!(stop);
-    let published = tokio::select! {
-        report = publish_requests(
-            &channel,
-            &config.amqp.request_queue,
-            &result.input.requests,
-            &options,
-            &meter,
-        ) => Some(report),
-        () = &mut stop => None,
+    let stop = stop.shared();
+    let (published_tx, published_rx) = tokio::sync::oneshot::channel();
+    let publishing = async {
+        let published = tokio::select! {
+            report = publish_requests(
+                &channel,
+                &config.amqp.request_queue,
+                &result.input.requests,
+                &options,
+                &meter,
+            ) => Some(report),
+            () = stop.clone() => None,
+        };
+        let confirmed = meter.done() as usize;
+        meter.finish();
+        // Tells the outcome count to show itself and start --timeout, or to stop.
+        let _ = published_tx.send(matches!(published, Some(Ok(_))));
+        (published, confirmed)
     };
-    let confirmed = meter.done() as usize;
-    meter.finish();
+    // The outcomes are read while publishing, so they pass through the watcher's bounded
+    // prefetch as they come instead of waiting, unacked, for the last publish.
+    let counting = async {
+        match watcher {
+            Some(watcher) => Some(
+                watcher
+                    .collect_after(
+                        &filter,
+                        Some(total),
+                        plan.timeout,
+                        mode,
+                        stop.clone(),
+                        async { published_rx.await.unwrap_or(false) },
+                    )
+                    .await,
+            ),
+            None => None,
+        }
+    };
+    let ((published, confirmed), summary) = tokio::join!(publishing, counting);
     let Some(report) = published else {
         let _ = tokio::time::timeout(
             config.amqp.confirm_timeout,
@@ -423,20 +495,8 @@ pub async fn submit_parsed(
     );
     result.published = Some(report);
 
-    if let Some(watcher) = watcher {
-        let originals: HashMap<String, (usize, String)> = result
-            .input
-            .requests
-            .iter()
-            .map(|r| (r.idempotency_key.clone(), (r.line, r.original.clone())))
-            .collect();
-        let filter = OutcomeFilter {
-            campaign: result.campaign.clone(),
-            keys: Some(originals.keys().cloned().collect()),
-        };
-        let summary = watcher
-            .collect(&filter, Some(total), plan.timeout, mode, stop)
-            .await?;
+    if let Some(summary) = summary {
+        let summary = summary?;
         println!("{}", summary.render());
         if summary.has_failures() || summary.missing() > 0 {
             let written = watch::write_failures(&plan.failures, &summary, Some(&originals))
@@ -455,4 +515,47 @@ pub async fn submit_parsed(
     )
     .await;
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    /// Due times relative to `start`, in ms, for messages `range` seen at `now`.
+    fn offsets(
+        pacing: &mut Pacing,
+        start: Instant,
+        now: Instant,
+        range: std::ops::Range<usize>,
+    ) -> Vec<u128> {
+        range
+            .map(|i| pacing.due(i, now).duration_since(start).as_millis())
+            .collect()
+    }
+
+    #[test]
+    fn pacing_keeps_an_even_schedule_and_catches_up_small_delays() {
+        let start = Instant::now();
+        let mut pacing = Pacing::new(10.0, start);
+        assert_eq!(offsets(&mut pacing, start, start, 0..4), [0, 100, 200, 300]);
+        // Woken 50 ms late for message 4: the schedule holds, so the average rate does.
+        let late = start + Duration::from_millis(450);
+        assert_eq!(offsets(&mut pacing, start, late, 4..6), [400, 500]);
+    }
+
+    #[test]
+    fn a_stall_does_not_release_a_burst() {
+        let start = Instant::now();
+        let mut pacing = Pacing::new(10.0, start);
+        assert_eq!(offsets(&mut pacing, start, start, 0..3), [0, 100, 200]);
+        // The broker stalled for 5 s before message 3: it goes now, and the rest follow at
+        // the rate, not the 47 messages "owed" at once.
+        let after = start + Duration::from_secs(5);
+        assert_eq!(pacing.due(3, after), after);
+        let next: Vec<u128> = (4..7)
+            .map(|i| pacing.due(i, after).duration_since(after).as_millis())
+            .collect();
+        assert_eq!(next, [100, 200, 300]);
+    }
 }

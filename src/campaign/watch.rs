@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use serde_json::{Map, Value};
@@ -26,17 +28,26 @@ use crate::outcome::{Outcome, Status};
 /// The statuses in the order the bars and the table show them.
 const STATUSES: [Status; 3] = [Status::Succeeded, Status::Failed, Status::Rejected];
 
+/// How many outcomes the broker hands the watcher before it acks them: the watcher's memory is
+/// bounded by this, not by how many outcomes the exchange carries; the rest wait in its queue.
+pub const WATCH_PREFETCH: u16 = 256;
+
 /// A queue of our own on the results exchange, consuming from the moment it is bound.
 pub struct Watcher {
     /// Kept so the queue lives as long as the watcher (it is exclusive to this channel).
     _channel: Channel,
     /// Every outcome published after the bind.
     consumer: Consumer,
+    /// Longest wait for one ack (`amqp.confirm_timeout`).
+    limit: Duration,
+    /// The server-named queue, for operators' tools and tests.
+    queue: String,
 }
 
 impl Watcher {
     /// Declares a server-named, exclusive, auto-deleted queue bound with `#` to the results
-    /// exchange, and starts consuming it. Bind it before publishing, or outcomes can be missed.
+    /// exchange, and starts consuming it with [`WATCH_PREFETCH`] unacked deliveries at most.
+    /// Bind it before publishing, or outcomes can be missed.
     pub async fn bind(
         connection: &Connection,
         amqp: &AmqpConfig,
@@ -71,18 +82,22 @@ impl Watcher {
             ),
         )
         .await?;
+        bounded(
+            limit,
+            "basic.qos (outcome watcher)",
+            channel.basic_qos(WATCH_PREFETCH, BasicQosOptions::default()),
+        )
+        .await?;
         let consumer = bounded(
             limit,
             "basic.consume (outcome watcher)",
             channel.basic_consume(
                 queue.name().clone(),
                 "".into(),
-                BasicConsumeOptions {
-                    // Nothing to redeliver: the queue dies with us, and a lost count is recounted
-                    // by running `watch` again.
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
+                // Manual acks, so the prefetch bounds what is buffered here. Each outcome is
+                // acked as soon as it is counted: none is held long enough to meet the broker's
+                // consumer timeout, however long the campaign runs.
+                BasicConsumeOptions::default(),
                 FieldTable::default(),
             ),
         )
@@ -90,38 +105,78 @@ impl Watcher {
         Ok(Watcher {
             _channel: channel,
             consumer,
+            limit,
+            queue: queue.name().to_string(),
         })
+    }
+
+    /// The watcher's own queue (server-named, exclusive to its connection).
+    pub fn queue(&self) -> &str {
+        &self.queue
     }
 
     /// Counts matching outcomes until `expect` keys have one, `timeout` passes, or `stop`
     /// resolves (Ctrl-C), whichever comes first. Without `expect` and `timeout` it counts
     /// until `stop`.
     pub async fn collect(
-        mut self,
+        self,
         filter: &OutcomeFilter,
         expect: Option<usize>,
         timeout: Option<Duration>,
         mode: ProgressMode,
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<CampaignSummary, CampaignError> {
+        self.collect_after(filter, expect, timeout, mode, stop, async { true })
+            .await
+    }
+
+    /// [`Watcher::collect`], counting from now while something else (publishing) runs: the
+    /// progress meter and `timeout` start when `started` resolves to `true`. When it resolves
+    /// to `false` (publishing failed or was interrupted) counting stops at once; the caller
+    /// reports why. Reading while publishing keeps outcomes flowing through the watcher's
+    /// prefetch instead of piling up unacked.
+    pub async fn collect_after(
+        mut self,
+        filter: &OutcomeFilter,
+        expect: Option<usize>,
+        timeout: Option<Duration>,
+        mode: ProgressMode,
+        stop: impl std::future::Future<Output = ()>,
+        started: impl std::future::Future<Output = bool>,
+    ) -> Result<CampaignSummary, CampaignError> {
         let mut summary = CampaignSummary::new(&filter.campaign, expect);
         let names = STATUSES.map(Status::as_str);
-        let meter = Meter::new(mode, "outcomes", &names, expect.map(|n| n as u64));
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-        let expired = async {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
+        let show = |summary: &CampaignSummary| {
+            let meter = Meter::new(mode, "outcomes", &names, expect.map(|n| n as u64));
+            for (index, status) in STATUSES.iter().enumerate() {
+                meter.inc(index, summary.count(*status) as u64);
             }
+            meter
         };
-        tokio::pin!(stop, expired);
+        let mut meter = None;
+        let mut waiting = true;
+        let expired = tokio::time::sleep(Duration::ZERO);
+        let mut armed = false;
+        tokio::pin!(stop, expired, started);
         while expect.is_none_or(|n| summary.received < n) {
             let delivery = tokio::select! {
+                ok = &mut started, if waiting => {
+                    waiting = false;
+                    if !ok {
+                        break;
+                    }
+                    meter = Some(show(&summary));
+                    if let Some(limit) = timeout {
+                        expired.as_mut().reset(tokio::time::Instant::now() + limit);
+                        armed = true;
+                    }
+                    continue;
+                }
                 _ = &mut stop => {
                     summary.interrupted = true;
                     break;
                 }
-                _ = &mut expired => {
+                _ = &mut expired, if armed => {
                     summary.timed_out = timeout;
                     break;
                 }
@@ -137,6 +192,12 @@ impl Watcher {
                 }
                 None => return Err(CampaignError::WatcherClosed),
             };
+            bounded(
+                self.limit,
+                "basic.ack (outcome watcher)",
+                delivery.acker.ack(BasicAckOptions::default()),
+            )
+            .await?;
             let Ok(outcome) = serde_json::from_slice::<Outcome>(&delivery.data) else {
                 // Not a contract outcome (another publisher on the exchange): not ours to count.
                 continue;
@@ -153,10 +214,18 @@ impl Watcher {
                 .iter()
                 .position(|s| *s == outcome.status)
                 .expect("every status is listed");
-            meter.inc(index, 1);
+            if let Some(meter) = &meter {
+                meter.inc(index, 1);
+            }
             summary.add(outcome);
         }
-        meter.finish();
+        // Every outcome came before publishing ended: show the count once it has.
+        if waiting && !summary.interrupted && started.await {
+            meter = Some(show(&summary));
+        }
+        if let Some(meter) = meter {
+            meter.finish();
+        }
         Ok(summary)
     }
 }
