@@ -661,6 +661,15 @@ impl Config {
                 format!("expected \"text\" or \"json\", got {:?}", self.log.format),
             );
         }
+        if !valid_log_filter(&self.log.level) {
+            return invalid(
+                "log.level",
+                format!(
+                    "expected a level (trace, debug, info, warn, error, off) or filter directives such as \"info,swr_stage_worker=debug\", got {:?}",
+                    self.log.level
+                ),
+            );
+        }
         Ok(())
     }
 
@@ -689,6 +698,21 @@ impl Config {
             .unwrap_or_else(|| "unknown-host".to_owned());
         format!("{host}/{}", std::process::id())
     }
+}
+
+/// A `log.level` that means what it says: every comma-separated directive is a level, or names
+/// a target (`target=level`, `a::b`, `[span]`). A bare word such as "verbose" would otherwise be
+/// read as a target name and silently log nothing but that target.
+fn valid_log_filter(filter: &str) -> bool {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let directives_ok = filter.split(',').all(|directive| {
+        let directive = directive.trim();
+        LEVELS.iter().any(|l| directive.eq_ignore_ascii_case(l))
+            || (directive.contains(['=', ':', '[']) && !directive.starts_with('='))
+    });
+    !filter.trim().is_empty()
+        && directives_ok
+        && tracing_subscriber::EnvFilter::try_new(filter).is_ok()
 }
 
 /// Deep-merges `overlay` into `base`, refusing keys that `base` (the defaults) does not have.
@@ -789,6 +813,22 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_levels_and_directives_are_accepted_bare_words_are_not() {
+        for good in [
+            "info",
+            "WARN",
+            "info,swr_stage_worker=debug",
+            "swr_stage_worker::worker=trace",
+            "warn,lapin=off",
+        ] {
+            assert!(valid_log_filter(good), "{good:?} should be accepted");
+        }
+        for bad in ["verbose", "", " ", "info,loud", "lapin=loud", "=debug"] {
+            assert!(!valid_log_filter(bad), "{bad:?} should be refused");
+        }
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -912,6 +952,14 @@ mod tests {
             ("SWR_ENDPOINT", "ftp://x", "swr.endpoint"),
             ("AMQP_URL", "http://x", "amqp.url"),
             ("SWR_STAGE_WORKER__LOG__FORMAT", "xml", "log.format"),
+            ("SWR_STAGE_WORKER__LOG__LEVEL", "verbose", "log.level"),
+            ("SWR_STAGE_WORKER__LOG__LEVEL", "", "log.level"),
+            ("SWR_STAGE_WORKER__LOG__LEVEL", "info,=debug", "log.level"),
+            (
+                "SWR_STAGE_WORKER__LOG__LEVEL",
+                "swr_stage_worker=loud",
+                "log.level",
+            ),
             (
                 "SWR_STAGE_WORKER__TELEMETRY__LISTEN",
                 "localhost",

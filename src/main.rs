@@ -197,9 +197,12 @@ fn positive_rate(text: &str) -> Result<f64, String> {
 }
 
 /// Exit code of a usage error: 1 for the campaign commands (2 is their "some failed"), clap's 2 otherwise.
+/// The command is found by clap itself (leniently), so a global flag's value before it
+/// (`--config x.toml submit ...`) is not taken for the command.
 fn usage_error_code() -> u8 {
-    let command = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    match command.as_deref() {
+    use clap::CommandFactory;
+    let partial = Cli::command().ignore_errors(true).try_get_matches();
+    match partial.as_ref().ok().and_then(|m| m.subcommand_name()) {
         Some("submit" | "watch" | "replay") => 1,
         _ => 2,
     }

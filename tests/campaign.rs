@@ -797,3 +797,32 @@ async fn wait_for_depth(env: &TestEnv, queue: &str, depth: u32) {
         );
     }
 }
+
+/// A usage error of a campaign command exits 1 (its 2 means "some requests failed"), also when
+/// a global flag with a value comes first; the worker's own commands keep clap's 2.
+#[test]
+fn usage_errors_of_campaign_commands_exit_1_whatever_comes_first() {
+    let exit = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_swr-stage-worker"))
+            .args(args)
+            .env_remove("SWR_STAGE_WORKER_CONFIG")
+            .output()
+            .expect("the binary runs");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.code().expect("exited"), stderr)
+    };
+    for args in [
+        &["submit", "--bogus"][..],
+        &["--config", "any.toml", "submit", "--bogus"],
+        &["--log-format", "json", "watch", "--expect", "many"],
+        &["--config", "any.toml", "replay", "--bogus"],
+    ] {
+        let (code, stderr) = exit(args);
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert!(stderr.contains("error:"), "{args:?}: {stderr}");
+    }
+    for args in [&["--config", "any.toml", "run", "--bogus"][..], &["bogus"]] {
+        let (code, stderr) = exit(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+    }
+}
