@@ -564,6 +564,79 @@ async fn embedded_files_of_version_3_keep_outcomes_and_loop_guard_counts() {
         "SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name",
     );
     assert_eq!(objects, ["guard_log", "outcomes"]);
+    assert_eq!(indexes(&cfg.path), Vec::<String>::new());
+}
+
+/// Every index in the file, SQLite's own included (a UNIQUE column has one).
+fn indexes(path: &str) -> Vec<String> {
+    texts(path, "SELECT name FROM sqlite_master WHERE type = 'index'")
+}
+
+/// Version 4: a unique index on the outcomes' key. Version 5 keeps every outcome (found by key
+/// through the in-memory index) and drops the index with a rebuilt table.
+#[tokio::test]
+async fn embedded_files_of_version_4_keep_outcomes_and_lose_the_key_index() {
+    let cfg = config(Duration::from_secs(600), Duration::from_secs(3600));
+    let now = 1_800_000_000_000i64;
+    let keys: Vec<String> = (0..3).map(|_| key("v4")).collect();
+    {
+        std::fs::create_dir_all(std::path::Path::new(&cfg.path).parent().unwrap()).unwrap();
+        let db = rusqlite::Connection::open(&cfg.path).unwrap();
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE outcomes (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE,
+                 fingerprint TEXT NOT NULL, owner TEXT NOT NULL, outcome TEXT NOT NULL,
+                 expires_at INTEGER NOT NULL);
+             CREATE TABLE guard_log (id INTEGER PRIMARY KEY, fingerprint TEXT NOT NULL,
+                 window_start INTEGER NOT NULL);
+             INSERT INTO guard_log (fingerprint, window_start) VALUES ('7:0:retry', 1800000000000);
+             PRAGMA user_version = 4;",
+        )
+        .unwrap();
+        for (n, k) in keys.iter().enumerate() {
+            db.execute(
+                "INSERT INTO outcomes (key, fingerprint, owner, outcome, expires_at)
+                 VALUES (?1, ?2, 'old#1', ?3, ?4)",
+                rusqlite::params![
+                    k,
+                    format!("{}:0:retry", n + 1),
+                    serde_json::to_string(&outcome(k, Status::Succeeded)).unwrap(),
+                    now + 3_600_000
+                ],
+            )
+            .unwrap();
+        }
+    }
+    assert_eq!(indexes(&cfg.path).len(), 1, "the v4 file has its key index");
+    let store = EmbeddedStore::open_with_clock(&cfg, Arc::new(move || now)).unwrap();
+    for (n, k) in keys.iter().enumerate() {
+        match store
+            .claim(k, &format!("{}:0:retry", n + 1), "new#1")
+            .await
+            .unwrap()
+        {
+            Claim::Finished(o) => assert_eq!(&o.idempotency_key, k),
+            other => panic!("{k} must be replayed after the migration, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        store
+            .claim(&key("new"), "9:0:retry", "new#1")
+            .await
+            .unwrap(),
+        Claim::Acquired { takeover: false }
+    );
+    assert!(!store
+        .count_execution("7:0:retry", Duration::from_secs(3600), 1)
+        .await
+        .unwrap());
+    drop(store);
+    assert_eq!(indexes(&cfg.path), Vec::<String>::new());
+    let version: i64 = rusqlite::Connection::open(&cfg.path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 5);
 }
 
 /// A file as an earlier release left it: one WITHOUT ROWID table of claims and outcomes (schema

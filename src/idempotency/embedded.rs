@@ -15,19 +15,25 @@
 //! means claims need not be written at all: they live in this process's memory and die with it,
 //! so a key a dead process left mid-call runs again at once rather than after its lease.
 //!
-//! Layout: `outcomes` holds finished outcomes in a rowid table (appended in time order, with a
-//! unique index on the key); `guard_log` records each execution the loop guard allowed, also
-//! appended. Per job that is one small index entry at a random place plus two appends, instead of
-//! a whole outcome row placed by its random key (which split pages and cost about twice as much)
-//! and a guard row per step at another random place (a third of what was left). Both tables are
-//! pruned oldest-first by rowid, which follows time, so neither needs an index on its time.
+//! Layout: `outcomes` holds finished outcomes in a rowid table, appended in time order;
+//! `guard_log` records each execution the loop guard allowed, also appended. Neither has an
+//! index: per job the file takes two appends and nothing at a random place. A whole outcome row
+//! placed by its random key split pages and cost about twice as much, a guard row per step at
+//! another random place a third of what was left, and a unique index on the key half of the
+//! rest. Both tables are pruned oldest-first by rowid, which follows time.
+//!
+//! Keys are found through [`KeyIndex`], in memory: a 64-bit hash of each stored key and its
+//! row (17 bytes a slot, at most 36 bytes a key with the map's spare room, so 1,000,000
+//! outcomes within the TTL take 34 MiB, a tenth of the file), rebuilt from the table when the
+//! file is opened. A lookup reads the row and
+//! compares the key itself, so a hash shared by two keys never mixes them up.
 //!
 //! Loop-guard counts are answered from memory (one small entry per step that ran within the
 //! window, at most [`GUARD_CAP`]) and rebuilt from `guard_log` when the file is opened, so a
 //! restart keeps them.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::path::Path;
 use std::sync::{mpsc as std_mpsc, Arc, Weak};
 use std::time::Duration;
@@ -52,7 +58,7 @@ const PRUNE_BATCH: usize = 1000;
 /// WAL pages between checkpoints (32 MiB): fewer, larger checkpoints, each page written once.
 const CHECKPOINT_PAGES: i64 = 8192;
 /// Schema version kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 /// Steps whose loop-guard window is tracked in memory at most (about 52 bytes each, so 26 MiB at
 /// the cap). Past it the oldest windows are forgotten first, with a warning: the guard then lets
 /// those steps run again.
@@ -89,6 +95,8 @@ struct Db {
     /// (calling SWR with the same Idempotency-Key, as a take-over does). Bounded by the jobs in
     /// flight; entries whose lease ran out are dropped when pruning.
     running: HashMap<String, Running>,
+    /// Where each stored outcome's row is, by key.
+    keys: KeyIndex,
     /// Loop-guard windows by step (see [`guard_key`]); every allowed execution is also appended
     /// to `guard_log`, from which this map is rebuilt on open.
     guard: HashMap<u64, GuardWindow>,
@@ -111,6 +119,124 @@ struct Running {
     fingerprint: String,
     owner: String,
     lease_until: i64,
+}
+
+/// The rowid of each stored key's outcome, by a 64-bit hash of the key: the file needs no index
+/// on the key, so recording an outcome writes nothing at a random place. The hash only points;
+/// the row's own key is compared on every lookup. A key whose hash another stored key already
+/// has is kept whole in `collided` (nearly always empty).
+struct KeyIndex {
+    /// Seeded per process: the map is rebuilt on open, so the hash never reaches the file.
+    seed: RandomState,
+    /// `u64::MAX`, or 0 in tests to make every key collide.
+    mask: u64,
+    rows: HashMap<u64, i64>,
+    collided: HashMap<String, i64>,
+}
+
+/// A stored outcome, found by key.
+struct StoredRow {
+    id: i64,
+    fingerprint: String,
+    outcome: String,
+    expires_at: i64,
+}
+
+impl KeyIndex {
+    fn new() -> KeyIndex {
+        KeyIndex {
+            seed: RandomState::new(),
+            mask: u64::MAX,
+            rows: HashMap::new(),
+            collided: HashMap::new(),
+        }
+    }
+
+    /// Every row of `outcomes`, in order, so a key's latest row wins.
+    fn load(conn: &Connection) -> rusqlite::Result<KeyIndex> {
+        let mut index = KeyIndex::new();
+        index.reload(conn)?;
+        Ok(index)
+    }
+
+    fn reload(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        self.rows.clear();
+        self.collided.clear();
+        let mut rows = conn.prepare("SELECT id, key FROM outcomes ORDER BY id")?;
+        let mut rows = rows.query([])?;
+        while let Some(row) = rows.next()? {
+            let (id, key): (i64, String) = (row.get(0)?, row.get(1)?);
+            self.insert(conn, &key, id)?;
+        }
+        Ok(())
+    }
+
+    fn hash(&self, key: &str) -> u64 {
+        self.seed.hash_one(key) & self.mask
+    }
+
+    /// The row `key` has, if it has one (live or expired).
+    fn find(&self, conn: &Connection, key: &str) -> rusqlite::Result<Option<StoredRow>> {
+        let Some(&id) = self
+            .collided
+            .get(key)
+            .or_else(|| self.rows.get(&self.hash(key)))
+        else {
+            return Ok(None);
+        };
+        let row = conn
+            .prepare_cached(
+                "SELECT key, fingerprint, outcome, expires_at FROM outcomes WHERE id = ?1",
+            )?
+            .query_row([id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    StoredRow {
+                        id,
+                        fingerprint: r.get(1)?,
+                        outcome: r.get(2)?,
+                        expires_at: r.get(3)?,
+                    },
+                ))
+            })
+            .optional()?;
+        // Another key with the same hash (then this one has no row), or a row gone with a
+        // rolled-back transaction.
+        Ok(row.filter(|(stored, _)| stored == key).map(|(_, row)| row))
+    }
+
+    /// Records that `key`'s outcome is row `id` (the key has no other row).
+    fn insert(&mut self, conn: &Connection, key: &str, id: i64) -> rusqlite::Result<()> {
+        let hash = self.hash(key);
+        if let Some(&other) = self.rows.get(&hash) {
+            let other_key: Option<String> = conn
+                .prepare_cached("SELECT key FROM outcomes WHERE id = ?1")?
+                .query_row([other], |r| r.get(0))
+                .optional()?;
+            if other_key.is_some_and(|k| k != key) {
+                self.collided.insert(key.to_owned(), id);
+                return Ok(());
+            }
+        }
+        self.rows.insert(hash, id);
+        Ok(())
+    }
+
+    /// Forgets row `id` of `key` (deleted).
+    fn remove(&mut self, key: &str, id: i64) {
+        if self.collided.get(key) == Some(&id) {
+            self.collided.remove(key);
+            return;
+        }
+        let hash = self.hash(key);
+        if self.rows.get(&hash) == Some(&id) {
+            self.rows.remove(&hash);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.rows.len() + self.collided.len()
+    }
 }
 
 impl Db {
@@ -142,7 +268,17 @@ impl Db {
                 tracing::error!(%error, "idempotency store commit failed");
                 error
             });
+        if result.is_err() {
+            self.reload_keys();
+        }
         done.send_replace(Some(result));
+    }
+
+    /// After a rollback the key index may point at rows that are gone: read it again.
+    fn reload_keys(&mut self) {
+        if let Err(e) = self.keys.reload(&self.conn) {
+            tracing::error!(error = %e, "idempotency store: cannot re-read its key index");
+        }
     }
 
     /// After a failed statement: if SQLite rolled the transaction back itself, its waiters hear.
@@ -153,6 +289,7 @@ impl Db {
                     "the transaction was rolled back".into(),
                 ))));
             }
+            self.reload_keys();
         }
     }
 }
@@ -182,14 +319,13 @@ impl EmbeddedStore {
         }
         let conn = Connection::open(path)
             .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
-        let migrated =
-            migrate(&conn).and_then(|orphans| load_guard(&conn).map(|guard| (orphans, guard)));
-        let migrated = migrated.map(|(orphans, mut guard)| {
+        let migrated = migrate(&conn).and_then(|orphans| {
+            let mut guard = load_guard(&conn)?;
             // Windows forgotten for the cap are still in the log until they end.
             forget_oldest_guard_windows(&mut guard, GUARD_CAP - GUARD_CAP / 10, GUARD_CAP);
-            (orphans, guard)
+            Ok((orphans, guard, KeyIndex::load(&conn)?))
         });
-        let (orphans, guard) = migrated.map_err(|e| match e {
+        let (orphans, guard, keys) = migrated.map_err(|e| match e {
             rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DatabaseBusy => {
                 StoreError(format!(
                     "{} is in use by another process (idempotency.path): each worker needs its own file; several workers share idempotency.backend = \"postgres\"",
@@ -198,6 +334,11 @@ impl EmbeddedStore {
             }
             e => StoreError(format!("{}: {e}", path.display())),
         })?;
+        tracing::info!(
+            outcomes = keys.len(),
+            path = %path.display(),
+            "idempotency store opened"
+        );
         if orphans > 0 {
             tracing::info!(
                 claims = orphans,
@@ -210,6 +351,7 @@ impl EmbeddedStore {
                 conn,
                 open: None,
                 running: HashMap::new(),
+                keys,
                 guard,
                 guard_window_ms: None,
                 guard_cap: GUARD_CAP,
@@ -315,24 +457,11 @@ fn migrate(db: &Connection) -> rusqlite::Result<usize> {
         let mut orphans = 0;
         if version < 3 {
             // Finished outcomes only (claims live in memory), in a rowid table: rows are appended
-            // in time order and only the small key index takes a write at a random place.
-            db.execute_batch(
-                "CREATE TABLE IF NOT EXISTS outcomes (
-                     id          INTEGER PRIMARY KEY,
-                     key         TEXT NOT NULL UNIQUE,
-                     fingerprint TEXT NOT NULL,
-                     owner       TEXT NOT NULL,
-                     outcome     TEXT NOT NULL,
-                     expires_at  INTEGER NOT NULL
-                 );",
-            )?;
+            // in time order, nothing is written at a random place.
+            db.execute_batch(&outcomes_table("outcomes"))?;
             // From the first schema (one WITHOUT ROWID table of claims and outcomes), found by
             // name: an early release could stop between creating it and recording the version.
-            let old_table: bool = db.query_row(
-                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'idempotency'",
-                [],
-                |r| r.get(0),
-            )?;
+            let old_table = schema_has(db, "table", "name", "idempotency")?;
             if old_table {
                 // Rows a dead process left running are void: their keys run again.
                 orphans = db.execute("DELETE FROM idempotency WHERE state = 'running'", [])?;
@@ -355,11 +484,7 @@ fn migrate(db: &Connection) -> rusqlite::Result<usize> {
                  );
                  DROP INDEX IF EXISTS outcomes_expires;",
             )?;
-            let old_table: bool = db.query_row(
-                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'guard'",
-                [],
-                |r| r.get(0),
-            )?;
+            let old_table = schema_has(db, "table", "name", "guard")?;
             if old_table {
                 db.execute_batch(
                     "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n
@@ -368,6 +493,21 @@ fn migrate(db: &Connection) -> rusqlite::Result<usize> {
                          SELECT fingerprint, window_start FROM guard JOIN n ON n.i <= guard.executions
                          ORDER BY window_start;
                      DROP TABLE guard;",
+                )?;
+            }
+        }
+        if version < 5 {
+            // No index on the key (the key index is in memory): versions 3 and 4 had a unique
+            // one, which goes only with its table.
+            let indexed = schema_has(db, "index", "tbl_name", "outcomes")?;
+            if indexed {
+                db.execute_batch(&outcomes_table("outcomes_v5"))?;
+                db.execute_batch(
+                    "INSERT INTO outcomes_v5 (id, key, fingerprint, owner, outcome, expires_at)
+                         SELECT id, key, fingerprint, owner, outcome, expires_at FROM outcomes
+                         ORDER BY id;
+                     DROP TABLE outcomes;
+                     ALTER TABLE outcomes_v5 RENAME TO outcomes;",
                 )?;
             }
         }
@@ -386,6 +526,30 @@ fn migrate(db: &Connection) -> rusqlite::Result<usize> {
             Err(e)
         }
     }
+}
+
+/// Whether the schema has an object of `kind` whose `column` (`name`, or `tbl_name` for what
+/// belongs to a table) is `value`.
+fn schema_has(db: &Connection, kind: &str, column: &str, value: &str) -> rusqlite::Result<bool> {
+    db.query_row(
+        &format!("SELECT count(*) > 0 FROM sqlite_master WHERE type = ?1 AND {column} = ?2"),
+        [kind, value],
+        |r| r.get(0),
+    )
+}
+
+/// The outcomes table as version 5 has it, under `name`.
+fn outcomes_table(name: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {name} (
+             id          INTEGER PRIMARY KEY,
+             key         TEXT NOT NULL,
+             fingerprint TEXT NOT NULL,
+             owner       TEXT NOT NULL,
+             outcome     TEXT NOT NULL,
+             expires_at  INTEGER NOT NULL
+         );"
+    )
 }
 
 /// The loop-guard windows, replayed from `guard_log` in order (pruning keeps it to the windows
@@ -459,18 +623,24 @@ fn forget_oldest_guard_windows(guard: &mut HashMap<u64, GuardWindow>, target: us
     );
 }
 
-/// Deletes up to [`PRUNE_BATCH`] rows of `table` after rowid `after` whose `column` is below
-/// `cutoff`. Returns how many went and where the next batch starts, or `None` when pruning should
-/// stop: rows are appended in time order, so a batch with nothing to delete means the rest is
-/// newer still. (A lowered `idempotency.ttl` breaks that order for a while: the newer, shorter
-/// lived rows then wait until the older ones expire, at most the old TTL.)
+/// Deletes up to [`PRUNE_BATCH`] rows of `table` (`outcomes` by `expires_at`, `guard_log` by
+/// `window_start`) after rowid `after` whose time is below `cutoff`, and takes the deleted
+/// outcomes out of `keys`. Returns how many went and where the next batch starts, or `None` when
+/// pruning should stop: rows are appended in time order, so a batch with nothing to delete means
+/// the rest is newer still. (A lowered `idempotency.ttl` breaks that order for a while: the
+/// newer, shorter lived rows then wait until the older ones expire, at most the old TTL.)
 fn prune_batch(
     conn: &Connection,
     table: &str,
-    column: &str,
     after: i64,
     cutoff: i64,
+    keys: Option<&mut KeyIndex>,
 ) -> rusqlite::Result<(usize, Option<i64>)> {
+    let column = if table == "outcomes" {
+        "expires_at"
+    } else {
+        "window_start"
+    };
     let (last, rows): (Option<i64>, i64) = conn
         .prepare_cached(&format!(
             "SELECT max(id), count(*) FROM (SELECT id FROM {table} WHERE id > ?1 ORDER BY id LIMIT ?2)"
@@ -481,11 +651,26 @@ fn prune_batch(
     let Some(last) = last else {
         return Ok((0, None));
     };
-    let deleted = conn
-        .prepare_cached(&format!(
-            "DELETE FROM {table} WHERE id > ?1 AND id <= ?2 AND {column} < ?3"
-        ))?
-        .execute(params![after, last, cutoff])?;
+    let deleted = match keys {
+        Some(keys) => {
+            let mut delete = conn.prepare_cached(&format!(
+                "DELETE FROM {table} WHERE id > ?1 AND id <= ?2 AND {column} < ?3 RETURNING id, key"
+            ))?;
+            let mut rows = delete.query(params![after, last, cutoff])?;
+            let mut deleted = 0;
+            while let Some(row) = rows.next()? {
+                let (id, key): (i64, String) = (row.get(0)?, row.get(1)?);
+                keys.remove(&key, id);
+                deleted += 1;
+            }
+            deleted
+        }
+        None => conn
+            .prepare_cached(&format!(
+                "DELETE FROM {table} WHERE id > ?1 AND id <= ?2 AND {column} < ?3"
+            ))?
+            .execute(params![after, last, cutoff])?,
+    };
     let more = deleted > 0 && rows == PRUNE_BATCH as i64;
     Ok((deleted, more.then_some(last)))
 }
@@ -513,14 +698,10 @@ fn claim(
         takeover = true;
     }
     let finished = db
-        .conn
-        .prepare_cached(
-            "SELECT fingerprint, outcome FROM outcomes WHERE key = ?1 AND expires_at >= ?2",
-        )?
-        .query_row(params![key, now], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-        })
-        .optional()?;
+        .keys
+        .find(&db.conn, key)?
+        .filter(|row| row.expires_at >= now)
+        .map(|row| (row.fingerprint, row.outcome));
     match finished {
         Some((stored, _)) if stored != fingerprint && !stored.is_empty() => {
             return Ok(Claim::Mismatch {
@@ -569,24 +750,28 @@ impl Store for EmbeddedStore {
                 .remove(key)
                 .map(|r| (r.fingerprint, r.owner))
                 .unwrap_or_default();
-            let expires = now.saturating_add(s.ttl_ms);
-            let mut insert = db.conn.prepare_cached(
-                "INSERT INTO outcomes (key, fingerprint, owner, outcome, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (key) DO NOTHING",
-            )?;
-            if insert.execute(params![key, fingerprint, owner, outcome, expires])? == 0 {
-                // The key has a record. A live one stays (the first outcome wins); an expired
-                // one is replaced by a new row at the end, not rewritten in place, so rows stay
-                // in expiry order for pruning.
-                let expired = db
-                    .conn
-                    .prepare_cached("DELETE FROM outcomes WHERE key = ?1 AND expires_at < ?2")?
-                    .execute(params![key, now])?;
-                if expired > 0 {
-                    insert.execute(params![key, fingerprint, owner, outcome, expires])?;
+            match db.keys.find(&db.conn, key)? {
+                // A live record stays: the first outcome wins.
+                Some(row) if row.expires_at >= now => return Ok(()),
+                // An expired one is replaced by a new row at the end, not rewritten in place,
+                // so rows stay in expiry order for pruning.
+                Some(row) => {
+                    db.conn
+                        .prepare_cached("DELETE FROM outcomes WHERE id = ?1")?
+                        .execute([row.id])?;
+                    db.keys.remove(key, row.id);
                 }
+                None => {}
             }
-            Ok(())
+            let expires = now.saturating_add(s.ttl_ms);
+            db.conn
+                .prepare_cached(
+                    "INSERT INTO outcomes (key, fingerprint, owner, outcome, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![key, fingerprint, owner, outcome, expires])?;
+            let id = db.conn.last_insert_rowid();
+            db.keys.insert(&db.conn, key, id)
         }))
     }
 
@@ -614,7 +799,7 @@ impl Store for EmbeddedStore {
                 let (n, next) = self
                     .run(|db, now, _| {
                         db.running.retain(|_, r| r.lease_until >= now);
-                        prune_batch(&db.conn, "outcomes", "expires_at", from, now)
+                        prune_batch(&db.conn, "outcomes", from, now, Some(&mut db.keys))
                     })
                     .await?;
                 pruned += n as u64;
@@ -638,9 +823,7 @@ impl Store for EmbeddedStore {
             let mut after = cutoff.map(|_| 0);
             while let (Some(from), Some(cutoff)) = (after, cutoff) {
                 (_, after) = self
-                    .run(|db, _, _| {
-                        prune_batch(&db.conn, "guard_log", "window_start", from, cutoff)
-                    })
+                    .run(|db, _, _| prune_batch(&db.conn, "guard_log", from, cutoff, None))
                     .await?;
                 tokio::task::yield_now().await;
             }
@@ -654,12 +837,11 @@ impl Store for EmbeddedStore {
         Box::pin(async move {
             let found = self
                 .run(move |db, now, _| {
-                    db.conn
-                        .prepare_cached(
-                            "SELECT outcome FROM outcomes WHERE key = ?1 AND expires_at >= ?2",
-                        )?
-                        .query_row(params![key, now], |r| r.get::<_, String>(0))
-                        .optional()
+                    Ok(db
+                        .keys
+                        .find(&db.conn, key)?
+                        .filter(|row| row.expires_at >= now)
+                        .map(|row| row.outcome))
                 })
                 .await?;
             Ok(found.and_then(|json| serde_json::from_str(&json).ok()))
@@ -785,5 +967,69 @@ mod tests {
             store.count_execution(&step(1), HOUR, 1).await.unwrap(),
             "the oldest window was forgotten"
         );
+    }
+
+    fn done(key: &str, pipeline: i64) -> Outcome {
+        serde_json::from_value(serde_json::json!({
+            "idempotency_key": key, "pipeline_id": pipeline, "stage_index": 0, "mode": "retry",
+            "status": "succeeded", "http_status": 201, "attempts": 1, "replayed": false,
+            "error": null, "campaign_id": null, "metadata": null, "swr_request_id": null,
+            "started_at": "2026-11-29T05:20:28.123Z", "finished_at": "2026-11-29T05:20:28.141Z",
+            "duration_ms": 18, "worker": "unit/1"
+        }))
+        .expect("an outcome")
+    }
+
+    /// With every key hashing alike, each still finds its own outcome and only its own, through
+    /// completion, pruning and a re-run after expiry.
+    #[tokio::test]
+    async fn keys_that_share_a_hash_are_kept_apart() {
+        let (store, now) = store("collide");
+        store.shared.db.try_lock().unwrap().keys.mask = 0;
+        let keys = ["key-a", "key-b", "key-c"];
+        let finish = |k: &'static str, p: i64| {
+            let store = &store;
+            async move {
+                let claim = store.claim(k, &step(p), "w#1").await.unwrap();
+                assert_eq!(claim, Claim::Acquired { takeover: false }, "{k}");
+                store.complete(k, &done(k, p)).await.unwrap();
+            }
+        };
+        finish(keys[0], 1).await;
+        now.fetch_add(60 * MINUTE, Ordering::SeqCst);
+        finish(keys[1], 2).await;
+        finish(keys[2], 3).await;
+        let replayed = |k: &'static str, p: i64| {
+            let store = &store;
+            async move {
+                match store.claim(k, &step(p), "w#2").await.unwrap() {
+                    Claim::Finished(o) => assert_eq!(o.idempotency_key, k),
+                    other => panic!("{k}: expected its stored outcome, got {other:?}"),
+                }
+                assert_eq!(store.finished(k).await.unwrap().unwrap().idempotency_key, k);
+            }
+        };
+        for (p, k) in (1..).zip(keys) {
+            replayed(k, p).await;
+        }
+        assert_eq!(
+            store.claim("key-d", &step(4), "w#2").await.unwrap(),
+            Claim::Acquired { takeover: false },
+            "a new key with the same hash is new"
+        );
+        store.release("key-d", "w#2").await.unwrap();
+        // The first key expires and is pruned; the others stay found.
+        let ttl = store.shared.ttl_ms;
+        now.fetch_add(ttl - 60 * MINUTE + 1, Ordering::SeqCst);
+        assert_eq!(store.prune().await.unwrap(), 1);
+        assert_eq!(
+            store.claim(keys[0], &step(1), "w#3").await.unwrap(),
+            Claim::Acquired { takeover: false }
+        );
+        store.complete(keys[0], &done(keys[0], 1)).await.unwrap();
+        for (p, k) in (1..).zip(keys) {
+            replayed(k, p).await;
+        }
+        assert_eq!(store.shared.db.try_lock().unwrap().keys.len(), 3);
     }
 }
