@@ -742,3 +742,26 @@ async fn migrates_from(version: u32) {
         "guard count from schema version {version}"
     );
 }
+
+/// A file written by a newer release is refused, naming both versions, and left as it was.
+#[tokio::test]
+async fn embedded_files_of_a_newer_layout_are_refused() {
+    let cfg = config(Duration::from_secs(600), Duration::from_secs(3600));
+    std::fs::create_dir_all(std::path::Path::new(&cfg.path).parent().unwrap()).unwrap();
+    rusqlite::Connection::open(&cfg.path)
+        .unwrap()
+        .execute_batch("CREATE TABLE future (x); PRAGMA user_version = 99;")
+        .unwrap();
+    let error = EmbeddedStore::open(&cfg)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        error.contains("version 99") && error.contains("newer release"),
+        "{error}"
+    );
+    assert_eq!(
+        texts(&cfg.path, "SELECT name FROM sqlite_master"),
+        ["future"]
+    );
+}

@@ -23,9 +23,9 @@
 //! rest. Both tables are pruned oldest-first by rowid, which follows time.
 //!
 //! Keys are found through [`KeyIndex`], in memory: a 64-bit hash of each stored key and its
-//! row (17 bytes a slot, at most 36 bytes a key with the map's spare room, so 1,000,000
-//! outcomes within the TTL take 34 MiB, a tenth of the file), rebuilt from the table when the
-//! file is opened. A lookup reads the row and
+//! row (about 40 bytes a key with the map's spare room, up to about 58 while it grows, so
+//! 1,000,000 outcomes within the TTL take about 34 MiB, a tenth of the file; pruning gives
+//! memory back), rebuilt from the table when the file is opened. A lookup reads the row and
 //! compares the key itself, so a hash shared by two keys never mixes them up.
 //!
 //! Loop-guard counts are answered from memory (one small entry per step that ran within the
@@ -125,6 +125,9 @@ struct Running {
 /// on the key, so recording an outcome writes nothing at a random place. The hash only points;
 /// the row's own key is compared on every lookup. A key whose hash another stored key already
 /// has is kept whole in `collided` (nearly always empty).
+///
+/// Changes follow the open transaction: each is logged in `undo` and taken back if the
+/// transaction rolls back, and the log is cleared when it commits.
 struct KeyIndex {
     /// Seeded per process: the map is rebuilt on open, so the hash never reaches the file.
     seed: RandomState,
@@ -132,6 +135,14 @@ struct KeyIndex {
     mask: u64,
     rows: HashMap<u64, i64>,
     collided: HashMap<String, i64>,
+    /// What the open transaction changed, oldest first, with the value before.
+    undo: Vec<Undo>,
+}
+
+/// One change to the index, with what it replaced.
+enum Undo {
+    Row { hash: u64, before: Option<i64> },
+    Collided { key: String, before: Option<i64> },
 }
 
 /// A stored outcome, found by key.
@@ -142,95 +153,172 @@ struct StoredRow {
     expires_at: i64,
 }
 
+/// Where a key stands in the index.
+struct Found {
+    /// The key's row, live or expired.
+    row: Option<StoredRow>,
+    /// The key's hash points at another key's row: a new row of this key goes to `collided`.
+    slot_taken: bool,
+}
+
 impl KeyIndex {
-    fn new() -> KeyIndex {
-        KeyIndex {
+    /// Every row of `outcomes`, in order (were a key to have two rows, the later one wins).
+    fn load(conn: &Connection) -> rusqlite::Result<KeyIndex> {
+        let mut index = KeyIndex {
             seed: RandomState::new(),
             mask: u64::MAX,
             rows: HashMap::new(),
             collided: HashMap::new(),
-        }
-    }
-
-    /// Every row of `outcomes`, in order, so a key's latest row wins.
-    fn load(conn: &Connection) -> rusqlite::Result<KeyIndex> {
-        let mut index = KeyIndex::new();
-        index.reload(conn)?;
-        Ok(index)
-    }
-
-    fn reload(&mut self, conn: &Connection) -> rusqlite::Result<()> {
-        self.rows.clear();
-        self.collided.clear();
+            undo: Vec::new(),
+        };
         let mut rows = conn.prepare("SELECT id, key FROM outcomes ORDER BY id")?;
         let mut rows = rows.query([])?;
         while let Some(row) = rows.next()? {
             let (id, key): (i64, String) = (row.get(0)?, row.get(1)?);
-            self.insert(conn, &key, id)?;
+            let found = index.find(conn, &key)?;
+            if let Some(earlier) = found.row {
+                index.remove(&key, earlier.id);
+            }
+            index.insert(&key, id, found.slot_taken);
         }
-        Ok(())
+        index.undo.clear();
+        Ok(index)
     }
 
     fn hash(&self, key: &str) -> u64 {
         self.seed.hash_one(key) & self.mask
     }
 
-    /// The row `key` has, if it has one (live or expired).
-    fn find(&self, conn: &Connection, key: &str) -> rusqlite::Result<Option<StoredRow>> {
-        let Some(&id) = self
-            .collided
-            .get(key)
-            .or_else(|| self.rows.get(&self.hash(key)))
-        else {
-            return Ok(None);
-        };
-        let row = conn
-            .prepare_cached(
-                "SELECT key, fingerprint, outcome, expires_at FROM outcomes WHERE id = ?1",
-            )?
-            .query_row([id], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    StoredRow {
-                        id,
-                        fingerprint: r.get(1)?,
-                        outcome: r.get(2)?,
-                        expires_at: r.get(3)?,
-                    },
-                ))
-            })
-            .optional()?;
-        // Another key with the same hash (then this one has no row), or a row gone with a
-        // rolled-back transaction.
-        Ok(row.filter(|(stored, _)| stored == key).map(|(_, row)| row))
+    /// The key and the outcome of row `id`, if it exists.
+    fn read(conn: &Connection, id: i64) -> rusqlite::Result<Option<(String, StoredRow)>> {
+        conn.prepare_cached(
+            "SELECT key, fingerprint, outcome, expires_at FROM outcomes WHERE id = ?1",
+        )?
+        .query_row([id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                StoredRow {
+                    id,
+                    fingerprint: r.get(1)?,
+                    outcome: r.get(2)?,
+                    expires_at: r.get(3)?,
+                },
+            ))
+        })
+        .optional()
     }
 
-    /// Records that `key`'s outcome is row `id` (the key has no other row).
-    fn insert(&mut self, conn: &Connection, key: &str, id: i64) -> rusqlite::Result<()> {
-        let hash = self.hash(key);
-        if let Some(&other) = self.rows.get(&hash) {
-            let other_key: Option<String> = conn
-                .prepare_cached("SELECT key FROM outcomes WHERE id = ?1")?
-                .query_row([other], |r| r.get(0))
-                .optional()?;
-            if other_key.is_some_and(|k| k != key) {
-                self.collided.insert(key.to_owned(), id);
-                return Ok(());
+    /// The row `key` has, if any, and whether its hash's slot belongs to another key. A pointer
+    /// to a row that is gone, or that holds another key, finds nothing.
+    fn find(&self, conn: &Connection, key: &str) -> rusqlite::Result<Found> {
+        let mut slot_taken = false;
+        if let Some(&id) = self.rows.get(&self.hash(key)) {
+            match KeyIndex::read(conn, id)? {
+                Some((stored, row)) if stored == key => {
+                    return Ok(Found {
+                        row: Some(row),
+                        slot_taken: false,
+                    })
+                }
+                Some(_) => slot_taken = true,
+                None => {}
             }
         }
-        self.rows.insert(hash, id);
-        Ok(())
+        if let Some(&id) = self.collided.get(key) {
+            if let Some((stored, row)) = KeyIndex::read(conn, id)? {
+                if stored == key {
+                    return Ok(Found {
+                        row: Some(row),
+                        slot_taken,
+                    });
+                }
+            }
+        }
+        Ok(Found {
+            row: None,
+            slot_taken,
+        })
+    }
+
+    /// Records that `key`'s outcome is row `id` (the key has no other row); `slot_taken` as
+    /// [`find`](Self::find) answered it.
+    fn insert(&mut self, key: &str, id: i64, slot_taken: bool) {
+        if slot_taken {
+            self.set_collided(key, Some(id));
+            return;
+        }
+        self.set_row(self.hash(key), Some(id));
+        if self.collided.contains_key(key) {
+            self.set_collided(key, None);
+        }
     }
 
     /// Forgets row `id` of `key` (deleted).
     fn remove(&mut self, key: &str, id: i64) {
         if self.collided.get(key) == Some(&id) {
-            self.collided.remove(key);
+            self.set_collided(key, None);
             return;
         }
         let hash = self.hash(key);
         if self.rows.get(&hash) == Some(&id) {
-            self.rows.remove(&hash);
+            self.set_row(hash, None);
+        }
+    }
+
+    fn set_row(&mut self, hash: u64, id: Option<i64>) {
+        let before = match id {
+            Some(id) => self.rows.insert(hash, id),
+            None => self.rows.remove(&hash),
+        };
+        self.undo.push(Undo::Row { hash, before });
+    }
+
+    fn set_collided(&mut self, key: &str, id: Option<i64>) {
+        let before = match id {
+            Some(id) => self.collided.insert(key.to_owned(), id),
+            None => self.collided.remove(key),
+        };
+        self.undo.push(Undo::Collided {
+            key: key.to_owned(),
+            before,
+        });
+    }
+
+    /// The open transaction committed: its changes stay.
+    fn committed(&mut self) {
+        self.undo.clear();
+    }
+
+    /// The open transaction rolled back: its changes are taken back, newest first.
+    fn rolled_back(&mut self) {
+        while let Some(change) = self.undo.pop() {
+            match change {
+                Undo::Row {
+                    hash,
+                    before: Some(id),
+                } => {
+                    self.rows.insert(hash, id);
+                }
+                Undo::Row { hash, before: None } => {
+                    self.rows.remove(&hash);
+                }
+                Undo::Collided {
+                    key,
+                    before: Some(id),
+                } => {
+                    self.collided.insert(key, id);
+                }
+                Undo::Collided { key, before: None } => {
+                    self.collided.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Gives memory back after pruning emptied most of the map.
+    fn shrink(&mut self) {
+        if self.rows.capacity() > 1024 && self.rows.capacity() > 4 * self.rows.len() {
+            self.rows.shrink_to_fit();
         }
     }
 
@@ -268,17 +356,11 @@ impl Db {
                 tracing::error!(%error, "idempotency store commit failed");
                 error
             });
-        if result.is_err() {
-            self.reload_keys();
+        match result {
+            Ok(()) => self.keys.committed(),
+            Err(_) => self.keys.rolled_back(),
         }
         done.send_replace(Some(result));
-    }
-
-    /// After a rollback the key index may point at rows that are gone: read it again.
-    fn reload_keys(&mut self) {
-        if let Err(e) = self.keys.reload(&self.conn) {
-            tracing::error!(error = %e, "idempotency store: cannot re-read its key index");
-        }
     }
 
     /// After a failed statement: if SQLite rolled the transaction back itself, its waiters hear.
@@ -289,7 +371,7 @@ impl Db {
                     "the transaction was rolled back".into(),
                 ))));
             }
-            self.reload_keys();
+            self.keys.rolled_back();
         }
     }
 }
@@ -454,6 +536,14 @@ fn migrate(db: &Connection) -> rusqlite::Result<usize> {
     db.execute_batch("BEGIN IMMEDIATE")?;
     let migrated = (|| {
         let version: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(rusqlite::Error::ToSqlConversionFailure(
+                format!(
+                    "the file's layout is version {version}, written by a newer release; this one reads up to version {SCHEMA_VERSION} (use that release, or another idempotency.path)"
+                )
+                .into(),
+            ));
+        }
         let mut orphans = 0;
         if version < 3 {
             // Finished outcomes only (claims live in memory), in a rowid table: rows are appended
@@ -700,6 +790,7 @@ fn claim(
     let finished = db
         .keys
         .find(&db.conn, key)?
+        .row
         .filter(|row| row.expires_at >= now)
         .map(|row| (row.fingerprint, row.outcome));
     match finished {
@@ -750,7 +841,8 @@ impl Store for EmbeddedStore {
                 .remove(key)
                 .map(|r| (r.fingerprint, r.owner))
                 .unwrap_or_default();
-            match db.keys.find(&db.conn, key)? {
+            let found = db.keys.find(&db.conn, key)?;
+            match found.row {
                 // A live record stays: the first outcome wins.
                 Some(row) if row.expires_at >= now => return Ok(()),
                 // An expired one is replaced by a new row at the end, not rewritten in place,
@@ -771,7 +863,8 @@ impl Store for EmbeddedStore {
                 )?
                 .execute(params![key, fingerprint, owner, outcome, expires])?;
             let id = db.conn.last_insert_rowid();
-            db.keys.insert(&db.conn, key, id)
+            db.keys.insert(key, id, found.slot_taken);
+            Ok(())
         }))
     }
 
@@ -805,6 +898,13 @@ impl Store for EmbeddedStore {
                 pruned += n as u64;
                 after = next;
                 tokio::task::yield_now().await;
+            }
+            if pruned > 0 {
+                self.run(|db, _, _| {
+                    db.keys.shrink();
+                    Ok(())
+                })
+                .await?;
             }
             // Loop-guard windows that ended: from memory once, then from the log in batches. Log
             // rows hold their window's start, not their own time, so a few ended ones may sit
@@ -840,6 +940,7 @@ impl Store for EmbeddedStore {
                     Ok(db
                         .keys
                         .find(&db.conn, key)?
+                        .row
                         .filter(|row| row.expires_at >= now)
                         .map(|row| row.outcome))
                 })
@@ -1031,5 +1132,76 @@ mod tests {
             replayed(k, p).await;
         }
         assert_eq!(store.shared.db.try_lock().unwrap().keys.len(), 3);
+    }
+
+    /// An in-memory database with the outcomes table and an index over it where every key
+    /// collides.
+    fn colliding_index() -> (Connection, KeyIndex) {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(&outcomes_table("outcomes")).unwrap();
+        let mut index = KeyIndex::load(&conn).unwrap();
+        index.mask = 0;
+        (conn, index)
+    }
+
+    /// Adds a row for `key` the way `complete` does; returns its id.
+    fn add(conn: &Connection, index: &mut KeyIndex, key: &str) -> i64 {
+        let found = index.find(conn, key).unwrap();
+        assert!(found.row.is_none(), "{key} has no row yet");
+        conn.execute(
+            "INSERT INTO outcomes (key, fingerprint, owner, outcome, expires_at)
+             VALUES (?1, '1:0:retry', 'w', '{}', 0)",
+            [key],
+        )
+        .unwrap();
+        let id = conn.last_insert_rowid();
+        index.insert(key, id, found.slot_taken);
+        id
+    }
+
+    fn row_of(conn: &Connection, index: &KeyIndex, key: &str) -> Option<i64> {
+        index.find(conn, key).unwrap().row.map(|r| r.id)
+    }
+
+    #[test]
+    fn a_rolled_back_transaction_takes_its_index_changes_back() {
+        let (conn, mut index) = colliding_index();
+        conn.execute_batch("BEGIN").unwrap();
+        let a = add(&conn, &mut index, "key-a");
+        let b = add(&conn, &mut index, "key-b");
+        conn.execute_batch("COMMIT").unwrap();
+        index.committed();
+        conn.execute_batch("BEGIN").unwrap();
+        conn.execute("DELETE FROM outcomes WHERE id = ?1", [a])
+            .unwrap();
+        index.remove("key-a", a);
+        add(&conn, &mut index, "key-c");
+        conn.execute_batch("ROLLBACK").unwrap();
+        index.rolled_back();
+        assert_eq!(row_of(&conn, &index, "key-a"), Some(a));
+        assert_eq!(row_of(&conn, &index, "key-b"), Some(b));
+        assert_eq!(row_of(&conn, &index, "key-c"), None);
+        assert_eq!(index.len(), 2);
+    }
+
+    /// A collided key whose row went without the index hearing of it (a prune that failed half
+    /// way) is found again once it has a new row, even when that row takes the free slot.
+    #[test]
+    fn a_stale_collided_entry_does_not_hide_a_new_row() {
+        let (conn, mut index) = colliding_index();
+        let a = add(&conn, &mut index, "key-a");
+        let b = add(&conn, &mut index, "key-b");
+        assert!(index.collided.contains_key("key-b"));
+        conn.execute("DELETE FROM outcomes WHERE id = ?1", [b])
+            .unwrap();
+        conn.execute("DELETE FROM outcomes WHERE id = ?1", [a])
+            .unwrap();
+        index.remove("key-a", a);
+        let new_b = add(&conn, &mut index, "key-b");
+        assert_eq!(row_of(&conn, &index, "key-b"), Some(new_b));
+        assert!(index.collided.is_empty());
+        let new_a = add(&conn, &mut index, "key-a");
+        assert_eq!(row_of(&conn, &index, "key-a"), Some(new_a));
+        assert_eq!(row_of(&conn, &index, "key-b"), Some(new_b));
     }
 }
