@@ -119,7 +119,7 @@ pub async fn execute(
         let sent_at = std::time::Instant::now();
         let attempt = client
             .attempt(&url, key, &token)
-            .instrument(tracing::info_span!("attempt", attempt = sent))
+            .instrument(tracing::debug_span!("attempt", attempt = sent))
             .await;
         let code = match &attempt {
             Ok(reply) => reply.status.to_string(),
