@@ -453,6 +453,16 @@ pub async fn submit_parsed(
         };
         let confirmed = meter.done() as usize;
         meter.finish();
+        if let Some(Ok(report)) = &published {
+            // Said here, before the outcome count shows itself.
+            eprintln!(
+                "submitted {} request(s) to queue '{}' for campaign {} ({:.0}/s, all confirmed)",
+                report.confirmed,
+                config.amqp.request_queue,
+                result.campaign,
+                report.per_second()
+            );
+        }
         // Tells the outcome count to show itself and start --timeout, or to stop.
         let _ = published_tx.send(matches!(published, Some(Ok(_))));
         (published, confirmed)
@@ -485,15 +495,7 @@ pub async fn submit_parsed(
         .await;
         return Err(CampaignError::Interrupted { confirmed, total });
     };
-    let report = report?;
-    eprintln!(
-        "submitted {} request(s) to queue '{}' for campaign {} ({:.0}/s, all confirmed)",
-        report.confirmed,
-        config.amqp.request_queue,
-        result.campaign,
-        report.per_second()
-    );
-    result.published = Some(report);
+    result.published = Some(report?);
 
     if let Some(summary) = summary {
         let summary = summary?;
