@@ -613,12 +613,11 @@ impl Config {
                 ),
             );
         }
-        if !(self.swr.max_requests_per_second >= 0.0
-            && self.swr.max_requests_per_second.is_finite())
-        {
+        let rate = self.swr.max_requests_per_second;
+        if !(rate == 0.0 || (rate >= MIN_RATE && rate.is_finite())) {
             return invalid(
                 "swr.max_requests_per_second",
-                "expected a number >= 0 (0 = no limit)",
+                format!("expected 0 (no limit) or a number from {MIN_RATE} (one call per 1,000 s) up, got {rate}"),
             );
         }
         let breaker = &self.breaker;
@@ -700,19 +699,26 @@ impl Config {
     }
 }
 
-/// A `log.level` that means what it says: every comma-separated directive is a level, or names
-/// a target (`target=level`, `a::b`, `[span]`). A bare word such as "verbose" would otherwise be
-/// read as a target name and silently log nothing but that target.
+/// The lowest pace a rate setting takes (one per 1,000 s): below it the interval overflows.
+pub const MIN_RATE: f64 = 0.001;
+
+/// A `log.level` that means what it says: every comma-separated directive is a level (a name or
+/// 0..=5), or names a target with a level or a path (`target=level`, `a::b`, `[span]`). A bare
+/// word such as "verbose", a typo such as "lapin:debug" or a stray space ("info ") would
+/// otherwise be read as a target name and silently hide every other log line.
 fn valid_log_filter(filter: &str) -> bool {
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-    let directives_ok = filter.split(',').all(|directive| {
-        let directive = directive.trim();
-        LEVELS.iter().any(|l| directive.eq_ignore_ascii_case(l))
-            || (directive.contains(['=', ':', '[']) && !directive.starts_with('='))
-    });
-    !filter.trim().is_empty()
-        && directives_ok
-        && tracing_subscriber::EnvFilter::try_new(filter).is_ok()
+    let mut directives = filter.split(',').filter(|d| !d.is_empty()).peekable();
+    let directives_ok = directives.peek().is_some()
+        && directives.all(|directive| {
+            let level = LEVELS.iter().any(|l| directive.eq_ignore_ascii_case(l))
+                || matches!(directive, "0" | "1" | "2" | "3" | "4" | "5");
+            let target = (directive.contains(['=', '[']) || directive.contains("::"))
+                && !directive.starts_with('=')
+                && !directive.replace("::", "").contains(':');
+            directive.trim() == directive && (level || target)
+        });
+    directives_ok && tracing_subscriber::EnvFilter::try_new(filter).is_ok()
 }
 
 /// Deep-merges `overlay` into `base`, refusing keys that `base` (the defaults) does not have.
@@ -822,10 +828,26 @@ mod tests {
             "info,swr_stage_worker=debug",
             "swr_stage_worker::worker=trace",
             "warn,lapin=off",
+            "info,",
+            "3",
+            "swr_stage_worker::worker",
+            "[job]=debug",
         ] {
             assert!(valid_log_filter(good), "{good:?} should be accepted");
         }
-        for bad in ["verbose", "", " ", "info,loud", "lapin=loud", "=debug"] {
+        for bad in [
+            "verbose",
+            "",
+            " ",
+            ",",
+            "info,loud",
+            "lapin=loud",
+            "=debug",
+            "info ",
+            "warn, info",
+            "lapin:debug",
+            "swr_stage_worker",
+        ] {
             assert!(!valid_log_filter(bad), "{bad:?} should be refused");
         }
     }
@@ -953,6 +975,11 @@ mod tests {
             ("AMQP_URL", "http://x", "amqp.url"),
             ("SWR_STAGE_WORKER__LOG__FORMAT", "xml", "log.format"),
             ("SWR_STAGE_WORKER__LOG__LEVEL", "verbose", "log.level"),
+            (
+                "SWR_STAGE_WORKER__SWR__MAX_REQUESTS_PER_SECOND",
+                "1e-300",
+                "swr.max_requests_per_second",
+            ),
             ("SWR_STAGE_WORKER__LOG__LEVEL", "", "log.level"),
             ("SWR_STAGE_WORKER__LOG__LEVEL", "info,=debug", "log.level"),
             (

@@ -186,12 +186,13 @@ impl Command {
     }
 }
 
-/// `--rate`: a positive, finite number of messages per second.
+/// `--rate`: a finite number of messages per second, at least one per 1,000 s.
 fn positive_rate(text: &str) -> Result<f64, String> {
+    use swr_stage_worker::config::MIN_RATE;
     match text.parse::<f64>() {
-        Ok(rate) if rate > 0.0 && rate.is_finite() => Ok(rate),
+        Ok(rate) if rate >= MIN_RATE && rate.is_finite() => Ok(rate),
         _ => Err(format!(
-            "expected a positive number of messages per second, got {text:?}"
+            "expected a number of messages per second from {MIN_RATE} up, got {text:?}"
         )),
     }
 }

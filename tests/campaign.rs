@@ -821,6 +821,7 @@ fn usage_errors_of_campaign_commands_exit_1_whatever_comes_first() {
         &["--config", "any.toml", "submit", "--bogus"],
         &["--log-format", "json", "watch", "--expect", "many"],
         &["--config", "any.toml", "replay", "--bogus"],
+        &["submit", "-", "--rate", "1e-300"],
     ] {
         let (code, stderr) = exit(args);
         assert_eq!(code, 1, "{args:?}: {stderr}");

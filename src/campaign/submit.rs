@@ -469,22 +469,33 @@ pub async fn submit_parsed(
     };
     // The outcomes are read while publishing, so they pass through the watcher's bounded
     // prefetch as they come instead of waiting, unacked, for the last publish.
+    let publishing_done = std::sync::atomic::AtomicBool::new(false);
     let counting = async {
-        match watcher {
-            Some(watcher) => Some(
-                watcher
-                    .collect_after(
-                        &filter,
-                        Some(total),
-                        plan.timeout,
-                        mode,
-                        stop.clone(),
-                        async { published_rx.await.unwrap_or(false) },
-                    )
-                    .await,
-            ),
-            None => None,
+        let watcher = watcher?;
+        let counted = watcher
+            .collect_after(
+                &filter,
+                Some(total),
+                plan.timeout,
+                mode,
+                stop.clone(),
+                async {
+                    let published = published_rx.await.unwrap_or(false);
+                    publishing_done.store(true, std::sync::atomic::Ordering::Relaxed);
+                    published
+                },
+            )
+            .await;
+        if let Err(e) = &counted {
+            if !publishing_done.load(std::sync::atomic::Ordering::Relaxed) {
+                // Publishing matters more and goes on; say now why no count will follow.
+                eprintln!(
+                    "warning: counting outcomes stopped: {e}; publishing goes on (count them afterwards with `watch --campaign {}`)",
+                    result.campaign
+                );
+            }
         }
+        Some(counted)
     };
     let ((published, confirmed), summary) = tokio::join!(publishing, counting);
     let Some(report) = published else {
