@@ -174,15 +174,16 @@ pub async fn run(base: Config, options: BenchOptions) -> Result<Vec<PhaseResult>
                 .map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
         );
     }
-    if let Some(off) = results.iter().find(|r| r.name == "worker, store off") {
-        for r in results
-            .iter()
-            .filter(|r| r.name.starts_with("worker, store") && r.name != off.name)
-        {
+    if let Some(off) = results.iter().position(|r| r.name == "worker, store off") {
+        for (i, r) in results.iter().enumerate() {
+            if !r.name.starts_with("worker, store") || i == off {
+                continue;
+            }
+            let (low, high) = ratio_range(&rounds, i, off);
             println!(
-                "{} / store off: {:.2}",
+                "{} / store off: {:.2} (rounds {low:.2}-{high:.2})",
                 r.name,
-                r.jobs_per_sec / off.jobs_per_sec
+                r.jobs_per_sec / results[off].jobs_per_sec
             );
         }
     }
@@ -659,6 +660,17 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 /// Jobs published in a latency phase.
+/// The lowest and highest ratio of phase `i` to phase `base` within one round: how far a
+/// single round can stray from the medians.
+fn ratio_range(rounds: &[Vec<PhaseResult>], i: usize, base: usize) -> (f64, f64) {
+    rounds
+        .iter()
+        .map(|round| round[i].jobs_per_sec / round[base].jobs_per_sec)
+        .fold((f64::INFINITY, 0.0), |(low, high), r| {
+            (low.min(r), high.max(r))
+        })
+}
+
 fn latency_jobs(options: &BenchOptions) -> usize {
     options.jobs.min(10_000)
 }
@@ -748,4 +760,31 @@ async fn latency(
     samples.sort_by(f64::total_cmp);
     let pick = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
     Ok((pick(0.50), pick(0.99)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phase(jobs_per_sec: f64) -> PhaseResult {
+        PhaseResult {
+            jobs_per_sec,
+            ..PhaseResult::default()
+        }
+    }
+
+    #[test]
+    fn the_ratio_range_is_taken_within_each_round() {
+        // Phase 2 against phase 1, round by round: 0.5, 0.9 and 0.8.
+        let rounds = vec![
+            vec![phase(100.0), phase(200.0), phase(100.0)],
+            vec![phase(100.0), phase(100.0), phase(90.0)],
+            vec![phase(100.0), phase(150.0), phase(120.0)],
+        ];
+        let (low, high) = ratio_range(&rounds, 2, 1);
+        assert!(
+            (low - 0.5).abs() < 1e-9 && (high - 0.9).abs() < 1e-9,
+            "{low} {high}"
+        );
+    }
 }
