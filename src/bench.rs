@@ -659,7 +659,6 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks as f64 / 100.0)
 }
 
-/// Jobs published in a latency phase.
 /// The lowest and highest ratio of phase `i` to phase `base` within one round: how far a
 /// single round can stray from the medians.
 fn ratio_range(rounds: &[Vec<PhaseResult>], i: usize, base: usize) -> (f64, f64) {
@@ -671,6 +670,7 @@ fn ratio_range(rounds: &[Vec<PhaseResult>], i: usize, base: usize) -> (f64, f64)
         })
 }
 
+/// Jobs published in a latency phase.
 fn latency_jobs(options: &BenchOptions) -> usize {
     options.jobs.min(10_000)
 }

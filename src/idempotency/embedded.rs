@@ -63,6 +63,9 @@ const SCHEMA_VERSION: i64 = 5;
 /// the cap). Past it the oldest windows are forgotten first, with a warning: the guard then lets
 /// those steps run again.
 pub const GUARD_CAP: usize = 500_000;
+/// Keys held in the in-memory key index past which each pruning pass (and opening) logs a
+/// warning: about 40 MiB.
+const KEYS_WARN: usize = 1_000_000;
 
 /// Milliseconds since the epoch; injectable for tests.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -315,6 +318,18 @@ impl KeyIndex {
         }
     }
 
+    /// Says so when the index has grown past [`KEYS_WARN`]: its memory follows the outcomes kept
+    /// within the TTL, which the operator controls.
+    fn warn_if_large(&self) {
+        if self.len() > KEYS_WARN {
+            tracing::warn!(
+                keys = self.len(),
+                approx_mib = self.len() * 40 / (1 << 20),
+                "the embedded idempotency store indexes many outcomes in memory (about 40 bytes each); a shorter idempotency.ttl or idempotency.backend = \"postgres\" keeps it smaller"
+            );
+        }
+    }
+
     /// Gives memory back after pruning emptied most of the map.
     fn shrink(&mut self) {
         if self.rows.capacity() > 1024 && self.rows.capacity() > 4 * self.rows.len() {
@@ -421,6 +436,7 @@ impl EmbeddedStore {
             path = %path.display(),
             "idempotency store opened"
         );
+        keys.warn_if_large();
         if orphans > 0 {
             tracing::info!(
                 claims = orphans,
@@ -899,13 +915,12 @@ impl Store for EmbeddedStore {
                 after = next;
                 tokio::task::yield_now().await;
             }
-            if pruned > 0 {
-                self.run(|db, _, _| {
-                    db.keys.shrink();
-                    Ok(())
-                })
-                .await?;
-            }
+            self.run(|db, _, _| {
+                db.keys.shrink();
+                db.keys.warn_if_large();
+                Ok(())
+            })
+            .await?;
             // Loop-guard windows that ended: from memory once, then from the log in batches. Log
             // rows hold their window's start, not their own time, so a few ended ones may sit
             // behind live ones until a later pass; every row is gone one window after it was
@@ -1203,5 +1218,37 @@ mod tests {
         let new_a = add(&conn, &mut index, "key-a");
         assert_eq!(row_of(&conn, &index, "key-a"), Some(new_a));
         assert_eq!(row_of(&conn, &index, "key-b"), Some(new_b));
+    }
+
+    /// A commit that fails takes the index changes of its transaction back (the wiring of
+    /// `Db::commit`, not only the undo log).
+    #[tokio::test]
+    async fn a_failed_commit_takes_the_index_changes_back() {
+        let (store, _) = store("failed-commit");
+        let finished = "key-kept";
+        store.claim(finished, &step(1), "w#1").await.unwrap();
+        store.complete(finished, &done(finished, 1)).await.unwrap();
+        let mut db = store.shared.db.lock().await;
+        db.begin(&store.shared.opened).unwrap();
+        db.conn
+            .execute(
+                "INSERT INTO outcomes (key, fingerprint, owner, outcome, expires_at)
+                 VALUES ('key-lost', '2:0:retry', 'w#1', '{}', 0)",
+                [],
+            )
+            .unwrap();
+        let id = db.conn.last_insert_rowid();
+        db.keys.insert("key-lost", id, false);
+        assert_eq!(db.keys.len(), 2);
+        // The transaction ends under the store's feet, so its COMMIT fails.
+        db.conn.execute_batch("ROLLBACK").unwrap();
+        db.commit();
+        assert_eq!(db.keys.len(), 1, "the lost row's index entry is gone");
+        assert!(db.keys.find(&db.conn, "key-lost").unwrap().row.is_none());
+        drop(db);
+        assert!(matches!(
+            store.claim(finished, &step(1), "w#2").await.unwrap(),
+            Claim::Finished(_)
+        ));
     }
 }
