@@ -590,6 +590,12 @@ async fn child_phase(
         "SWR_STAGE_WORKER__IDEMPOTENCY__URL".into(),
         options.postgres_url.clone(),
     );
+    // A port of its own: a worker already running here (on the default 9464) must not make
+    // the phase's worker fail to start.
+    env.insert(
+        "SWR_STAGE_WORKER__TELEMETRY__LISTEN".into(),
+        "127.0.0.1:0".into(),
+    );
     let exe = std::env::current_exe().map_err(fail)?;
     let mut child = tokio::process::Command::new(exe)
         .args(args)
@@ -741,7 +747,12 @@ async fn latency(
     while samples.len() < n {
         let delivery = match tokio::time::timeout(Duration::from_secs(60), consumer.next()).await {
             Ok(Some(Ok(d))) => d,
-            _ => return Err(fail("latency phase: outcomes stopped")),
+            _ => {
+                return Err(fail(format!(
+                    "latency phase of {tag}: outcomes stopped after {} of {n}",
+                    samples.len()
+                )))
+            }
         };
         let arrived = Instant::now();
         // Matched on correlation_id, which the worker (contract §4) and the bare loop both copy
