@@ -55,8 +55,10 @@ const OP_TIMEOUT: Duration = Duration::from_secs(10);
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Rows deleted per pruning statement, so pruning never holds the store for long.
 const PRUNE_BATCH: usize = 1000;
-/// WAL pages between checkpoints (32 MiB): fewer, larger checkpoints, each page written once.
-const CHECKPOINT_PAGES: i64 = 8192;
+/// WAL pages between checkpoints (4 MiB). The file only appends, so a page reaches the WAL about
+/// once whatever the interval; a shorter one keeps each checkpoint, which holds the store, short
+/// (32 MiB ones put the worker's p99 publish-to-outcome latency near 55 ms, 4 MiB near 11).
+const CHECKPOINT_PAGES: i64 = 1024;
 /// Schema version kept in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 5;
 /// Steps whose loop-guard window is tracked in memory at most (about 52 bytes each, so 26 MiB at
