@@ -150,6 +150,14 @@ enum Undo {
     Collided { key: String, before: Option<i64> },
 }
 
+/// Sets `key` to `id`, or removes it for `None`; returns what it was.
+fn put<K: Hash + Eq>(map: &mut HashMap<K, i64>, key: K, id: Option<i64>) -> Option<i64> {
+    match id {
+        Some(id) => map.insert(key, id),
+        None => map.remove(&key),
+    }
+}
+
 /// A stored outcome, found by key.
 struct StoredRow {
     id: i64,
@@ -271,18 +279,12 @@ impl KeyIndex {
     }
 
     fn set_row(&mut self, hash: u64, id: Option<i64>) {
-        let before = match id {
-            Some(id) => self.rows.insert(hash, id),
-            None => self.rows.remove(&hash),
-        };
+        let before = put(&mut self.rows, hash, id);
         self.undo.push(Undo::Row { hash, before });
     }
 
     fn set_collided(&mut self, key: &str, id: Option<i64>) {
-        let before = match id {
-            Some(id) => self.collided.insert(key.to_owned(), id),
-            None => self.collided.remove(key),
-        };
+        let before = put(&mut self.collided, key.to_owned(), id);
         self.undo.push(Undo::Collided {
             key: key.to_owned(),
             before,
@@ -298,25 +300,9 @@ impl KeyIndex {
     fn rolled_back(&mut self) {
         while let Some(change) = self.undo.pop() {
             match change {
-                Undo::Row {
-                    hash,
-                    before: Some(id),
-                } => {
-                    self.rows.insert(hash, id);
-                }
-                Undo::Row { hash, before: None } => {
-                    self.rows.remove(&hash);
-                }
-                Undo::Collided {
-                    key,
-                    before: Some(id),
-                } => {
-                    self.collided.insert(key, id);
-                }
-                Undo::Collided { key, before: None } => {
-                    self.collided.remove(&key);
-                }
-            }
+                Undo::Row { hash, before } => put(&mut self.rows, hash, before),
+                Undo::Collided { key, before } => put(&mut self.collided, key, before),
+            };
         }
     }
 
