@@ -1,7 +1,7 @@
-//! The per-process pace of SWR calls (`swr.max_requests_per_second`): a smooth schedule, one
-//! call every `1/rate` seconds, so a campaign of 10,000 jobs at 50/s takes about 200 s instead of
-//! arriving as a burst. Each caller reserves the next free slot and sleeps until it; there is no
-//! queue to grow, only a time.
+//! A smooth pace, one call every `1/rate` seconds: the per-process pace of SWR calls
+//! (`swr.max_requests_per_second`), so a campaign of 10,000 jobs at 50/s takes about 200 s instead
+//! of arriving as a burst, and `submit --rate`. Each caller reserves the next free slot and
+//! sleeps until it; there is no queue to grow, only a time.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -12,6 +12,8 @@ use tokio::time::Instant;
 pub struct RateLimiter {
     /// Time between two calls; `None` when unlimited.
     interval: Option<Duration>,
+    /// How far behind its slot a caller may come and still take it.
+    catch_up: Duration,
     /// The earliest time the next call may start.
     next: Mutex<Option<Instant>>,
 }
@@ -19,8 +21,17 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// `rate` calls per second; 0 (or less) means unlimited.
     pub fn new(rate: f64) -> RateLimiter {
+        RateLimiter::with_catch_up(rate, Duration::ZERO)
+    }
+
+    /// Like [`new`](Self::new), but a caller up to `catch_up` late for its slot still takes it,
+    /// so timer jitter and short waits elsewhere do not lower the average rate. A caller later
+    /// than that (a stall) starts the schedule again from now: what was not sent during the
+    /// stall is spread over the time after it, not released at once.
+    pub fn with_catch_up(rate: f64, catch_up: Duration) -> RateLimiter {
         RateLimiter {
             interval: (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate)),
+            catch_up,
             next: Mutex::new(None),
         }
     }
@@ -34,7 +45,10 @@ impl RateLimiter {
         let slot = {
             let mut next = self.next.lock().expect("rate limiter lock");
             let now = Instant::now();
-            let slot = next.map_or(now, |n| n.max(now));
+            let slot = match *next {
+                Some(n) if now <= n + self.catch_up => n,
+                _ => now,
+            };
             *next = Some(slot + interval);
             slot
         };
@@ -81,6 +95,39 @@ mod tests {
             Duration::from_millis(200),
             "first at once, then 100 ms apart"
         );
+    }
+
+    /// Times of `n` calls, from `start`, in ms.
+    async fn calls(limiter: &RateLimiter, start: Instant, n: usize) -> Vec<u128> {
+        let mut times = Vec::new();
+        for _ in 0..n {
+            limiter.until_ready().await;
+            times.push(start.elapsed().as_millis());
+        }
+        times
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_a_little_late_keeps_the_schedule() {
+        let limiter = RateLimiter::with_catch_up(10.0, Duration::from_millis(100));
+        let start = Instant::now();
+        assert_eq!(calls(&limiter, start, 4).await, [0, 100, 200, 300]);
+        // Woken 50 ms late for the fifth slot (400): it goes now, and the schedule holds, so
+        // the average rate does.
+        tokio::time::sleep_until(start + Duration::from_millis(450)).await;
+        assert_eq!(calls(&limiter, start, 2).await, [450, 500]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_does_not_release_a_burst() {
+        let limiter = RateLimiter::with_catch_up(10.0, Duration::from_millis(100));
+        let start = Instant::now();
+        assert_eq!(calls(&limiter, start, 3).await, [0, 100, 200]);
+        // A 5 s stall: the next call goes now, and the rest follow at the rate, not the 47
+        // calls "owed" at once.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let after = Instant::now();
+        assert_eq!(calls(&limiter, after, 4).await, [0, 100, 200, 300]);
     }
 
     #[tokio::test(start_paused = true)]

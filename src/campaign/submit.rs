@@ -21,6 +21,7 @@ use super::progress::{Meter, ProgressMode};
 use super::watch::{self, CampaignSummary, OutcomeFilter, Watcher};
 use super::{open_channel, CampaignError, Failures};
 use crate::config::Config;
+use crate::ratelimit::RateLimiter;
 
 /// Default number of publishes awaiting their confirm at once: large enough to keep the
 /// connection and the quorum queue busy (on the 2-core reference machine 1024 gave about 21,000
@@ -118,7 +119,6 @@ pub async fn publish_requests(
     let window = options.window.max(1);
     let limit = options.confirm_timeout;
     let started = Instant::now();
-    let schedule_start = tokio::time::Instant::now();
     let mut in_flight = FuturesOrdered::new();
     let mut confirmed = 0usize;
     // Counts one result, or turns it into the error that stops the run.
@@ -155,10 +155,12 @@ pub async fn publish_requests(
         };
         Err(error)
     };
-    let mut pacing = options.rate.map(|rate| Pacing::new(rate, schedule_start));
-    for (i, request) in requests.iter().enumerate() {
-        if let Some(pacing) = &mut pacing {
-            tokio::time::sleep_until(pacing.due(i, tokio::time::Instant::now())).await;
+    let pace = options
+        .rate
+        .map(|rate| RateLimiter::with_catch_up(rate, PACING_SLACK));
+    for request in requests {
+        if let Some(pace) = &pace {
+            pace.until_ready().await;
         }
         while in_flight.len() >= window {
             let oldest = in_flight.next().await.expect("the window is full");
@@ -183,40 +185,6 @@ pub async fn publish_requests(
 /// How far behind its schedule a paced run may fall and still catch up; past it (a stalled
 /// broker) the schedule starts again from now, so no burst follows the stall.
 pub const PACING_SLACK: Duration = Duration::from_millis(100);
-
-/// A smooth schedule: message `i` is due at `start + i / rate`, so timer jitter and slow
-/// confirms do not lower the average rate and a fast stretch does not run ahead of it.
-struct Pacing {
-    /// Messages per second.
-    rate: f64,
-    /// When message `first` was due.
-    anchor: tokio::time::Instant,
-    /// The message the schedule counts from.
-    first: usize,
-}
-
-impl Pacing {
-    fn new(rate: f64, start: tokio::time::Instant) -> Pacing {
-        Pacing {
-            rate,
-            anchor: start,
-            first: 0,
-        }
-    }
-
-    /// When message `i` (counted up from 0) may go, as seen at `now`.
-    fn due(&mut self, i: usize, now: tokio::time::Instant) -> tokio::time::Instant {
-        let due = self.anchor + Duration::from_secs_f64((i - self.first) as f64 / self.rate);
-        if now > due + PACING_SLACK {
-            // Behind by more than the slack: what was not sent during the stall is spread
-            // over the time after it, at the rate, instead of being sent at once.
-            self.anchor = now;
-            self.first = i;
-            return now;
-        }
-        due
-    }
-}
 
 /// One publish, to its confirm; both waits bounded by `limit`.
 async fn publish_one(
@@ -528,47 +496,4 @@ pub async fn submit_parsed(
     )
     .await;
     Ok(result)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::time::Instant;
-
-    /// Due times relative to `start`, in ms, for messages `range` seen at `now`.
-    fn offsets(
-        pacing: &mut Pacing,
-        start: Instant,
-        now: Instant,
-        range: std::ops::Range<usize>,
-    ) -> Vec<u128> {
-        range
-            .map(|i| pacing.due(i, now).duration_since(start).as_millis())
-            .collect()
-    }
-
-    #[test]
-    fn pacing_keeps_an_even_schedule_and_catches_up_small_delays() {
-        let start = Instant::now();
-        let mut pacing = Pacing::new(10.0, start);
-        assert_eq!(offsets(&mut pacing, start, start, 0..4), [0, 100, 200, 300]);
-        // Woken 50 ms late for message 4: the schedule holds, so the average rate does.
-        let late = start + Duration::from_millis(450);
-        assert_eq!(offsets(&mut pacing, start, late, 4..6), [400, 500]);
-    }
-
-    #[test]
-    fn a_stall_does_not_release_a_burst() {
-        let start = Instant::now();
-        let mut pacing = Pacing::new(10.0, start);
-        assert_eq!(offsets(&mut pacing, start, start, 0..3), [0, 100, 200]);
-        // The broker stalled for 5 s before message 3: it goes now, and the rest follow at
-        // the rate, not the 47 messages "owed" at once.
-        let after = start + Duration::from_secs(5);
-        assert_eq!(pacing.due(3, after), after);
-        let next: Vec<u128> = (4..7)
-            .map(|i| pacing.due(i, after).duration_since(after).as_millis())
-            .collect();
-        assert_eq!(next, [100, 200, 300]);
-    }
 }
