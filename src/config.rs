@@ -334,8 +334,8 @@ pub struct IdempotencyConfig {
     /// Lifetime of records.
     #[serde(deserialize_with = "duration")]
     pub ttl: Duration,
-    /// Claim lease.
-    #[serde(deserialize_with = "duration")]
+    /// Claim lease; `"auto"` in the file ([`Config::auto_lease`]) is resolved by [`Config::load`].
+    #[serde(deserialize_with = "duration_or_auto")]
     pub lease: Duration,
     /// Longest wait of a duplicate for the running copy.
     #[serde(deserialize_with = "duration")]
@@ -378,6 +378,19 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     })
 }
 
+/// A duration, or `"auto"`, read as zero here and resolved by [`Config::load`].
+fn duration_or_auto<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    if text == "auto" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "expected \"auto\" or a duration such as \"30s\", \"5m\", \"1h\", got {text:?} ({e})"
+        ))
+    })
+}
+
 impl Config {
     /// Loads the defaults, then `file` (if any), then the given environment, and validates.
     pub fn load(
@@ -414,6 +427,10 @@ impl Config {
             };
             set_from_env(&mut table, name, &key, raw)?;
         }
+        let auto_lease = matches!(
+            table.get("idempotency").and_then(|t| t.get("lease")),
+            Some(Value::String(s)) if s == "auto"
+        );
         let mut config: Config =
             serde_path_to_error::deserialize(Value::Table(table)).map_err(|e| {
                 ConfigError::Shape(format!("key `{}`: {}", e.path(), e.inner().message()))
@@ -424,8 +441,21 @@ impl Config {
                 config.swr.auth.password_from_env = Secret::new(value.as_str());
             }
         }
+        if auto_lease {
+            config.idempotency.lease = config.auto_lease();
+        }
         config.validate()?;
         Ok(config)
+    }
+
+    /// The lease `idempotency.lease = "auto"` stands for: twice `retry.max_elapsed`, and at
+    /// least `retry.max_elapsed` + 2 × `http.timeout`, so it always outlasts the longest job.
+    pub fn auto_lease(&self) -> Duration {
+        let longest_job = self.retry.max_elapsed.saturating_add(self.http.timeout);
+        self.retry
+            .max_elapsed
+            .saturating_mul(2)
+            .max(longest_job.saturating_add(self.http.timeout))
     }
 
     /// Loads from the process: `--config` path (or SWR_STAGE_WORKER_CONFIG) and the environment.
@@ -592,17 +622,17 @@ impl Config {
                 )
             }
         }
-        let longest_job = self.retry.max_elapsed + self.http.timeout;
+        let longest_job = self.retry.max_elapsed.saturating_add(self.http.timeout);
         if idem.lease <= longest_job {
             return invalid(
                 "idempotency.lease",
                 format!(
-                    "expected more than retry.max_elapsed + http.timeout ({}), or a second worker could take over a job that is still running",
+                    "expected \"auto\" or more than retry.max_elapsed + http.timeout ({}): a shorter lease lets a second worker take over a job that is still running",
                     humantime::format_duration(longest_job)
                 ),
             );
         }
-        let longest_hold = longest_job + idem.hold;
+        let longest_hold = longest_job.saturating_add(idem.hold);
         if longest_hold >= self.amqp.consumer_timeout {
             return invalid(
                 "retry.max_elapsed",
@@ -635,9 +665,6 @@ impl Config {
         }
         if !(breaker.failure_ratio > 0.0 && breaker.failure_ratio <= 1.0) {
             return invalid("breaker.failure_ratio", "expected a number in (0.0, 1.0]");
-        }
-        if idem.ttl < idem.lease {
-            return invalid("idempotency.ttl", "expected at least idempotency.lease");
         }
         if !self.telemetry.listen.is_empty()
             && self
@@ -885,6 +912,78 @@ mod tests {
         assert_eq!(c.http.timeout, Duration::from_secs(10));
         assert_eq!(c.limits.max_message_bytes, 65536);
         assert_eq!(c.shutdown.grace, Duration::from_secs(30));
+        assert_eq!(c.idempotency.ttl, Duration::from_secs(7 * 86400));
+        assert_eq!(
+            c.idempotency.lease,
+            Duration::from_secs(600),
+            "2 x retry.max_elapsed"
+        );
+    }
+
+    #[test]
+    fn the_lease_follows_retry_max_elapsed_unless_it_is_set() {
+        let lease =
+            |pairs: &[(&str, &str)]| Config::load(None, env(pairs)).unwrap().idempotency.lease;
+        // Twice the longest retry span: a longer one alone needs no lease of its own.
+        assert_eq!(
+            lease(&[("SWR_STAGE_WORKER__RETRY__MAX_ELAPSED", "20m")]),
+            Duration::from_secs(2400)
+        );
+        // Never shorter than the longest job and another attempt's timeout.
+        assert_eq!(
+            lease(&[
+                ("SWR_STAGE_WORKER__RETRY__MAX_ELAPSED", "2s"),
+                ("SWR_STAGE_WORKER__HTTP__TIMEOUT", "5s"),
+            ]),
+            Duration::from_secs(12)
+        );
+        // A lease that is set is kept, and "auto" can be asked for by name.
+        assert_eq!(
+            lease(&[("SWR_STAGE_WORKER__IDEMPOTENCY__LEASE", "45m")]),
+            Duration::from_secs(2700)
+        );
+        assert_eq!(
+            lease(&[
+                ("SWR_STAGE_WORKER__IDEMPOTENCY__LEASE", "auto"),
+                ("SWR_STAGE_WORKER__RETRY__MAX_ELAPSED", "1m"),
+            ]),
+            Duration::from_secs(120)
+        );
+        // A set lease still has to outlast the longest job, and says what it accepts.
+        let err = Config::load(
+            None,
+            env(&[
+                ("SWR_STAGE_WORKER__RETRY__MAX_ELAPSED", "20m"),
+                ("SWR_STAGE_WORKER__IDEMPOTENCY__LEASE", "15m"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("idempotency.lease")
+                && err.contains("\"auto\"")
+                && err.contains("20m 10s"),
+            "{err}"
+        );
+        let err = Config::load(
+            None,
+            env(&[("SWR_STAGE_WORKER__IDEMPOTENCY__LEASE", "soon")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("idempotency.lease")
+                && err.contains("\"auto\"")
+                && err.contains("\"soon\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_ttl_shorter_than_the_lease_is_accepted_on_its_own() {
+        let c = Config::load(None, env(&[("SWR_STAGE_WORKER__IDEMPOTENCY__TTL", "2s")])).unwrap();
+        assert_eq!(c.idempotency.ttl, Duration::from_secs(2));
+        assert_eq!(c.idempotency.lease, Duration::from_secs(600));
     }
 
     #[test]

@@ -298,6 +298,62 @@ async fn embedded_expired_record_is_not_replayed_even_before_pruning() {
     );
 }
 
+/// A TTL shorter than the lease: a running claim still holds its key until the lease ends, and
+/// the finished outcome is kept for the TTL.
+async fn a_short_ttl_frees_finished_keys_but_not_running_ones(
+    store: &dyn Store,
+    wait_past_ttl: impl AsyncFn(),
+) {
+    let k = key("short-ttl");
+    assert_eq!(
+        store.claim(&k, "1:0:retry", "a").await.unwrap(),
+        Claim::Acquired { takeover: false }
+    );
+    wait_past_ttl().await;
+    store.prune().await.unwrap();
+    assert!(
+        matches!(store.claim(&k, "1:0:retry", "b").await.unwrap(), Claim::InFlight { owner } if owner == "a"),
+        "a running claim outlives the TTL"
+    );
+    store
+        .complete(&k, &outcome(&k, Status::Succeeded))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.claim(&k, "1:0:retry", "b").await.unwrap(),
+        Claim::Finished(_)
+    ));
+    wait_past_ttl().await;
+    assert!(
+        matches!(
+            store.claim(&k, "1:0:retry", "b").await.unwrap(),
+            Claim::Acquired { .. }
+        ),
+        "the finished outcome expired after the TTL, well before a lease would have"
+    );
+}
+
+#[tokio::test]
+async fn embedded_short_ttl_frees_finished_keys_but_not_running_ones() {
+    let (store, now) = embedded(Duration::from_secs(600), Duration::from_secs(1));
+    a_short_ttl_frees_finished_keys_but_not_running_ones(&store, async || {
+        now.fetch_add(2_000, Ordering::SeqCst);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_short_ttl_frees_finished_keys_but_not_running_ones() {
+    // The TTL is on the database's clock, which is this host's: waiting three of them out is the
+    // condition. The lease is far beyond anything this test waits.
+    let ttl = Duration::from_millis(100);
+    let store = postgres(Duration::from_secs(600), ttl).await;
+    a_short_ttl_frees_finished_keys_but_not_running_ones(&store, async || {
+        tokio::time::sleep(3 * ttl).await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn postgres_records_expire_after_ttl_and_are_pruned() {
     // Long enough to read the record back on a busy machine, short enough to wait out.

@@ -238,7 +238,9 @@ impl Store for PostgresStore {
         owner: &'a str,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         Box::pin(async move {
-            let (lease, ttl) = (self.lease_ms as f64, self.ttl_ms as f64);
+            // A running claim's row lives until its lease ends at least, so a TTL shorter than
+            // the lease never frees a key whose job still runs (its outcome gets the TTL).
+            let (lease, ttl) = (self.lease_ms as f64, self.ttl_ms.max(self.lease_ms) as f64);
             // A row removed between the two statements (released) just means: try again.
             for _ in 0..5 {
                 let conn = self.conn(false).await?;
