@@ -45,6 +45,8 @@ pub struct SwrClient {
     endpoint: String,
     /// Per-attempt timeout, reported in timeout errors.
     timeout: Duration,
+    /// TCP connect limit, reported in connect errors.
+    connect_timeout: Duration,
     /// Cap on the answer body read.
     max_response_bytes: usize,
 }
@@ -64,6 +66,7 @@ impl SwrClient {
             http: client,
             endpoint: endpoint.trim_end_matches('/').to_owned(),
             timeout: http.timeout,
+            connect_timeout: http.connect_timeout,
             max_response_bytes: http.max_response_bytes,
         })
     }
@@ -145,7 +148,16 @@ impl SwrClient {
     }
 
     fn attempt_error(&self, error: &reqwest::Error) -> AttemptError {
-        if error.is_timeout() {
+        // A connect that failed or ran out of `http.connect_timeout` is a connect error (no
+        // request went out), not the attempt's timeout, whose limit would be misreported.
+        if error.is_connect() && error.is_timeout() {
+            AttemptError::Transport(format!(
+                "cannot connect within {:?} (http.connect_timeout)",
+                self.connect_timeout
+            ))
+        } else if error.is_connect() {
+            AttemptError::Transport(format!("cannot connect: {}", error_chain(error)))
+        } else if error.is_timeout() {
             AttemptError::Timeout(self.timeout)
         } else {
             AttemptError::Transport(error_chain(error))
@@ -165,4 +177,64 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         current = e.source();
     }
     parts.join(": ").replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// A listener whose accept queue is full: the kernel drops further SYNs, so a connect to it
+    /// hangs until the client's connect timeout.
+    fn full_listener() -> (tokio::net::TcpListener, Vec<std::net::TcpStream>) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Backlog 0 still queues one connection; two fill it whatever the kernel rounds to.
+        let held = (0..2)
+            .filter_map(|_| {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+            })
+            .collect();
+        (listener, held)
+    }
+
+    #[tokio::test]
+    async fn a_connect_that_times_out_is_a_transport_error_naming_the_connect() {
+        let (listener, _held) = full_listener();
+        let mut http = Config::load(None, [("SWR_AUTH_TOKEN".to_owned(), "t".to_owned())])
+            .unwrap()
+            .http;
+        http.connect_timeout = Duration::from_millis(300);
+        http.timeout = Duration::from_secs(20);
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let client = SwrClient::new(&endpoint, &http).unwrap();
+        let started = std::time::Instant::now();
+        let error = client
+            .attempt(&format!("{endpoint}/v3/x"), "k", &Secret::new("t"))
+            .await
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the connect timeout, not the attempt's, ended it"
+        );
+        match error {
+            AttemptError::Transport(message) => assert!(
+                message.contains("connect") && message.contains("300ms"),
+                "{message}"
+            ),
+            other => panic!("expected a transport error, got {other:?}"),
+        }
+        // A refused connect is a connect error too.
+        drop((listener, _held));
+        let error = client
+            .attempt(&format!("{endpoint}/v3/x"), "k", &Secret::new("t"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, AttemptError::Transport(m) if m.starts_with("cannot connect: ")),
+            "{error:?}"
+        );
+    }
 }
