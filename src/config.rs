@@ -449,13 +449,15 @@ impl Config {
     }
 
     /// The lease `idempotency.lease = "auto"` stands for: twice `retry.max_elapsed`, and at
-    /// least `retry.max_elapsed` + 2 × `http.timeout`, so it always outlasts the longest job.
+    /// least `retry.max_elapsed` + 2 × (`http.timeout` + `iam.timeout`), room for the last
+    /// attempt, a token fetch, and the one re-authenticated attempt after a 401.
     pub fn auto_lease(&self) -> Duration {
-        let longest_job = self.retry.max_elapsed.saturating_add(self.http.timeout);
-        self.retry
-            .max_elapsed
-            .saturating_mul(2)
-            .max(longest_job.saturating_add(self.http.timeout))
+        let per_attempt = self.http.timeout.saturating_add(self.iam.timeout);
+        self.retry.max_elapsed.saturating_mul(2).max(
+            self.retry
+                .max_elapsed
+                .saturating_add(per_attempt.saturating_mul(2)),
+        )
     }
 
     /// Loads from the process: `--config` path (or SWR_STAGE_WORKER_CONFIG) and the environment.
@@ -929,13 +931,14 @@ mod tests {
             lease(&[("SWR_STAGE_WORKER__RETRY__MAX_ELAPSED", "20m")]),
             Duration::from_secs(2400)
         );
-        // Never shorter than the longest job and another attempt's timeout.
+        // Never shorter than the retry span plus two attempts and two token fetches.
         assert_eq!(
             lease(&[
                 ("SWR_STAGE_WORKER__RETRY__MAX_ELAPSED", "2s"),
                 ("SWR_STAGE_WORKER__HTTP__TIMEOUT", "5s"),
+                ("SWR_STAGE_WORKER__IAM__TIMEOUT", "3s"),
             ]),
-            Duration::from_secs(12)
+            Duration::from_secs(18)
         );
         // A lease that is set is kept, and "auto" can be asked for by name.
         assert_eq!(

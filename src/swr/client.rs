@@ -152,8 +152,9 @@ impl SwrClient {
         // request went out), not the attempt's timeout, whose limit would be misreported.
         if error.is_connect() && error.is_timeout() {
             AttemptError::Transport(format!(
-                "cannot connect within {:?} (http.connect_timeout)",
-                self.connect_timeout
+                "cannot connect within {:?} (http.connect_timeout): {}",
+                self.connect_timeout,
+                error_chain(error)
             ))
         } else if error.is_connect() {
             AttemptError::Transport(format!("cannot connect: {}", error_chain(error)))
