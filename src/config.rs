@@ -369,24 +369,26 @@ pub struct LogConfig {
     pub format: String,
 }
 
+/// The value of `idempotency.lease` that asks for [`Config::auto_lease`].
+const AUTO: &str = "auto";
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    humantime::parse_duration(&text).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "expected a duration such as \"200ms\", \"30s\", \"5m\", \"7d\", got {text:?} ({e})"
-        ))
-    })
+    parse_duration(&String::deserialize(d)?, "")
 }
 
 /// A duration, or `"auto"`, read as zero here and resolved by [`Config::load`].
 fn duration_or_auto<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    if text == "auto" {
-        return Ok(Duration::ZERO);
+    match String::deserialize(d)? {
+        text if text == AUTO => Ok(Duration::ZERO),
+        text => parse_duration(&text, "\"auto\" or "),
     }
-    humantime::parse_duration(&text).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "expected \"auto\" or a duration such as \"30s\", \"5m\", \"1h\", got {text:?} ({e})"
+}
+
+/// `text` as a humantime duration; the error says what is expected, after `also`.
+fn parse_duration<E: serde::de::Error>(text: &str, also: &str) -> Result<Duration, E> {
+    humantime::parse_duration(text).map_err(|e| {
+        E::custom(format!(
+            "expected {also}a duration such as \"200ms\", \"30s\", \"5m\", \"7d\", got {text:?} ({e})"
         ))
     })
 }
@@ -429,7 +431,7 @@ impl Config {
         }
         let auto_lease = matches!(
             table.get("idempotency").and_then(|t| t.get("lease")),
-            Some(Value::String(s)) if s == "auto"
+            Some(Value::String(s)) if s == AUTO
         );
         let mut config: Config =
             serde_path_to_error::deserialize(Value::Table(table)).map_err(|e| {
