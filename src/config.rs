@@ -417,17 +417,27 @@ impl Config {
                     })?;
             merge(&mut table, overlay, &path.display().to_string(), "")?;
         }
-        for (name, raw) in &env {
-            let key = match name.as_str() {
-                "AMQP_URL" => "amqp.url".to_owned(),
-                "SWR_ENDPOINT" => "swr.endpoint".to_owned(),
-                "SWR_AUTH_TOKEN" => "swr.auth.token".to_owned(),
-                _ => match name.strip_prefix(ENV_PREFIX) {
-                    Some(rest) => rest.to_ascii_lowercase().replace("__", "."),
-                    None => continue,
-                },
-            };
-            set_from_env(&mut table, name, &key, raw)?;
+        // The three named variables first, then the prefixed ones, so that a prefixed variable
+        // wins whatever order the environment lists them in (README, "Configuration").
+        let mut overrides: Vec<(bool, &str, String, &str)> = env
+            .iter()
+            .filter_map(|(name, raw)| {
+                let named = match name.as_str() {
+                    "AMQP_URL" => "amqp.url",
+                    "SWR_ENDPOINT" => "swr.endpoint",
+                    "SWR_AUTH_TOKEN" => "swr.auth.token",
+                    _ => {
+                        let rest = name.strip_prefix(ENV_PREFIX)?;
+                        let key = rest.to_ascii_lowercase().replace("__", ".");
+                        return Some((true, name.as_str(), key, raw.as_str()));
+                    }
+                };
+                Some((false, name.as_str(), named.to_owned(), raw.as_str()))
+            })
+            .collect();
+        overrides.sort_by_key(|(prefixed, ..)| *prefixed);
+        for (_, name, key, raw) in &overrides {
+            set_from_env(&mut table, name, key, raw)?;
         }
         let auto_lease = matches!(
             table.get("idempotency").and_then(|t| t.get("lease")),
@@ -1015,6 +1025,21 @@ mod tests {
         assert_eq!(c.amqp.url.expose(), "amqp://u:p@h:1/%2f");
         assert_eq!(c.swr.endpoint, "http://127.0.0.1:1");
         assert_eq!(c.swr.auth.token.expose(), "tok");
+    }
+
+    #[test]
+    fn a_prefixed_variable_beats_a_named_one_in_any_order() {
+        let named = ("AMQP_URL", "amqp://named:p@h:1/%2f");
+        let prefixed = ("SWR_STAGE_WORKER__AMQP__URL", "amqp://prefixed:p@h:1/%2f");
+        for (first, second) in [(named, prefixed), (prefixed, named)] {
+            let c = Config::load(None, env(&[first, second])).unwrap();
+            let winner = c.amqp.url.expose();
+            assert!(
+                winner == prefixed.1,
+                "{} listed first: the named variable won",
+                first.0
+            );
+        }
     }
 
     #[test]
