@@ -358,6 +358,11 @@ pub struct ShutdownConfig {
 pub struct TelemetryConfig {
     /// Listen address; empty disables the server.
     pub listen: String,
+    /// True when `listen` is the built-in default, set by neither the file nor the environment:
+    /// that address may be taken by another worker on the host, and the server then picks a free
+    /// port instead of stopping the worker.
+    #[serde(skip)]
+    pub listen_is_default: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -404,6 +409,7 @@ impl Config {
             .expect("config/default.toml is valid TOML");
         // Kept whole because the password variable's name is only known once the keys are read.
         let env: Vec<(String, String)> = env.into_iter().collect();
+        let mut listen_set = false;
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.to_owned(),
@@ -415,6 +421,10 @@ impl Config {
                         path: path.to_owned(),
                         message: e.message().to_owned(),
                     })?;
+            listen_set |= overlay
+                .get("telemetry")
+                .and_then(|t| t.get("listen"))
+                .is_some();
             merge(&mut table, overlay, &path.display().to_string(), "")?;
         }
         // The three named variables first, then the prefixed ones, so that a prefixed variable
@@ -438,6 +448,7 @@ impl Config {
         overrides.sort_by_key(|(prefixed, ..)| *prefixed);
         for (_, name, key, raw) in &overrides {
             set_from_env(&mut table, name, key, raw)?;
+            listen_set |= key == "telemetry.listen";
         }
         let auto_lease = matches!(
             table.get("idempotency").and_then(|t| t.get("lease")),
@@ -456,6 +467,7 @@ impl Config {
         if auto_lease {
             config.idempotency.lease = config.auto_lease();
         }
+        config.telemetry.listen_is_default = !listen_set;
         config.validate()?;
         Ok(config)
     }
@@ -1040,6 +1052,32 @@ mod tests {
                 first.0
             );
         }
+    }
+
+    #[test]
+    fn the_telemetry_address_is_default_until_the_file_or_the_environment_sets_it() {
+        let file = std::env::temp_dir().join(format!("swr-cfg-{}.toml", uuid::Uuid::new_v4()));
+        std::fs::write(&file, "[telemetry]\nlisten = \"127.0.0.1:9464\"\n").unwrap();
+        let var = [("SWR_STAGE_WORKER__TELEMETRY__LISTEN", "127.0.0.1:9464")];
+        assert!(
+            Config::load(None, env(&[]))
+                .unwrap()
+                .telemetry
+                .listen_is_default
+        );
+        assert!(
+            !Config::load(Some(&file), env(&[]))
+                .unwrap()
+                .telemetry
+                .listen_is_default
+        );
+        assert!(
+            !Config::load(None, env(&var))
+                .unwrap()
+                .telemetry
+                .listen_is_default
+        );
+        std::fs::remove_file(file).unwrap();
     }
 
     #[test]

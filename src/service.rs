@@ -71,7 +71,8 @@ pub async fn run(
     let config = Arc::new(config);
     let ctx = Arc::new(JobContext::new(config.clone()).await?);
     if !config.telemetry.listen.is_empty() {
-        crate::telemetry::http::serve(&config.telemetry.listen, ctx.clone())
+        let telemetry = &config.telemetry;
+        crate::telemetry::http::serve(&telemetry.listen, telemetry.listen_is_default, ctx.clone())
             .await
             .map_err(|e| RunError::Telemetry(config.telemetry.listen.clone(), e))?;
     }

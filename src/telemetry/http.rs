@@ -2,6 +2,7 @@
 //! `/readyz` (it can do its job: broker session consuming, idempotency store reachable, breaker
 //! closed; 503 with a JSON body naming what is not), `/metrics` (Prometheus text format).
 
+use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
+use tokio::net::TcpListener;
 
 use crate::breaker::BreakerState;
 use crate::worker::JobContext;
@@ -20,8 +22,15 @@ use crate::worker::JobContext;
 const STORE_PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Binds `listen` and serves until the process ends; returns the bound address.
-pub async fn serve(listen: &str, ctx: Arc<JobContext>) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+/// With `fallback` (the address is the built-in default, which a second worker on the same host
+/// finds taken), an address in use is replaced by a free port on the same interface, with a
+/// warning naming it; an address the operator chose must be free.
+pub async fn serve(
+    listen: &str,
+    fallback: bool,
+    ctx: Arc<JobContext>,
+) -> std::io::Result<SocketAddr> {
+    let listener = bind(listen, fallback).await?;
     let addr = listener.local_addr()?;
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -35,6 +44,26 @@ pub async fn serve(listen: &str, ctx: Arc<JobContext>) -> std::io::Result<Socket
     });
     tracing::info!(%addr, "telemetry listening (/healthz, /readyz, /metrics)");
     Ok(addr)
+}
+
+async fn bind(listen: &str, fallback: bool) -> std::io::Result<TcpListener> {
+    match TcpListener::bind(listen).await {
+        Err(taken) if fallback && taken.kind() == ErrorKind::AddrInUse => {
+            let Ok(mut free) = listen.parse::<SocketAddr>() else {
+                return Err(taken);
+            };
+            free.set_port(0);
+            let listener = TcpListener::bind(free).await?;
+            tracing::warn!(
+                taken = listen,
+                addr = %listener.local_addr()?,
+                "the default telemetry.listen address is in use (another worker on this host?); \
+                 serving on a free port instead: set telemetry.listen to choose one"
+            );
+            Ok(listener)
+        }
+        bound => bound,
+    }
 }
 
 async fn readyz(State(ctx): State<Arc<JobContext>>) -> impl IntoResponse {
@@ -76,4 +105,27 @@ async fn metrics(State(ctx): State<Arc<JobContext>>) -> impl IntoResponse {
         )],
         ctx.metrics.render(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_taken_default_address_falls_back_to_a_free_port_a_chosen_one_does_not() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listen = taken.local_addr().unwrap().to_string();
+
+        let err = bind(&listen, false).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AddrInUse);
+
+        let other = bind(&listen, true).await.unwrap().local_addr().unwrap();
+        assert_eq!(other.ip(), taken.local_addr().unwrap().ip());
+        assert_ne!(other.port(), taken.local_addr().unwrap().port());
+
+        // Only "in use" falls back: an address that cannot be bound for another reason (here,
+        // one this host does not have) is still an error.
+        let err = bind("192.0.2.1:9464", true).await.unwrap_err();
+        assert_ne!(err.kind(), ErrorKind::AddrInUse);
+    }
 }
