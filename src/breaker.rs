@@ -26,6 +26,30 @@ pub enum BreakerState {
     HalfOpen { probing: bool },
 }
 
+/// What [`Breaker::admit`] lets through, until a job takes it. Dropped unused (the session
+/// ended, or a connection event came before a delivery), a probe goes back, so the next delivery
+/// probes instead of every later one waiting for an answer that never comes.
+#[must_use]
+pub struct Pass<'a> {
+    breaker: &'a Breaker,
+    probe: bool,
+}
+
+impl Pass<'_> {
+    /// Hands the pass to the job that runs: whether that job is the probe.
+    pub fn take(mut self) -> bool {
+        std::mem::take(&mut self.probe)
+    }
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        if self.probe {
+            self.breaker.probe_ended();
+        }
+    }
+}
+
 /// Shared by the consumer (admit) and every job (record).
 pub struct Breaker {
     /// Off when `breaker.enabled = false`: admit never waits, record does nothing.
@@ -67,8 +91,16 @@ impl Breaker {
         !matches!(self.state(), BreakerState::Closed)
     }
 
-    /// Waits until a new delivery may be taken. Returns true when the caller's job is the probe.
-    pub async fn admit(&self) -> bool {
+    /// Waits until a new delivery may be taken. [`Pass::take`] tells whether the caller's job is
+    /// the probe.
+    pub async fn admit(&self) -> Pass<'_> {
+        Pass {
+            breaker: self,
+            probe: self.wait_for_turn().await,
+        }
+    }
+
+    async fn wait_for_turn(&self) -> bool {
         if !self.enabled {
             return false;
         }
@@ -214,14 +246,14 @@ mod tests {
             b.record(true, false);
         }
         let start = Instant::now();
-        let probe = b.admit().await;
+        let probe = b.admit().await.take();
         assert!(probe);
         assert_eq!(start.elapsed(), Duration::from_secs(30));
         // A second job waits while the probe runs.
         let waiter = tokio::spawn({
             let b = b.clone();
             async move {
-                let probe = b.admit().await;
+                let probe = b.admit().await.take();
                 (probe, Instant::now())
             }
         });
@@ -240,11 +272,14 @@ mod tests {
         for _ in 0..5 {
             b.record(true, false);
         }
-        assert!(b.admit().await);
+        assert!(b.admit().await.take());
         b.record(true, true);
         assert!(matches!(b.state(), BreakerState::Open { .. }));
         let start = Instant::now();
-        assert!(b.admit().await, "the next probe after another cool-down");
+        assert!(
+            b.admit().await.take(),
+            "the next probe after another cool-down"
+        );
         assert_eq!(start.elapsed(), Duration::from_secs(30));
     }
 
@@ -254,9 +289,9 @@ mod tests {
         for _ in 0..5 {
             b.record(true, false);
         }
-        assert!(b.admit().await);
+        assert!(b.admit().await.take());
         b.probe_ended();
-        assert!(b.admit().await, "the next job probes");
+        assert!(b.admit().await.take(), "the next job probes");
         b.record(false, true);
         b.probe_ended();
         assert_eq!(
@@ -264,6 +299,21 @@ mod tests {
             BreakerState::Closed,
             "ending an answered probe changes nothing"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pass_dropped_before_a_job_took_it_hands_the_probe_on() {
+        let b = breaker();
+        for _ in 0..5 {
+            b.record(true, false);
+        }
+        drop(b.admit().await);
+        let next = tokio::time::timeout(Duration::from_secs(1), b.admit())
+            .await
+            .expect("the dropped probe went back: the next delivery probes at once");
+        assert!(next.take());
+        // A pass that was taken stays the job's: dropping the taken value changes nothing.
+        assert_eq!(b.state(), BreakerState::HalfOpen { probing: true });
     }
 
     #[tokio::test(start_paused = true)]
@@ -278,7 +328,7 @@ mod tests {
         for _ in 0..50 {
             b.record(true, false);
         }
-        assert!(!b.admit().await);
+        assert!(!b.admit().await.take());
         assert_eq!(b.state(), BreakerState::Closed);
     }
 }

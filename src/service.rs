@@ -229,7 +229,8 @@ async fn consume(
             permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
         // While the breaker is open, requests wait in the queue rather than fail here.
-        let probe = tokio::select! {
+        // A probe's pass goes back if this loop leaves before a delivery takes it.
+        let pass = tokio::select! {
             biased;
             () = &mut *shutdown => break None,
             () = ctx.session_broken.notified() => break Some("the publisher channel broke".to_owned()),
@@ -237,7 +238,7 @@ async fn consume(
                 Some(reason) => break Some(reason),
                 None => continue,
             },
-            probe = ctx.breaker.admit() => probe,
+            pass = ctx.breaker.admit() => pass,
         };
         let next = tokio::select! {
             biased;
@@ -252,7 +253,7 @@ async fn consume(
         match next {
             Some(Ok(delivery)) => {
                 let (ctx, publisher) = (ctx.clone(), session.publisher.clone());
-                jobs.spawn(handle(ctx, publisher, delivery, permit, probe));
+                jobs.spawn(handle(ctx, publisher, delivery, permit, pass.take()));
             }
             Some(Err(e)) => break Some(format!("consumer error: {e}")),
             None => break Some("the broker cancelled the consumer".to_owned()),
@@ -356,7 +357,14 @@ async fn handle(
         }
         Disposition::Requeue(reason) => {
             tracing::warn!(%reason, "requeueing the request");
-            if !publisher.is_usable() {
+            // Only a broken publisher of the current session ends it: one of an earlier session
+            // (this job outlived its connection) must not end the healthy one that replaced it.
+            let current = ctx
+                .publishers
+                .borrow()
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(p, &publisher));
+            if current && !publisher.is_usable() {
                 ctx.session_broken.notify_one();
             }
             tokio::time::sleep(REQUEUE_DELAY).await;
