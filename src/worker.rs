@@ -34,7 +34,9 @@ use crate::telemetry::metrics::Metrics;
 pub const ERROR_HEADER: &str = "x-swr-error";
 
 /// Prefix of the store records that remember a confirmed DLQ copy (kept apart from job keys).
-const DLQ_MARKER: &str = "dead-lettered:";
+/// Prefix of the store key that remembers a DLQ copy. The marker's parts are joined by spaces,
+/// which no job key can hold (0x21..=0x7E only), so a marker never meets a job's key.
+const DLQ_MARKER: &str = "dead-lettered";
 
 /// Longest `x-swr-error` value; a reason listing many bad fields is cut here.
 const MAX_REASON_CHARS: usize = 1000;
@@ -72,6 +74,9 @@ pub struct JobContext {
     /// A job whose publish found the session's publisher broken says so here; the session loop
     /// then opens a new session (a channel can break while its connection lives on).
     pub session_broken: Arc<Notify>,
+    /// The user the worker logs in to the broker as (the broker refuses a publish whose
+    /// `user_id` property names anyone else).
+    pub amqp_user: String,
 }
 
 /// Why the job context could not be built.
@@ -116,6 +121,13 @@ impl JobContext {
             idempotency::spawn_pruner(&store, config.idempotency.prune_interval);
             Gate::new(store, &worker_id, &config.idempotency)
         });
+        let amqp_user = config
+            .amqp
+            .url
+            .expose()
+            .parse::<lapin::uri::AMQPUri>()
+            .map(|uri| uri.authority.userinfo.username)
+            .unwrap_or_default();
         Ok(JobContext {
             metrics,
             pace: RateLimiter::new(config.swr.max_requests_per_second),
@@ -127,6 +139,7 @@ impl JobContext {
             gate,
             publishers: watch::channel(None).0,
             session_broken: Arc::new(Notify::new()),
+            amqp_user,
         })
     }
 }
@@ -499,18 +512,7 @@ async fn reject_invalid(
     });
     finish(&mut outcome, started.1);
 
-    // The DLQ copy: original body and properties plus the reason; persistent so it survives
-    // a broker restart even if the producer sent it transient.
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        ERROR_HEADER.into(),
-        AMQPValue::LongString(LongString::from(reason.as_str())),
-    );
-    let dead_properties = delivery
-        .properties
-        .clone()
-        .with_headers(headers)
-        .with_delivery_mode(2);
+    let dead_properties = dead_letter_properties(&delivery.properties, &reason, &ctx.amqp_user);
     let dlx = ctx.config.amqp.dead_letter_exchange.as_str();
     // A redelivery of a request whose DLQ copy was already confirmed (the ack was lost with a
     // connection) must not put a second copy there: the copy is remembered in the store.
@@ -518,14 +520,20 @@ async fn reject_invalid(
     // message that happens to share one of the two (two `{}` bodies with their own message ids
     // are two requests, each with its own outcome and DLQ copy).
     let marker = format!(
-        "{DLQ_MARKER}{}:{}",
+        "{DLQ_MARKER} {} {}",
         outcome.idempotency_key,
         body_key(&delivery.data)
     );
     if delivery.redelivered {
         if let Some(gate) = &ctx.gate {
-            if let Ok(Some(stored)) = gate.store().finished(&marker).await {
-                return replay(ctx, publisher, envelope, stored).await;
+            match gate.store().finished(&marker).await {
+                Ok(Some(stored)) => return replay(ctx, publisher, envelope, stored).await,
+                Ok(None) => {}
+                // Not knowing whether a copy went out already: wait for the store rather than
+                // risk a second one.
+                Err(e) => {
+                    return Disposition::Requeue(format!("idempotency store unavailable: {e}"))
+                }
             }
         }
     }
@@ -549,6 +557,60 @@ async fn reject_invalid(
         Ok(()) => Disposition::Ack,
         Err(e) => Disposition::Requeue(format!("outcome not confirmed: {e}")),
     }
+}
+
+/// The DLQ copy's properties: the original's plus the reason in `x-swr-error`, made persistent
+/// so the copy survives a broker restart even if the producer sent it transient. Two are not
+/// copied, as RabbitMQ's own dead-lettering does not keep the first either: `expiration` (the
+/// copy must not expire out of the DLQ) and a `user_id` naming another user than the worker's
+/// login (the broker would refuse the publish, every time the request came back); that one is
+/// kept in the header `x-swr-original-user-id`.
+fn dead_letter_properties(
+    original: &BasicProperties,
+    reason: &str,
+    login: &str,
+) -> BasicProperties {
+    let mut headers = original.headers().clone().unwrap_or_default();
+    headers.insert(
+        ERROR_HEADER.into(),
+        AMQPValue::LongString(LongString::from(reason)),
+    );
+    let mut copy = BasicProperties::default().with_delivery_mode(2);
+    match original.user_id() {
+        Some(user) if user.as_str() == login => copy = copy.with_user_id(user.clone()),
+        Some(user) => {
+            headers.insert(
+                "x-swr-original-user-id".into(),
+                AMQPValue::LongString(LongString::from(user.as_str())),
+            );
+        }
+        None => {}
+    }
+    copy = copy.with_headers(headers);
+    let o = original;
+    type Set = fn(BasicProperties, ShortString) -> BasicProperties;
+    let strings: [(&Option<ShortString>, Set); 8] = [
+        (o.content_type(), BasicProperties::with_content_type),
+        (o.content_encoding(), BasicProperties::with_content_encoding),
+        (o.correlation_id(), BasicProperties::with_correlation_id),
+        (o.reply_to(), BasicProperties::with_reply_to),
+        (o.message_id(), BasicProperties::with_message_id),
+        (o.kind(), BasicProperties::with_type),
+        (o.app_id(), BasicProperties::with_app_id),
+        (o.cluster_id(), BasicProperties::with_cluster_id),
+    ];
+    for (value, set) in strings {
+        if let Some(value) = value {
+            copy = set(copy, value.clone());
+        }
+    }
+    if let Some(priority) = original.priority() {
+        copy = copy.with_priority(*priority);
+    }
+    if let Some(timestamp) = original.timestamp() {
+        copy = copy.with_timestamp(*timestamp);
+    }
+    copy
 }
 
 /// Re-publishes a stored final outcome for a key that already ran; SWR is not called.
@@ -666,6 +728,79 @@ pub const REQUEUE_DELAY: Duration = Duration::from_millis(500);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dlq_copy_keeps_the_original_properties_but_expiration_and_a_foreign_user_id() {
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert("x-trace".into(), AMQPValue::LongString("t-1".into()));
+        let original = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("identity".into())
+            .with_headers(headers)
+            .with_delivery_mode(1)
+            .with_priority(3)
+            .with_correlation_id("c-1".into())
+            .with_reply_to("replies".into())
+            .with_expiration("60000".into())
+            .with_message_id("m-1".into())
+            .with_timestamp(1_700_000_000)
+            .with_type("request".into())
+            .with_app_id("producer".into())
+            .with_cluster_id("cl".into());
+        let header = |p: &BasicProperties, name: &str| {
+            p.headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(name).cloned())
+        };
+
+        let mine =
+            dead_letter_properties(&original.clone().with_user_id("svc".into()), "why", "svc");
+        let expected = original
+            .clone()
+            .with_delivery_mode(2)
+            .with_user_id("svc".into());
+        assert_eq!(mine.user_id(), expected.user_id());
+        assert_eq!(
+            mine.expiration(),
+            &None,
+            "the copy must not expire out of the DLQ"
+        );
+        assert_eq!(mine.delivery_mode(), &Some(2));
+        for (got, want) in [
+            (mine.content_type(), expected.content_type()),
+            (mine.content_encoding(), expected.content_encoding()),
+            (mine.correlation_id(), expected.correlation_id()),
+            (mine.reply_to(), expected.reply_to()),
+            (mine.message_id(), expected.message_id()),
+            (mine.kind(), expected.kind()),
+            (mine.app_id(), expected.app_id()),
+            (mine.cluster_id(), expected.cluster_id()),
+        ] {
+            assert_eq!(got, want);
+        }
+        assert_eq!(mine.priority(), &Some(3));
+        assert_eq!(mine.timestamp(), &Some(1_700_000_000));
+        assert_eq!(
+            header(&mine, "x-trace"),
+            Some(AMQPValue::LongString("t-1".into()))
+        );
+        assert_eq!(
+            header(&mine, ERROR_HEADER),
+            Some(AMQPValue::LongString("why".into()))
+        );
+        assert_eq!(header(&mine, "x-swr-original-user-id"), None);
+
+        let foreign = dead_letter_properties(&original.with_user_id("alice".into()), "why", "svc");
+        assert_eq!(
+            foreign.user_id(),
+            &None,
+            "the broker refuses another user's user_id"
+        );
+        assert_eq!(
+            header(&foreign, "x-swr-original-user-id"),
+            Some(AMQPValue::LongString("alice".into()))
+        );
+    }
 
     #[test]
     fn envelope_ignores_empty_properties() {
