@@ -100,6 +100,10 @@ struct Db {
     /// (calling SWR with the same Idempotency-Key, as a take-over does). Bounded by the jobs in
     /// flight; entries whose lease ran out are dropped when pruning.
     running: HashMap<String, Running>,
+    /// Claims that completions in the open transaction ended: if it rolls back, their outcomes
+    /// are not stored, so the claims come back and the keys stay held (else a duplicate could
+    /// claim and run a key whose first run has finished and is being retried).
+    completed: Vec<(String, Running)>,
     /// Where each stored outcome's row is, by key.
     keys: KeyIndex,
     /// Loop-guard windows by step (see [`guard_key`]); every allowed execution is also appended
@@ -360,8 +364,11 @@ impl Db {
                 error
             });
         match result {
-            Ok(()) => self.keys.committed(),
-            Err(_) => self.keys.rolled_back(),
+            Ok(()) => {
+                self.keys.committed();
+                self.completed.clear();
+            }
+            Err(_) => self.rolled_back(),
         }
         done.send_replace(Some(result));
     }
@@ -374,7 +381,16 @@ impl Db {
                     "the transaction was rolled back".into(),
                 ))));
             }
-            self.keys.rolled_back();
+            self.rolled_back();
+        }
+    }
+
+    /// The open transaction is gone: the index forgets its rows and its completions' claims
+    /// come back (unless the key was claimed again meanwhile).
+    fn rolled_back(&mut self) {
+        self.keys.rolled_back();
+        for (key, claim) in self.completed.drain(..) {
+            self.running.entry(key).or_insert(claim);
         }
     }
 }
@@ -437,6 +453,7 @@ impl EmbeddedStore {
                 conn,
                 open: None,
                 running: HashMap::new(),
+                completed: Vec::new(),
                 keys,
                 guard,
                 guard_window_ms: None,
@@ -822,6 +839,62 @@ fn claim(
     Ok(Claim::Acquired { takeover })
 }
 
+/// Stores `key`'s final outcome (JSON) in the open transaction and ends its claim there.
+fn store_outcome(
+    db: &mut Db,
+    key: &str,
+    outcome: &str,
+    now: i64,
+    ttl_ms: i64,
+) -> rusqlite::Result<()> {
+    // The fingerprint comes from the claim (a DLQ marker has none).
+    let (fingerprint, owner) = db
+        .running
+        .get(key)
+        .map(|r| (r.fingerprint.clone(), r.owner.clone()))
+        .unwrap_or_default();
+    // The claim ends with the transaction that stores the outcome, not before: a
+    // failed statement leaves it held, and a rollback gives it back.
+    let end_claim = |db: &mut Db| {
+        if let Some(claim) = db.running.remove(key) {
+            db.completed.push((key.to_owned(), claim));
+        }
+    };
+    let found = db.keys.find(&db.conn, key)?;
+    match found.row {
+        // A live record stays: the first outcome wins.
+        Some(row) if row.expires_at >= now => {
+            end_claim(db);
+            return Ok(());
+        }
+        // An expired one is replaced by a new row at the end, not rewritten in place,
+        // so rows stay in expiry order for pruning.
+        Some(row) => {
+            db.conn
+                .prepare_cached("DELETE FROM outcomes WHERE id = ?1")?
+                .execute([row.id])?;
+            db.keys.remove(key, row.id);
+        }
+        None => {}
+    }
+    db.conn
+        .prepare_cached(
+            "INSERT INTO outcomes (key, fingerprint, owner, outcome, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![
+            key,
+            fingerprint,
+            owner,
+            outcome,
+            now.saturating_add(ttl_ms)
+        ])?;
+    let id = db.conn.last_insert_rowid();
+    db.keys.insert(key, id, found.slot_taken);
+    end_claim(db);
+    Ok(())
+}
+
 impl Store for EmbeddedStore {
     fn claim<'a>(
         &'a self,
@@ -838,38 +911,9 @@ impl Store for EmbeddedStore {
         outcome: &'a Outcome,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let outcome = serde_json::to_string(outcome).expect("an outcome always serialises");
-        Box::pin(self.run_durable(move |db, now, s| {
-            // The fingerprint comes from the claim (a DLQ marker has none).
-            let (fingerprint, owner) = db
-                .running
-                .remove(key)
-                .map(|r| (r.fingerprint, r.owner))
-                .unwrap_or_default();
-            let found = db.keys.find(&db.conn, key)?;
-            match found.row {
-                // A live record stays: the first outcome wins.
-                Some(row) if row.expires_at >= now => return Ok(()),
-                // An expired one is replaced by a new row at the end, not rewritten in place,
-                // so rows stay in expiry order for pruning.
-                Some(row) => {
-                    db.conn
-                        .prepare_cached("DELETE FROM outcomes WHERE id = ?1")?
-                        .execute([row.id])?;
-                    db.keys.remove(key, row.id);
-                }
-                None => {}
-            }
-            let expires = now.saturating_add(s.ttl_ms);
-            db.conn
-                .prepare_cached(
-                    "INSERT INTO outcomes (key, fingerprint, owner, outcome, expires_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?
-                .execute(params![key, fingerprint, owner, outcome, expires])?;
-            let id = db.conn.last_insert_rowid();
-            db.keys.insert(key, id, found.slot_taken);
-            Ok(())
-        }))
+        Box::pin(
+            self.run_durable(move |db, now, s| store_outcome(db, key, &outcome, now, s.ttl_ms)),
+        )
     }
 
     fn release<'a>(
@@ -1206,6 +1250,34 @@ mod tests {
         let new_a = add(&conn, &mut index, "key-a");
         assert_eq!(row_of(&conn, &index, "key-a"), Some(new_a));
         assert_eq!(row_of(&conn, &index, "key-b"), Some(new_b));
+    }
+
+    /// A completion whose transaction rolls back stored nothing: its claim comes back, so the
+    /// key is still held (a duplicate waits) rather than free to run again.
+    #[tokio::test]
+    async fn a_failed_commit_gives_a_completed_claim_back() {
+        let (store, _) = store("failed-commit-claim");
+        let key = "key-running";
+        assert!(matches!(
+            store.claim(key, &step(1), "w#1").await.unwrap(),
+            Claim::Acquired { .. }
+        ));
+        let mut db = store.shared.db.lock().await;
+        db.begin(&store.shared.opened).unwrap();
+        let outcome = serde_json::to_string(&done(key, 1)).unwrap();
+        store_outcome(&mut db, key, &outcome, now_ms(), 60_000).unwrap();
+        assert!(
+            !db.running.contains_key(key),
+            "the claim ends with the stored outcome"
+        );
+        // The transaction ends under the store's feet, so its COMMIT fails.
+        db.conn.execute_batch("ROLLBACK").unwrap();
+        db.commit();
+        drop(db);
+        match store.claim(key, &step(1), "w#2").await.unwrap() {
+            Claim::InFlight { owner } => assert_eq!(owner, "w#1"),
+            other => panic!("the key is free again after the rollback: {other:?}"),
+        }
     }
 
     /// A commit that fails takes the index changes of its transaction back (the wiring of
