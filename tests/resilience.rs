@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 
-use common::{close_connections_named, rabbitmqctl, TestEnv};
+use common::{close_connections_named, connections_named, rabbitmqctl, TestEnv};
 use futures_util::StreamExt;
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
@@ -109,6 +109,70 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_every_job_finishes() 
     env.publish_json(&json!({"pipeline_id": 1, "stage_index": 0, "idempotency_key": format!("{}-after", env.prefix)})).await;
     let (o, _) = env.next_outcome().await;
     assert_eq!(o.idempotency_key, format!("{}-after", env.prefix));
+    env.teardown().await;
+}
+
+/// A job whose session ended while it waited (here, for a duplicate of its key to finish) and
+/// that then requeues its request finds its own publisher dead. That must not end the healthy
+/// session which replaced its own: the worker keeps the one new connection.
+#[tokio::test]
+async fn a_job_of_an_ended_session_that_requeues_leaves_the_new_session_alone() {
+    let mut env = TestEnv::start_with(
+        "old-session-requeue",
+        &[
+            ("SWR_STAGE_WORKER__IDEMPOTENCY__HOLD", "3s"),
+            ("SWR_STAGE_WORKER__HTTP__TIMEOUT", "10s"),
+        ],
+    )
+    .await;
+    // The first copy's call takes 6 s: long enough for the second copy, held behind it for
+    // `idempotency.hold` (3 s), to give up and requeue after its session has been replaced.
+    env.sim.add_rule(FaultRule {
+        delay_ms: Some(6000),
+        ..FaultRule::default()
+    });
+    let body =
+        json!({"pipeline_id": 1, "stage_index": 0, "idempotency_key": format!("{}-k", env.prefix)});
+    let queue = env.config.amqp.request_queue.clone();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    // One copy runs (slowly), the other waits for it.
+    for _ in 0..2 {
+        env.publish_json(&body).await;
+        while env.depth(&queue).await > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a copy was never taken"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+    let name = env.config.amqp.connection_name.clone();
+    assert_eq!(close_connections_named(&name).await, 1);
+    let second = loop {
+        let pids = connections_named(&name).await;
+        if pids.len() == 1 {
+            break pids[0].clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no new session: {pids:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    // The first copy's fresh outcome, then the redelivered copies' replays, all on the new
+    // session; the old second copy's requeue happened in between.
+    let outcomes = env.outcomes(3).await;
+    assert_eq!(
+        outcomes.iter().filter(|o| !o.replayed).count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert_eq!(env.sim.calls().len(), 1, "the key ran once");
+    assert_eq!(
+        connections_named(&name).await,
+        vec![second],
+        "the session that replaced the closed one was left alone"
+    );
     env.teardown().await;
 }
 

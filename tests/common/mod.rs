@@ -558,9 +558,8 @@ pub async fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Closes, from the server side, only the connections whose client-provided name is `name`
-/// (never a neighbour test's). Returns how many were closed.
-pub async fn close_connections_named(name: &str) -> usize {
+/// The broker's ids of the connections whose client-provided name is `name`.
+pub async fn connections_named(name: &str) -> Vec<String> {
     let listing = rabbitmqctl(&[
         "list_connections",
         "pid",
@@ -570,11 +569,19 @@ pub async fn close_connections_named(name: &str) -> usize {
     ])
     .await;
     let wanted = format!("{{\"connection_name\",\"{name}\"}}");
-    let mut closed = 0;
-    for line in listing.lines().filter(|l| l.contains(&wanted)) {
-        let pid = line.split('\t').next().expect("pid column");
+    listing
+        .lines()
+        .filter(|l| l.contains(&wanted))
+        .map(|line| line.split('\t').next().expect("pid column").to_owned())
+        .collect()
+}
+
+/// Closes, from the server side, only the connections whose client-provided name is `name`
+/// (never a neighbour test's). Returns how many were closed.
+pub async fn close_connections_named(name: &str) -> usize {
+    let pids = connections_named(name).await;
+    for pid in &pids {
         rabbitmqctl(&["close_connection", pid, "closed by a resilience test"]).await;
-        closed += 1;
     }
-    closed
+    pids.len()
 }
