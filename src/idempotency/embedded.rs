@@ -1082,6 +1082,38 @@ mod tests {
         super::super::fingerprint(i, 0, "retry")
     }
 
+    /// A ticket whose claim was taken over (its lease ran out) is stale: settling it must not
+    /// free the claim of the ticket that took the key over, in this process either.
+    #[tokio::test]
+    async fn a_stale_ticket_never_releases_a_newer_claim() {
+        use super::super::{Admission, Gate};
+        let (store, now) = store("stale-ticket");
+        let mut config = crate::config::Config::load(None, [])
+            .expect("default configuration")
+            .idempotency;
+        config.hold = Duration::from_millis(50);
+        let lease = millis(config.lease);
+        let gate = Gate::new(Arc::new(store), "w", &config);
+        let run = |admission| match admission {
+            Admission::Run(ticket) => ticket,
+            _ => panic!("expected to run the key"),
+        };
+        let stale = run(gate.admit("key-1", &step(1)).await);
+        now.fetch_add(lease + 1, Ordering::SeqCst);
+        let newer = run(gate.admit("key-1", &step(1)).await);
+        assert!(newer.takeover);
+        gate.release(stale).await;
+        assert!(
+            matches!(gate.admit("key-1", &step(1)).await, Admission::Requeue(_)),
+            "the newer claim still holds the key"
+        );
+        gate.release(newer).await;
+        assert!(matches!(
+            gate.admit("key-1", &step(1)).await,
+            Admission::Run(_)
+        ));
+    }
+
     #[tokio::test]
     async fn a_full_loop_guard_forgets_ended_windows_first() {
         let (store, now) = store("guard-ended");

@@ -10,6 +10,7 @@ pub mod embedded;
 pub mod postgres;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -116,8 +117,11 @@ type LocalKeys = Arc<Mutex<HashMap<String, watch::Receiver<()>>>>;
 pub struct Gate {
     /// The shared store.
     store: Arc<dyn Store>,
-    /// This process's owner id in claims (worker id plus a per-start nonce).
+    /// This process's owner id (worker id plus a per-start nonce); each claim's owner adds a
+    /// number of its own, so a stale ticket can never release a newer ticket's claim.
     owner: String,
+    /// The number of the next claim.
+    claims: AtomicU64,
     /// How long a duplicate waits for the running copy before it is requeued.
     hold: Duration,
     /// Keys running in this process.
@@ -145,10 +149,17 @@ pub struct Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.local
-            .lock()
-            .expect("local keys lock")
-            .remove(&self.key);
+        {
+            // Only this ticket's entry: a newer ticket for the key (a take-over) keeps its own.
+            let mut local = self.local.lock().expect("local keys lock");
+            let mine = self._done.subscribe();
+            if local
+                .get(&self.key)
+                .is_some_and(|rx| rx.same_channel(&mine))
+            {
+                local.remove(&self.key);
+            }
+        }
         if !self.settled {
             let (store, key, owner) = (
                 self.store.clone(),
@@ -172,6 +183,7 @@ impl Gate {
         Gate {
             store,
             owner: format!("{worker_id}#{nonce}"),
+            claims: AtomicU64::new(0),
             hold: config.hold,
             local: Arc::new(Mutex::new(HashMap::new())),
         }
@@ -185,6 +197,11 @@ impl Gate {
     pub async fn admit(&self, key: &str, fingerprint: &str) -> Admission {
         let deadline = tokio::time::Instant::now() + self.hold;
         let mut poll = Duration::from_millis(20);
+        let owner = format!(
+            "{}.{}",
+            self.owner,
+            self.claims.fetch_add(1, Ordering::Relaxed)
+        );
         loop {
             // Subscribe before claiming, so a finish between the two is not missed.
             let local = self
@@ -193,7 +210,7 @@ impl Gate {
                 .expect("local keys lock")
                 .get(key)
                 .cloned();
-            match self.store.claim(key, fingerprint, &self.owner).await {
+            match self.store.claim(key, fingerprint, &owner).await {
                 Err(e) => return Admission::Requeue(e.to_string()),
                 Ok(Claim::Finished(outcome)) => return Admission::Replay(outcome),
                 Ok(Claim::Mismatch { fingerprint }) => return Admission::Mismatch { fingerprint },
@@ -211,7 +228,7 @@ impl Gate {
                         settled: false,
                         _done: done,
                         store: self.store.clone(),
-                        owner: self.owner.clone(),
+                        owner,
                         local: self.local.clone(),
                         takeover,
                     });
@@ -263,7 +280,7 @@ impl Gate {
 
     /// Drops the claim so a later delivery runs again.
     pub async fn release(&self, mut ticket: Ticket) {
-        match self.store.release(&ticket.key, &self.owner).await {
+        match self.store.release(&ticket.key, &ticket.owner).await {
             Ok(()) => ticket.settled = true,
             Err(e) => {
                 tracing::warn!(error = %e, "could not release the claim; retrying in the background")
