@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
+use crate::amqp::copied_properties;
 use crate::amqp::publisher::{PublishError, Publisher, Routed};
 use crate::breaker::Breaker;
 use crate::config::Config;
@@ -559,12 +560,8 @@ async fn reject_invalid(
     }
 }
 
-/// The DLQ copy's properties: the original's plus the reason in `x-swr-error`, made persistent
-/// so the copy survives a broker restart even if the producer sent it transient. Two are not
-/// copied, as RabbitMQ's own dead-lettering does not keep the first either: `expiration` (the
-/// copy must not expire out of the DLQ) and a `user_id` naming another user than the worker's
-/// login (the broker would refuse the publish, every time the request came back); that one is
-/// kept in the header `x-swr-original-user-id`.
+/// The DLQ copy's properties: the original's (see [`copied_properties`]) plus the reason in
+/// `x-swr-error`.
 fn dead_letter_properties(
     original: &BasicProperties,
     reason: &str,
@@ -575,42 +572,7 @@ fn dead_letter_properties(
         ERROR_HEADER.into(),
         AMQPValue::LongString(LongString::from(reason)),
     );
-    let mut copy = BasicProperties::default().with_delivery_mode(2);
-    match original.user_id() {
-        Some(user) if user.as_str() == login => copy = copy.with_user_id(user.clone()),
-        Some(user) => {
-            headers.insert(
-                "x-swr-original-user-id".into(),
-                AMQPValue::LongString(LongString::from(user.as_str())),
-            );
-        }
-        None => {}
-    }
-    copy = copy.with_headers(headers);
-    let o = original;
-    type Set = fn(BasicProperties, ShortString) -> BasicProperties;
-    let strings: [(&Option<ShortString>, Set); 8] = [
-        (o.content_type(), BasicProperties::with_content_type),
-        (o.content_encoding(), BasicProperties::with_content_encoding),
-        (o.correlation_id(), BasicProperties::with_correlation_id),
-        (o.reply_to(), BasicProperties::with_reply_to),
-        (o.message_id(), BasicProperties::with_message_id),
-        (o.kind(), BasicProperties::with_type),
-        (o.app_id(), BasicProperties::with_app_id),
-        (o.cluster_id(), BasicProperties::with_cluster_id),
-    ];
-    for (value, set) in strings {
-        if let Some(value) = value {
-            copy = set(copy, value.clone());
-        }
-    }
-    if let Some(priority) = original.priority() {
-        copy = copy.with_priority(*priority);
-    }
-    if let Some(timestamp) = original.timestamp() {
-        copy = copy.with_timestamp(*timestamp);
-    }
-    copy
+    copied_properties(original, headers, login)
 }
 
 /// Re-publishes a stored final outcome for a key that already ran; SWR is not called.
@@ -788,7 +750,7 @@ mod tests {
             header(&mine, ERROR_HEADER),
             Some(AMQPValue::LongString("why".into()))
         );
-        assert_eq!(header(&mine, "x-swr-original-user-id"), None);
+        assert_eq!(header(&mine, crate::amqp::ORIGINAL_USER_HEADER), None);
 
         let foreign = dead_letter_properties(&original.with_user_id("alice".into()), "why", "svc");
         assert_eq!(
@@ -797,7 +759,7 @@ mod tests {
             "the broker refuses another user's user_id"
         );
         assert_eq!(
-            header(&foreign, "x-swr-original-user-id"),
+            header(&foreign, crate::amqp::ORIGINAL_USER_HEADER),
             Some(AMQPValue::LongString("alice".into()))
         );
     }

@@ -22,6 +22,7 @@ use lapin::Confirmation;
 use serde_json::Value;
 
 use super::{bounded, open_channel, CampaignError};
+use crate::amqp::copied_properties;
 use crate::config::Config;
 use crate::worker::ERROR_HEADER;
 
@@ -163,6 +164,7 @@ pub async fn replay(config: &Config, plan: &ReplayPlan) -> Result<ReplayReport, 
         .unwrap_or_else(|| config.amqp.dead_letter_queue.clone());
     let to = config.amqp.request_queue.clone();
     let connection = super::connect(config, "replay").await?;
+    let login = connection.status().username();
     let channel = open_channel(&connection, config).await?;
     let depth = match tokio::time::timeout(
         limit,
@@ -244,7 +246,7 @@ pub async fn replay(config: &Config, plan: &ReplayPlan) -> Result<ReplayReport, 
                         ..BasicPublishOptions::default()
                     },
                     &delivery.data,
-                    requeued_properties(&delivery.properties),
+                    requeued_properties(&delivery.properties, &login),
                 ),
             )
             .await?;
@@ -297,20 +299,19 @@ pub async fn replay(config: &Config, plan: &ReplayPlan) -> Result<ReplayReport, 
     result.map(|()| report)
 }
 
-/// The original properties, persistent, without the dead-letter reason (the next attempt gets
-/// its own) and without `x-death` (the broker's history of the old copy).
-fn requeued_properties(original: &BasicProperties) -> BasicProperties {
-    let mut properties = original.clone().with_delivery_mode(2);
+/// The original properties as [`copied_properties`] gives them for `login`, without the
+/// dead-letter reason (the next attempt gets its own) and without `x-death` (the broker's history
+/// of the old copy).
+fn requeued_properties(original: &BasicProperties, login: &str) -> BasicProperties {
+    let mut kept = FieldTable::default();
     if let Some(headers) = original.headers() {
-        let mut kept = FieldTable::default();
         for (name, value) in headers.inner() {
             if name.as_str() != ERROR_HEADER && name.as_str() != "x-death" {
                 kept.insert(name.clone(), value.clone());
             }
         }
-        properties = properties.with_headers(kept);
     }
-    properties
+    copied_properties(original, kept, login)
 }
 
 fn describe(
@@ -374,11 +375,19 @@ mod tests {
         let original = BasicProperties::default()
             .with_message_id("k".into())
             .with_headers(headers);
-        let copy = requeued_properties(&original);
+        let copy = requeued_properties(&original, "svc");
         let kept = copy.headers().as_ref().unwrap().inner();
         assert!(kept.contains_key("ticket"));
         assert!(!kept.contains_key(ERROR_HEADER) && !kept.contains_key("x-death"));
         assert_eq!(copy.delivery_mode(), &Some(2));
         assert_eq!(copy.message_id().as_ref().unwrap().as_str(), "k");
+        // A producer's user_id that the replaying user cannot publish goes to a header.
+        let foreign = requeued_properties(&original.with_user_id("alice".into()), "svc");
+        assert_eq!(foreign.user_id(), &None);
+        let kept = foreign.headers().as_ref().unwrap().inner();
+        assert_eq!(
+            kept.get(crate::amqp::ORIGINAL_USER_HEADER),
+            Some(&AMQPValue::LongString("alice".into()))
+        );
     }
 }
