@@ -1,5 +1,6 @@
-//! One delivery, start to finish: parse → key → (expired?) → execute against SWR → outcome →
-//! publish with confirms → tell the caller whether to ack or requeue.
+//! One delivery, start to finish: parse → key → claim (a finished key is replayed) → (expired?)
+//! → execute against SWR → store the outcome → publish with confirms → tell the caller whether
+//! to ack or requeue.
 //!
 //! This module never acks by itself: it returns a [`Disposition`], and the consumer acts on it.
 //! Ack only ever follows a confirmed outcome (contract §5).
@@ -34,7 +35,6 @@ use crate::telemetry::metrics::Metrics;
 /// Header added to a dead-lettered request: the one-line reason.
 pub const ERROR_HEADER: &str = "x-swr-error";
 
-/// Prefix of the store records that remember a confirmed DLQ copy (kept apart from job keys).
 /// Prefix of the store key that remembers a DLQ copy. The marker's parts are joined by spaces,
 /// which no job key can hold (0x21..=0x7E only), so a marker never meets a job's key.
 const DLQ_MARKER: &str = "dead-lettered";

@@ -120,15 +120,15 @@ async fn a_job_of_an_ended_session_that_requeues_leaves_the_new_session_alone() 
     let mut env = TestEnv::start_with(
         "old-session-requeue",
         &[
-            ("SWR_STAGE_WORKER__IDEMPOTENCY__HOLD", "3s"),
-            ("SWR_STAGE_WORKER__HTTP__TIMEOUT", "10s"),
+            ("SWR_STAGE_WORKER__IDEMPOTENCY__HOLD", "5s"),
+            ("SWR_STAGE_WORKER__HTTP__TIMEOUT", "15s"),
         ],
     )
     .await;
-    // The first copy's call takes 6 s: long enough for the second copy, held behind it for
-    // `idempotency.hold` (3 s), to give up and requeue after its session has been replaced.
+    // The first copy's call takes 10 s: long enough for the second copy, held behind it for
+    // `idempotency.hold` (5 s), to give up and requeue after its session has been replaced.
     env.sim.add_rule(FaultRule {
-        delay_ms: Some(6000),
+        delay_ms: Some(10_000),
         ..FaultRule::default()
     });
     let body =
@@ -147,11 +147,16 @@ async fn a_job_of_an_ended_session_that_requeues_leaves_the_new_session_alone() 
         }
     }
     let name = env.config.amqp.connection_name.clone();
+    let first = connections_named(&name).await;
+    assert_eq!(first.len(), 1, "the worker's one connection: {first:?}");
     assert_eq!(close_connections_named(&name).await, 1);
+    // The closed connection may still be listed for a moment while it closes.
     let second = loop {
         let pids = connections_named(&name).await;
-        if pids.len() == 1 {
-            break pids[0].clone();
+        if let [pid] = pids.as_slice() {
+            if *pid != first[0] {
+                break pid.clone();
+            }
         }
         assert!(
             tokio::time::Instant::now() < deadline,

@@ -839,6 +839,16 @@ fn claim(
     Ok(Claim::Acquired { takeover })
 }
 
+/// Ends `owner`'s claim of `key`, if it still holds it.
+fn release_claim(db: &mut Db, key: &str, owner: &str) {
+    if db.running.get(key).is_some_and(|r| r.owner == owner) {
+        db.running.remove(key);
+    }
+    // Nor may a rollback of the open transaction bring this claim back.
+    db.completed
+        .retain(|(k, claim)| !(k == key && claim.owner == owner));
+}
+
 /// Stores `key`'s final outcome (JSON) in the open transaction and ends its claim there.
 fn store_outcome(
     db: &mut Db,
@@ -923,9 +933,7 @@ impl Store for EmbeddedStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         // Claims are in memory: nothing to commit.
         Box::pin(self.run(move |db, _, _| {
-            if db.running.get(key).is_some_and(|r| r.owner == owner) {
-                db.running.remove(key);
-            }
+            release_claim(db, key, owner);
             Ok(())
         }))
     }
@@ -1103,6 +1111,10 @@ mod tests {
         let newer = run(gate.admit("key-1", &step(1)).await);
         assert!(newer.takeover);
         gate.release(stale).await;
+        assert!(
+            gate.local.lock().unwrap().contains_key("key-1"),
+            "the newer ticket's local waiters' entry stays"
+        );
         assert!(
             matches!(gate.admit("key-1", &step(1)).await, Admission::Requeue(_)),
             "the newer claim still holds the key"
@@ -1288,7 +1300,7 @@ mod tests {
     /// key is still held (a duplicate waits) rather than free to run again.
     #[tokio::test]
     async fn a_failed_commit_gives_a_completed_claim_back() {
-        let (store, _) = store("failed-commit-claim");
+        let (store, now) = store("failed-commit-claim");
         let key = "key-running";
         assert!(matches!(
             store.claim(key, &step(1), "w#1").await.unwrap(),
@@ -1297,7 +1309,8 @@ mod tests {
         let mut db = store.shared.db.lock().await;
         db.begin(&store.shared.opened).unwrap();
         let outcome = serde_json::to_string(&done(key, 1)).unwrap();
-        store_outcome(&mut db, key, &outcome, now_ms(), 60_000).unwrap();
+        let at = now.load(Ordering::SeqCst);
+        store_outcome(&mut db, key, &outcome, at, 60_000).unwrap();
         assert!(
             !db.running.contains_key(key),
             "the claim ends with the stored outcome"
@@ -1310,6 +1323,28 @@ mod tests {
             Claim::InFlight { owner } => assert_eq!(owner, "w#1"),
             other => panic!("the key is free again after the rollback: {other:?}"),
         }
+    }
+
+    /// A claim released after its completion ran, in the same open transaction, stays released
+    /// when that transaction rolls back.
+    #[tokio::test]
+    async fn a_rollback_does_not_bring_back_a_released_claim() {
+        let (store, now) = store("failed-commit-released");
+        let key = "key-released";
+        store.claim(key, &step(1), "w#1").await.unwrap();
+        let outcome = serde_json::to_string(&done(key, 1)).unwrap();
+        // All under one lock, so the committer cannot commit in between.
+        let mut db = store.shared.db.lock().await;
+        db.begin(&store.shared.opened).unwrap();
+        store_outcome(&mut db, key, &outcome, now.load(Ordering::SeqCst), 60_000).unwrap();
+        release_claim(&mut db, key, "w#1");
+        db.conn.execute_batch("ROLLBACK").unwrap();
+        db.commit();
+        drop(db);
+        assert!(matches!(
+            store.claim(key, &step(1), "w#2").await.unwrap(),
+            Claim::Acquired { .. }
+        ));
     }
 
     /// A commit that fails takes the index changes of its transaction back (the wiring of
