@@ -99,9 +99,11 @@ pub async fn run(
             Ok(session) => {
                 delay = RECONNECT_INITIAL;
                 // A "publisher broke" signal stored for the session that just ended must not
-                // end this one: take it before this session's publisher is handed out.
-                let _ = ctx.session_broken.notified().now_or_never();
+                // end this one: take it once this session's publisher is the current one (a job
+                // signals under the same lock, for the publisher it finds current, so no signal
+                // for the old session can come after this).
                 ctx.publishers.send_replace(Some(session.publisher.clone()));
+                let _ = ctx.session_broken.notified().now_or_never();
                 ctx.metrics.set_broker_connected(true);
                 tracing::info!(queue = %config.amqp.request_queue, "consuming");
                 consume(&ctx, session, &mut shutdown, &slots, &mut jobs).await
@@ -359,14 +361,7 @@ async fn handle(
             tracing::warn!(%reason, "requeueing the request");
             // Only a broken publisher of the current session ends it: one of an earlier session
             // (this job outlived its connection) must not end the healthy one that replaced it.
-            let current = ctx
-                .publishers
-                .borrow()
-                .as_ref()
-                .is_some_and(|p| Arc::ptr_eq(p, &publisher));
-            if current && !publisher.is_usable() {
-                ctx.session_broken.notify_one();
-            }
+            ctx.report_broken(|current| Arc::ptr_eq(current, &publisher) && !current.is_usable());
             tokio::time::sleep(REQUEUE_DELAY).await;
             let requeue = BasicNackOptions {
                 requeue: true,

@@ -95,6 +95,18 @@ pub enum ContextError {
 }
 
 impl JobContext {
+    /// Ends the current broker session when `broken` says its publisher is broken. The check and
+    /// the signal happen under the publishers' lock, so a session that replaces the current one
+    /// meanwhile is never ended by a signal meant for its predecessor.
+    pub fn report_broken(&self, broken: impl Fn(&Arc<Publisher>) -> bool) {
+        self.publishers.send_if_modified(|current| {
+            if current.as_ref().is_some_and(&broken) {
+                self.session_broken.notify_one();
+            }
+            false
+        });
+    }
+
     /// Builds the shared pieces; opens the idempotency store and starts its pruning.
     pub async fn new(config: Arc<Config>) -> Result<JobContext, ContextError> {
         let metrics = Arc::new(Metrics::default());
@@ -448,13 +460,7 @@ async fn publish_surviving_reconnect(
     for _ in 0..3 {
         // If the broken session is still the current one, the session loop may not know yet
         // (a dead connection it sees itself; a broken channel it does not).
-        if sessions
-            .borrow()
-            .as_ref()
-            .is_some_and(|p| is_broken(p, &broken))
-        {
-            ctx.session_broken.notify_one();
-        }
+        ctx.report_broken(|current| is_broken(current, &broken));
         let next = tokio::time::timeout_at(
             deadline,
             sessions.wait_for(|p| {
