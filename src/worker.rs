@@ -196,9 +196,13 @@ pub async fn process(
                 &delivery.data,
             );
             let span = tracing::info_span!("job", key = %key, pipeline_id = ?invalid.pipeline_id, stage_index = ?invalid.stage_index, mode = ?invalid.mode.map(|m| m.as_str()));
-            reject_invalid(ctx, publisher, delivery, &envelope, key, *invalid, started)
-                .instrument(span)
-                .await
+            // The rare paths are boxed (here and below): a job's state machine is as large as
+            // its largest await, and it is moved whole at each spawn and nested call.
+            Box::pin(
+                reject_invalid(ctx, publisher, delivery, &envelope, key, *invalid, started)
+                    .instrument(span),
+            )
+            .await
         }
         Ok(request) => {
             let key = derive_key(
@@ -224,9 +228,11 @@ pub async fn process(
                     campaign_id: request.campaign_id,
                     metadata: request.metadata,
                 };
-                return reject_invalid(ctx, publisher, delivery, &envelope, key, invalid, started)
-                    .instrument(span)
-                    .await;
+                return Box::pin(
+                    reject_invalid(ctx, publisher, delivery, &envelope, key, invalid, started)
+                        .instrument(span),
+                )
+                .await;
             }
             let job = Job {
                 publisher,
@@ -290,7 +296,7 @@ async fn run_request(
             match gate.admit(&outcome.idempotency_key, &print).await {
                 Admission::Run(ticket) => Some(ticket),
                 Admission::Replay(stored) => {
-                    return replay(ctx, publisher, envelope, *stored).await
+                    return Box::pin(replay(ctx, publisher, envelope, *stored)).await
                 }
                 Admission::Requeue(reason) => return Disposition::Requeue(reason),
                 Admission::Mismatch { fingerprint } => {
@@ -307,9 +313,9 @@ async fn run_request(
                         metadata: request.metadata.clone(),
                     };
                     let key = std::mem::take(&mut outcome.idempotency_key);
-                    return reject_invalid(
+                    return Box::pin(reject_invalid(
                         ctx, publisher, delivery, envelope, key, invalid, started,
-                    )
+                    ))
                     .await;
                 }
             }

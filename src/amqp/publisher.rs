@@ -86,7 +86,9 @@ impl Publisher {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
-        let confirm = async {
+        // Boxed: lapin's publish future is about 2 KiB, and every job's state machine (moved
+        // at each spawn and each nested call) would otherwise carry it, twice with `reply_to`.
+        let confirm = Box::pin(within(self.confirm_timeout, async move {
             let pending = channel
                 .basic_publish(
                     exchange.into(),
@@ -97,8 +99,8 @@ impl Publisher {
                 )
                 .await?;
             pending.await
-        };
-        let confirmation = within(self.confirm_timeout, confirm).await??;
+        }));
+        let confirmation = confirm.await??;
         if confirmation.is_nack() {
             return Err(PublishError::Nacked);
         }
