@@ -57,6 +57,8 @@ pub struct PhaseResult {
     pub peak_rss_kib: Option<u64>,
     /// CPU time (user + system) the phase's process used per job, in microseconds.
     pub cpu_us_per_job: Option<f64>,
+    /// CPU time a RabbitMQ on this machine used per job during the phase, when one was found.
+    pub broker_cpu_us_per_job: Option<f64>,
     /// p50/p99 publish-to-outcome latency at half the peak rate, in milliseconds.
     pub latency_ms: Option<(f64, f64)>,
 }
@@ -132,10 +134,11 @@ pub async fn run(base: Config, options: BenchOptions) -> Result<Vec<PhaseResult>
             .iter()
             .map(|p| {
                 format!(
-                    "{} {:.0}/s ({} µs CPU/job)",
+                    "{} {:.0}/s ({} µs CPU/job, broker {})",
                     p.name,
                     p.jobs_per_sec,
-                    p.cpu_us_per_job.map_or("-".into(), |c| format!("{c:.0}"))
+                    micros(p.cpu_us_per_job),
+                    micros(p.broker_cpu_us_per_job)
                 )
             })
             .collect();
@@ -158,18 +161,21 @@ pub async fn run(base: Config, options: BenchOptions) -> Result<Vec<PhaseResult>
 
     println!();
     println!("medians over {} round(s):", rounds.len());
-    println!("| phase | jobs/s | vs bare | CPU µs/job | peak RSS | p50 ms | p99 ms |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| phase | jobs/s | vs bare | CPU µs/job | broker µs/job | peak RSS | p50 ms | p99 ms |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in &results {
         let (p50, p99) = r.latency_ms.map_or(("-".into(), "-".into()), |(a, b)| {
             (format!("{a:.1}"), format!("{b:.1}"))
         });
         println!(
-            "| {} | {:.0} | {:.2} | {} | {} | {p50} | {p99} |",
+            "| {} | {:.0} | {:.2} | {} | {} | {} | {p50} | {p99} |",
             r.name,
             r.jobs_per_sec,
             r.jobs_per_sec / bare.jobs_per_sec,
-            r.cpu_us_per_job.map_or("-".into(), |c| format!("{c:.0}")),
+            micros(r.cpu_us_per_job),
+            micros(r.broker_cpu_us_per_job),
             r.peak_rss_kib
                 .map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
         );
@@ -606,7 +612,13 @@ async fn child_phase(
         .spawn()
         .map_err(fail)?;
     let pid = child.id().ok_or_else(|| fail("the child exited at once"))?;
+    // The broker shares the cores: its CPU per job says how much of a phase's cost is its.
+    let broker_pid = local_broker_pid();
+    let broker_before = broker_pid.and_then(cpu_seconds);
     let mut counted = count_outcomes(broker, &results, options.jobs).await;
+    let broker_cpu_us_per_job = broker_before
+        .zip(broker_pid.and_then(cpu_seconds))
+        .map(|(before, after)| (after - before) * 1e6 / options.jobs as f64);
     let peak_rss_kib = peak_rss(pid);
     let cpu_us_per_job = cpu_seconds(pid).map(|s| s * 1e6 / options.jobs as f64);
     let mut latency_ms = None;
@@ -651,6 +663,7 @@ async fn child_phase(
         jobs_per_sec: counted?,
         peak_rss_kib,
         cpu_us_per_job,
+        broker_cpu_us_per_job,
         latency_ms,
     })
 }
@@ -663,6 +676,23 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     // Clock ticks of USER_HZ, which Linux fixes at 100 for user space.
     Some(ticks as f64 / 100.0)
+}
+
+/// A figure in whole microseconds, or "-" when it was not measured.
+fn micros(us: Option<f64>) -> String {
+    us.map_or("-".into(), |us| format!("{us:.0}"))
+}
+
+/// The process of a RabbitMQ on this machine (Erlang's `beam.smp`), if one runs here.
+fn local_broker_pid() -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            (comm.trim_end() == "beam.smp").then_some(pid)
+        })
 }
 
 /// The lowest and highest ratio of phase `i` to phase `base` within one round: how far a
