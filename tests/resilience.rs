@@ -325,16 +325,18 @@ async fn a_second_signal_exits_at_once_and_the_broker_keeps_the_request() {
     );
     env.publish_json(&json!({"pipeline_id": 9, "stage_index": 0}))
         .await;
-    // The simulator records a call when it answers; the queue shows the delivery was taken.
-    let queue = env.config.amqp.request_queue.clone();
+    // The job is in flight once its call reached the simulator (counted as it arrives; the
+    // call log only records it when it answers). An empty queue is not enough: the delivery
+    // may still sit in the worker's consumer, and a first signal then ends the worker at once.
     let deadline = tokio::time::Instant::now() + common::WAIT;
-    while env.depth(&queue).await != 0 {
+    while env.sim.stats().requests == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the worker never took the request"
+            "the worker never called SWR"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    let queue = env.config.amqp.request_queue.clone();
     let started = std::time::Instant::now();
     let (status, _) = worker.terminate_twice().await;
     assert_eq!(status.code(), Some(130));
