@@ -613,11 +613,14 @@ async fn child_phase(
         .map_err(fail)?;
     let pid = child.id().ok_or_else(|| fail("the child exited at once"))?;
     // The broker shares the cores: its CPU per job says how much of a phase's cost is its.
-    let broker_pid = local_broker_pid();
+    // It covers the whole phase (the child's start, the bench's own outcome consumer, and
+    // whatever the broker spends per second rather than per message).
+    let broker_pid = local_broker_pid(config.amqp.url.expose());
     let broker_before = broker_pid.and_then(cpu_seconds);
     let mut counted = count_outcomes(broker, &results, options.jobs).await;
     let broker_cpu_us_per_job = broker_before
         .zip(broker_pid.and_then(cpu_seconds))
+        .filter(|(before, after)| after >= before)
         .map(|(before, after)| (after - before) * 1e6 / options.jobs as f64);
     let peak_rss_kib = peak_rss(pid);
     let cpu_us_per_job = cpu_seconds(pid).map(|s| s * 1e6 / options.jobs as f64);
@@ -683,16 +686,32 @@ fn micros(us: Option<f64>) -> String {
     us.map_or("-".into(), |us| format!("{us:.0}"))
 }
 
-/// The process of a RabbitMQ on this machine (Erlang's `beam.smp`), if one runs here.
-fn local_broker_pid() -> Option<u32> {
-    std::fs::read_dir("/proc")
+/// The RabbitMQ server of `amqp_url` when it runs on this machine: the one Erlang VM started
+/// with `-s rabbit boot` (CLI tools such as `rabbitmq-diagnostics` run a `beam.smp` of their own).
+/// None for a remote broker, or when there is no such process or more than one.
+fn local_broker_pid(amqp_url: &str) -> Option<u32> {
+    let uri = amqp_url.parse::<lapin::uri::AMQPUri>().ok()?;
+    if !matches!(
+        uri.authority.host.as_str(),
+        "localhost" | "127.0.0.1" | "::1" | "[::1]"
+    ) {
+        return None;
+    }
+    let mut servers = std::fs::read_dir("/proc")
         .ok()?
         .flatten()
-        .find_map(|entry| {
+        .filter_map(|entry| {
             let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-            (comm.trim_end() == "beam.smp").then_some(pid)
-        })
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let server = args
+                .windows(3)
+                .any(|w| w == [&b"-s"[..], &b"rabbit"[..], &b"boot"[..]]);
+            (comm.trim_end() == "beam.smp" && server).then_some(pid)
+        });
+    let pid = servers.next()?;
+    servers.next().is_none().then_some(pid)
 }
 
 /// The lowest and highest ratio of phase `i` to phase `base` within one round: how far a
@@ -812,6 +831,15 @@ mod tests {
             jobs_per_sec,
             ..PhaseResult::default()
         }
+    }
+
+    #[test]
+    fn a_remote_broker_has_no_local_process_to_measure() {
+        assert_eq!(
+            local_broker_pid("amqp://guest:guest@broker.example:5672/%2f"),
+            None
+        );
+        assert_eq!(local_broker_pid("not a url"), None);
     }
 
     #[test]
