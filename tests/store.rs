@@ -526,6 +526,89 @@ async fn postgres_loop_guard_is_shared_and_atomic() {
 }
 
 #[tokio::test]
+async fn postgres_calls_queued_together_mean_what_they_mean_one_at_a_time() {
+    // Calls that queue together go out as one statement per kind; repeated keys and steps in
+    // one batch must still get the answers they would get one after another.
+    let store = Arc::new(postgres(Duration::from_secs(60), Duration::from_secs(3600)).await);
+    let keys: Vec<String> = (0..20).map(|i| key(&format!("batch{i}"))).collect();
+    let mut claims = Vec::new();
+    for copy in 0..5 {
+        for k in &keys {
+            let (store, k) = (store.clone(), k.clone());
+            claims.push(tokio::spawn(async move {
+                let owner = format!("w{copy}");
+                let claim = store.claim(&k, "1:0:retry", &owner).await.unwrap();
+                (k, owner, claim)
+            }));
+        }
+    }
+    let mut winners: std::collections::HashMap<String, String> = Default::default();
+    let mut losers = Vec::new();
+    for task in claims {
+        match task.await.unwrap() {
+            (k, owner, Claim::Acquired { takeover: false }) => {
+                assert!(winners.insert(k, owner).is_none(), "two winners for one key");
+            }
+            (k, _, Claim::InFlight { owner }) => losers.push((k, owner)),
+            (_, _, other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), keys.len(), "every key has one winner");
+    assert_eq!(losers.len(), keys.len() * 4);
+    for (k, owner) in losers {
+        assert_eq!(winners[&k], owner, "a duplicate is told who holds the key");
+    }
+
+    // Completions queued together: each is stored; a second one for a key changes nothing.
+    let complete_all = |status: Status| {
+        let tasks: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                let (store, k) = (store.clone(), k.clone());
+                tokio::spawn(async move { store.complete(&k, &outcome(&k, status)).await })
+            })
+            .collect();
+        async move {
+            for task in tasks {
+                task.await.unwrap().unwrap();
+            }
+        }
+    };
+    complete_all(Status::Succeeded).await;
+    complete_all(Status::Failed).await;
+    for k in &keys {
+        match store.claim(k, "1:0:retry", "late").await.unwrap() {
+            Claim::Finished(o) => assert_eq!(o.status, Status::Succeeded, "the first outcome stays"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    // Loop-guard counts of three steps, ten racing calls each, four allowed per step.
+    let steps: Vec<String> = (0..3).map(|i| key(&format!("guard-batch{i}"))).collect();
+    let mut counts = Vec::new();
+    for _ in 0..10 {
+        for step in &steps {
+            let (store, step) = (store.clone(), step.clone());
+            counts.push(tokio::spawn(async move {
+                let allowed = store
+                    .count_execution(&step, Duration::from_secs(3600), 4)
+                    .await
+                    .unwrap();
+                (step, allowed)
+            }));
+        }
+    }
+    let mut allowed: std::collections::HashMap<String, usize> = Default::default();
+    for task in counts {
+        let (step, ran) = task.await.unwrap();
+        *allowed.entry(step).or_default() += usize::from(ran);
+    }
+    for step in &steps {
+        assert_eq!(allowed.get(step), Some(&4), "step {step}");
+    }
+}
+
+#[tokio::test]
 async fn embedded_file_belongs_to_one_process_and_its_claims_die_with_it() {
     let cfg = config(Duration::from_secs(600), Duration::from_secs(3600));
     let k = key("orphan");

@@ -1,50 +1,69 @@
-//! The fleet store: a PostgreSQL table shared by every worker. Each claim is one
-//! `INSERT … ON CONFLICT DO UPDATE … WHERE` statement, which PostgreSQL runs atomically under
+//! The fleet store: a PostgreSQL table shared by every worker. Claims are
+//! `INSERT … ON CONFLICT DO UPDATE … WHERE` statements, which PostgreSQL runs atomically under
 //! the row lock, so two workers can never both take a live key. Times come from the database's
 //! clock, so workers with skewed clocks still agree on leases.
 //!
-//! One connection, pipelined (tokio-postgres sends concurrent queries without waiting for each
-//! other); it is re-opened on the next call after it breaks.
+//! Batching: the jobs of one process do not send a statement each. Their calls queue on one of
+//! two lanes (claims and loop-guard counts with asynchronous commit; completions and releases
+//! fully durable), and each lane's batcher sends whatever has queued as one statement per kind
+//! (`unnest` of arrays), then answers every caller. Nothing waits for a batch to fill: a call
+//! that finds the lane idle goes out at once, and calls that arrive while a statement runs make
+//! up the next one. PostgreSQL's cost is mostly per statement and per transaction, so this cuts
+//! its CPU per job about threefold at a handful of rows a statement (`pgbench`, claims: 75 µs a
+//! row one at a time, 25 at eight a statement).
+//!
+//! A batch keeps the meaning of the same calls made one after another: calls on one key (or one
+//! step, for the guard) go in successive statements, in the order they queued, and each
+//! statement takes its rows in key order, so two workers' batches lock rows in the same order.
+//!
+//! Connections are re-opened on the next call after they break.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::{Claim, Store, StoreError};
 use crate::config::{redact_url, IdempotencyConfig, Secret};
 use crate::outcome::Outcome;
 
-/// Connections per worker process and kind. PostgreSQL flushes the WAL once for all
-/// transactions committing together, so throughput grows with commits in flight.
-const POOL_SIZE: usize = 8;
+/// Batchers per lane, each with a connection of its own: one can send while the other collects.
+const BATCHERS: usize = 2;
+/// Most calls in one batch.
+const MAX_BATCH: usize = 256;
+/// Calls that may wait in a lane; past that a caller waits for room (within [`OP_TIMEOUT`]).
+const LANE_CAPACITY: usize = 1024;
 
-/// The statements every call uses, prepared once per connection.
+/// The statements every call uses, prepared once per connection. Each takes arrays, one element
+/// per call, with distinct keys.
 const CLAIM_SQL: &str = "INSERT INTO swr_stage_idempotency AS t (key, fingerprint, state, owner, lease_until, outcome, expires_at)
-     VALUES ($1, $2, 'running', $3, now() + $4::float8 * interval '1 millisecond', NULL, now() + $5::float8 * interval '1 millisecond')
+     SELECT u.k, u.f, 'running', u.o, now() + $4::float8 * interval '1 millisecond', NULL, now() + $5::float8 * interval '1 millisecond'
+       FROM unnest($1::text[], $2::text[], $3::text[]) AS u(k, f, o)
      ON CONFLICT (key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, state = 'running', owner = EXCLUDED.owner,
          lease_until = EXCLUDED.lease_until, outcome = NULL, expires_at = EXCLUDED.expires_at
      WHERE t.expires_at < now()
         OR (t.state = 'running' AND t.lease_until < now() AND t.fingerprint = EXCLUDED.fingerprint)
-     RETURNING (xmax <> 0) AS takeover";
-const LOOKUP_SQL: &str =
-    "SELECT fingerprint, state, owner, outcome FROM swr_stage_idempotency WHERE key = $1";
+     RETURNING t.key, (t.xmax <> 0) AS takeover";
+const LOOKUP_SQL: &str = "SELECT key, fingerprint, state, owner, outcome FROM swr_stage_idempotency WHERE key = ANY($1::text[])";
 const COMPLETE_SQL: &str = "INSERT INTO swr_stage_idempotency AS t (key, fingerprint, state, owner, lease_until, outcome, expires_at)
-     VALUES ($1, '', 'finished', '', now(), $2, now() + $3::float8 * interval '1 millisecond')
+     SELECT u.k, '', 'finished', '', now(), u.o, now() + $3::float8 * interval '1 millisecond'
+       FROM unnest($1::text[], $2::text[]) AS u(k, o)
      ON CONFLICT (key) DO UPDATE SET state = 'finished', outcome = EXCLUDED.outcome, expires_at = EXCLUDED.expires_at
      WHERE t.state = 'running'";
-const GUARD_SQL: &str = "INSERT INTO swr_stage_guard AS g (fingerprint, window_start, executions) VALUES ($1, now(), 1)
+const GUARD_SQL: &str = "INSERT INTO swr_stage_guard AS g (fingerprint, window_start, executions)
+     SELECT u.f, now(), 1 FROM unnest($1::text[]) AS u(f)
      ON CONFLICT (fingerprint) DO UPDATE SET
          executions = CASE WHEN g.window_start <= now() - $2::float8 * interval '1 millisecond' THEN 1 ELSE g.executions + 1 END,
          window_start = CASE WHEN g.window_start <= now() - $2::float8 * interval '1 millisecond' THEN now() ELSE g.window_start END
      WHERE g.window_start <= now() - $2::float8 * interval '1 millisecond' OR g.executions < $3
-     RETURNING executions";
+     RETURNING g.fingerprint";
 const RELEASE_SQL: &str =
-    "DELETE FROM swr_stage_idempotency WHERE key = $1 AND owner = $2 AND state = 'running'";
+    "DELETE FROM swr_stage_idempotency AS t USING unnest($1::text[], $2::text[]) AS u(k, o)
+     WHERE t.key = u.k AND t.owner = u.o AND t.state = 'running'";
 
 /// One connection and its prepared statements.
 struct Conn {
@@ -64,6 +83,8 @@ struct Conn {
 
 /// Limit for connecting and for any one statement.
 const OP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Limit for one call, queueing included: its statements are bounded by [`OP_TIMEOUT`] each.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Versioned migrations, applied in order inside one transaction each.
 const MIGRATIONS: [&str; 2] = ["CREATE TABLE IF NOT EXISTS swr_stage_idempotency (
@@ -82,17 +103,28 @@ const MIGRATIONS: [&str; 2] = ["CREATE TABLE IF NOT EXISTS swr_stage_idempotency
          executions   INTEGER NOT NULL
      );"];
 
-/// The PostgreSQL-backed store.
+/// The PostgreSQL-backed store: a handle on the two lanes. Dropping it ends the batchers.
 pub struct PostgresStore {
+    /// Connections and settings, shared with the batchers.
+    shared: Arc<Shared>,
+    /// Claims and loop-guard counts.
+    fast: mpsc::Sender<Call>,
+    /// Completions and releases.
+    durable: mpsc::Sender<Call>,
+}
+
+/// What the batchers and the direct calls share.
+struct Shared {
     /// Connection URL (may hold a password).
     url: Secret,
-    /// Connections for claims, with `synchronous_commit = off`: a claim needs atomicity, not
-    /// durability (a claim lost in a database crash only means the redelivery claims again).
+    /// The fast lane's connections, one per batcher, with `synchronous_commit = off`: a claim
+    /// needs atomicity, not durability (a claim lost in a database crash only means the
+    /// redelivery claims again).
     claims: Vec<Mutex<Option<Arc<Conn>>>>,
-    /// Connections for completions and releases, fully durable: the ack that follows a
-    /// completion must be able to count on it.
+    /// The durable lane's connections, one per batcher, fully durable: the ack that follows a
+    /// completion must be able to count on it. Lookups, pruning and pings use them too.
     durable: Vec<Mutex<Option<Arc<Conn>>>>,
-    /// Round-robin position in the pools.
+    /// Round-robin position for the direct calls.
     next: AtomicUsize,
     /// Claim lease in milliseconds.
     lease_ms: i64,
@@ -100,10 +132,68 @@ pub struct PostgresStore {
     ttl_ms: i64,
 }
 
+/// One call waiting in a lane, with where its answer goes.
+enum Call {
+    Claim(ClaimCall),
+    Guard(GuardCall),
+    Complete(KeyCall),
+    Release(KeyCall),
+}
+
+struct ClaimCall {
+    key: String,
+    fingerprint: String,
+    owner: String,
+    reply: oneshot::Sender<Result<Claim, StoreError>>,
+}
+
+struct GuardCall {
+    fingerprint: String,
+    window_ms: f64,
+    max: i32,
+    reply: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+/// A completion (`value` is the outcome's JSON) or a release (`value` is the owner).
+struct KeyCall {
+    key: String,
+    value: String,
+    reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// A call that can be told its statement failed.
+trait Fail {
+    fn fail(self, error: &StoreError);
+}
+
+impl Fail for ClaimCall {
+    fn fail(self, error: &StoreError) {
+        let _ = self.reply.send(Err(error.clone()));
+    }
+}
+
+impl Fail for GuardCall {
+    fn fail(self, error: &StoreError) {
+        let _ = self.reply.send(Err(error.clone()));
+    }
+}
+
+impl Fail for KeyCall {
+    fn fail(self, error: &StoreError) {
+        let _ = self.reply.send(Err(error.clone()));
+    }
+}
+
+fn fail_all<T: Fail>(calls: impl IntoIterator<Item = T>, error: &StoreError) {
+    for call in calls {
+        call.fail(error);
+    }
+}
+
 impl PostgresStore {
-    /// Checks the URL, then connects and applies the migrations. A database that is down at
-    /// start is not fatal: the worker starts, every claim fails (so deliveries are requeued and
-    /// SWR is not called unguarded), and the next claim after it returns connects.
+    /// Checks the URL, then connects, applies the migrations and starts the batchers. A database
+    /// that is down at start is not fatal: the worker starts, every claim fails (so deliveries are
+    /// requeued and SWR is not called unguarded), and the next call after it returns connects.
     pub async fn connect(config: &IdempotencyConfig) -> Result<PostgresStore, StoreError> {
         config
             .url
@@ -115,20 +205,314 @@ impl PostgresStore {
                     redact_url(config.url.expose())
                 ))
             })?;
-        let store = PostgresStore {
+        let shared = Arc::new(Shared {
             url: config.url.clone(),
-            claims: (0..POOL_SIZE).map(|_| Mutex::new(None)).collect(),
-            durable: (0..POOL_SIZE).map(|_| Mutex::new(None)).collect(),
+            claims: (0..BATCHERS).map(|_| Mutex::new(None)).collect(),
+            durable: (0..BATCHERS).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
             lease_ms: i64::try_from(config.lease.as_millis()).unwrap_or(i64::MAX),
             ttl_ms: i64::try_from(config.ttl.as_millis()).unwrap_or(i64::MAX),
-        };
-        if let Err(e) = store.conn(true).await {
+        });
+        if let Err(e) = shared.conn(true, 0).await {
             tracing::warn!(error = %e, "idempotency store unavailable at start; deliveries are requeued until it answers");
         }
-        Ok(store)
+        let lane = |durable: bool| {
+            let (calls, queue) = mpsc::channel(LANE_CAPACITY);
+            let queue = Arc::new(Mutex::new(queue));
+            for slot in 0..BATCHERS {
+                tokio::spawn(batcher(shared.clone(), queue.clone(), durable, slot));
+            }
+            calls
+        };
+        Ok(PostgresStore {
+            fast: lane(false),
+            durable: lane(true),
+            shared,
+        })
     }
 
+    /// Queues a call on `lane` and waits for its answer.
+    async fn call<T>(
+        &self,
+        lane: &mpsc::Sender<Call>,
+        call: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Call,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let work = async {
+            lane.send(call(reply))
+                .await
+                .map_err(|_| StoreError("the PostgreSQL store has shut down".into()))?;
+            answer
+                .await
+                .map_err(|_| StoreError("the PostgreSQL store dropped the call".into()))?
+        };
+        // A call is a few statements, each bounded by OP_TIMEOUT, behind the calls queued
+        // before it.
+        tokio::time::timeout(CALL_TIMEOUT, work)
+            .await
+            .map_err(|_| StoreError(format!("PostgreSQL gave no answer within {CALL_TIMEOUT:?}")))?
+    }
+
+    /// A connection for a call that is not batched.
+    async fn direct(&self) -> Result<Arc<Conn>, StoreError> {
+        let slot = self.shared.next.fetch_add(1, Ordering::Relaxed) % BATCHERS;
+        self.shared.conn(true, slot).await
+    }
+}
+
+/// Takes what has queued on a lane (waiting for the first call, not for more), runs it, answers.
+async fn batcher(
+    shared: Arc<Shared>,
+    queue: Arc<Mutex<mpsc::Receiver<Call>>>,
+    durable: bool,
+    slot: usize,
+) {
+    loop {
+        let batch = {
+            let mut queue = queue.lock().await;
+            let Some(first) = queue.recv().await else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(call) => batch.push(call),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        run_batch(&shared, durable, slot, batch).await;
+    }
+}
+
+async fn run_batch(shared: &Shared, durable: bool, slot: usize, batch: Vec<Call>) {
+    let (mut claims, mut guards, mut completes, mut releases) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for call in batch {
+        match call {
+            Call::Claim(c) => claims.push(c),
+            Call::Guard(c) => guards.push(c),
+            Call::Complete(c) => completes.push(c),
+            Call::Release(c) => releases.push(c),
+        }
+    }
+    let conn = match shared.conn(durable, slot).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            fail_all(claims, &e);
+            fail_all(guards, &e);
+            fail_all(completes, &e);
+            fail_all(releases, &e);
+            return;
+        }
+    };
+    // Pipelined on the one connection (each kind has its own table or keys its own rows).
+    futures_util::future::join4(
+        run_claims(shared, &conn, claims),
+        run_guards(&conn, guards),
+        run_completes(shared, &conn, completes),
+        run_releases(&conn, releases),
+    )
+    .await;
+}
+
+/// Splits calls into statements with distinct keys, keeping each key's calls in their order
+/// (statement n holds the n-th call of every key), each statement sorted by key.
+fn rounds<T>(calls: Vec<T>, key: impl Fn(&T) -> &str) -> Vec<Vec<T>> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut rounds: Vec<Vec<T>> = Vec::new();
+    for call in calls {
+        let n = seen.entry(key(&call).to_owned()).or_insert(0);
+        if rounds.len() <= *n {
+            rounds.push(Vec::new());
+        }
+        rounds[*n].push(call);
+        *n += 1;
+    }
+    for round in &mut rounds {
+        round.sort_by(|a, b| key(a).cmp(key(b)));
+    }
+    rounds
+}
+
+async fn run_claims(shared: &Shared, conn: &Conn, mut pending: Vec<ClaimCall>) {
+    // A row removed between the claim and the look-up (released) just means: try again.
+    for _ in 0..5 {
+        if pending.is_empty() {
+            return;
+        }
+        match claim_pass(shared, conn, pending).await {
+            Ok(again) => pending = again,
+            Err((e, left)) => return fail_all(left, &e),
+        }
+    }
+    fail_all(
+        pending,
+        &StoreError("the key changed state five times during one claim".into()),
+    );
+}
+
+/// Claims every call's key and answers the calls it can; returns those whose row vanished
+/// between the two statements, or the error and every call not answered.
+async fn claim_pass(
+    shared: &Shared,
+    conn: &Conn,
+    calls: Vec<ClaimCall>,
+) -> Result<Vec<ClaimCall>, (StoreError, Vec<ClaimCall>)> {
+    // A running claim's row lives until its lease ends at least, so a TTL shorter than the
+    // lease never frees a key whose job still runs (its outcome gets the TTL).
+    let (lease, ttl) = (
+        shared.lease_ms as f64,
+        shared.ttl_ms.max(shared.lease_ms) as f64,
+    );
+    let mut refused = Vec::new();
+    let mut rounds = rounds(calls, |c| &c.key).into_iter();
+    while let Some(round) = rounds.next() {
+        let keys: Vec<&str> = round.iter().map(|c| c.key.as_str()).collect();
+        let prints: Vec<&str> = round.iter().map(|c| c.fingerprint.as_str()).collect();
+        let owners: Vec<&str> = round.iter().map(|c| c.owner.as_str()).collect();
+        let taken = bounded(
+            conn.client
+                .query(&conn.claim, &[&keys, &prints, &owners, &lease, &ttl]),
+        )
+        .await;
+        let taken: HashMap<String, bool> = match taken {
+            Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+            Err(e) => {
+                let left = round.into_iter().chain(rounds.flatten()).chain(refused);
+                return Err((e, left.collect()));
+            }
+        };
+        for call in round {
+            match taken.get(&call.key) {
+                Some(&takeover) => {
+                    let _ = call.reply.send(Ok(Claim::Acquired { takeover }));
+                }
+                None => refused.push(call),
+            }
+        }
+    }
+    if refused.is_empty() {
+        return Ok(refused);
+    }
+    let keys: Vec<&str> = refused.iter().map(|c| c.key.as_str()).collect();
+    let rows = match bounded(conn.client.query(&conn.lookup, &[&keys])).await {
+        Ok(rows) => rows,
+        Err(e) => return Err((e, refused)),
+    };
+    type Found = (String, String, String, Option<String>);
+    let found: HashMap<String, Found> = rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3), r.get(4))))
+        .collect();
+    let mut again = Vec::new();
+    for call in refused {
+        let Some((stored, state, holder, outcome)) = found.get(&call.key) else {
+            again.push(call);
+            continue;
+        };
+        let answer = if stored != &call.fingerprint && !stored.is_empty() {
+            Ok(Claim::Mismatch {
+                fingerprint: stored.clone(),
+            })
+        } else {
+            match (state.as_str(), outcome) {
+                ("finished", Some(json)) => serde_json::from_str::<Outcome>(json)
+                    .map(|o| Claim::Finished(Box::new(o)))
+                    .map_err(|e| {
+                        StoreError(format!("stored outcome for this key is unreadable: {e}"))
+                    }),
+                _ => Ok(Claim::InFlight {
+                    owner: holder.clone(),
+                }),
+            }
+        };
+        let _ = call.reply.send(answer);
+    }
+    Ok(again)
+}
+
+async fn run_guards(conn: &Conn, calls: Vec<GuardCall>) {
+    // The window and the limit are the configuration's, so nearly always one group.
+    let mut groups: Vec<((u64, i32), Vec<GuardCall>)> = Vec::new();
+    for call in calls {
+        let limits = (call.window_ms.to_bits(), call.max);
+        match groups.iter_mut().find(|(l, _)| *l == limits) {
+            Some((_, group)) => group.push(call),
+            None => groups.push((limits, vec![call])),
+        }
+    }
+    let mut statements = groups
+        .into_iter()
+        .flat_map(|((window, max), group)| {
+            rounds(group, |c| &c.fingerprint)
+                .into_iter()
+                .map(move |round| (f64::from_bits(window), max, round))
+        })
+        .collect::<Vec<_>>()
+        .into_iter();
+    while let Some((window_ms, max, round)) = statements.next() {
+        let prints: Vec<&str> = round.iter().map(|c| c.fingerprint.as_str()).collect();
+        match bounded(conn.client.query(&conn.guard, &[&prints, &window_ms, &max])).await {
+            Ok(rows) => {
+                let allowed: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                for call in round {
+                    let ran = allowed.contains(&call.fingerprint);
+                    let _ = call.reply.send(Ok(ran));
+                }
+            }
+            Err(e) => {
+                fail_all(round, &e);
+                return fail_all(statements.flat_map(|(_, _, r)| r), &e);
+            }
+        }
+    }
+}
+
+async fn run_completes(shared: &Shared, conn: &Conn, calls: Vec<KeyCall>) {
+    let ttl = shared.ttl_ms as f64;
+    let mut rounds = rounds(calls, |c| &c.key).into_iter();
+    while let Some(round) = rounds.next() {
+        let keys: Vec<&str> = round.iter().map(|c| c.key.as_str()).collect();
+        let outcomes: Vec<&str> = round.iter().map(|c| c.value.as_str()).collect();
+        match bounded(
+            conn.client
+                .execute(&conn.complete, &[&keys, &outcomes, &ttl]),
+        )
+        .await
+        {
+            Ok(_) => {
+                for call in round {
+                    let _ = call.reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                fail_all(round, &e);
+                return fail_all(rounds.flatten(), &e);
+            }
+        }
+    }
+}
+
+async fn run_releases(conn: &Conn, mut calls: Vec<KeyCall>) {
+    if calls.is_empty() {
+        return;
+    }
+    calls.sort_by(|a, b| a.key.cmp(&b.key));
+    let keys: Vec<&str> = calls.iter().map(|c| c.key.as_str()).collect();
+    let owners: Vec<&str> = calls.iter().map(|c| c.value.as_str()).collect();
+    match bounded(conn.client.execute(&conn.release, &[&keys, &owners])).await {
+        Ok(_) => {
+            for call in calls {
+                let _ = call.reply.send(Ok(()));
+            }
+        }
+        Err(e) => fail_all(calls, &e),
+    }
+}
+
+impl Shared {
     async fn open(&self) -> Result<Conn, StoreError> {
         let shown = redact_url(self.url.expose());
         let (mut client, connection) = tokio::time::timeout(
@@ -201,11 +585,11 @@ impl PostgresStore {
             .map_err(|e| StoreError(format!("preparing statements on {shown}: {e}")))
     }
 
-    /// A live connection from the pool, re-opened first if it broke (one reconnect at a time
-    /// per slot).
-    async fn conn(&self, durable: bool) -> Result<Arc<Conn>, StoreError> {
+    /// The live connection of a lane's `slot`, re-opened first if it broke (one reconnect at
+    /// a time per slot).
+    async fn conn(&self, durable: bool, slot: usize) -> Result<Arc<Conn>, StoreError> {
         let pool = if durable { &self.durable } else { &self.claims };
-        let slot = &pool[self.next.fetch_add(1, Ordering::Relaxed) % pool.len()];
+        let slot = &pool[slot % pool.len()];
         let mut guard = slot.lock().await;
         if let Some(conn) = guard.as_ref().filter(|c| !c.client.is_closed()) {
             return Ok(conn.clone());
@@ -237,45 +621,14 @@ impl Store for PostgresStore {
         fingerprint: &'a str,
         owner: &'a str,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        Box::pin(async move {
-            // A running claim's row lives until its lease ends at least, so a TTL shorter than
-            // the lease never frees a key whose job still runs (its outcome gets the TTL).
-            let (lease, ttl) = (self.lease_ms as f64, self.ttl_ms.max(self.lease_ms) as f64);
-            // A row removed between the two statements (released) just means: try again.
-            for _ in 0..5 {
-                let conn = self.conn(false).await?;
-                let taken = bounded(
-                    conn.client
-                        .query_opt(&conn.claim, &[&key, &fingerprint, &owner, &lease, &ttl]),
-                )
-                .await?;
-                if let Some(row) = taken {
-                    return Ok(Claim::Acquired {
-                        takeover: row.get(0),
-                    });
-                }
-                let existing = bounded(conn.client.query_opt(&conn.lookup, &[&key])).await?;
-                let Some(row) = existing else { continue };
-                let (stored, state, holder, outcome): (String, String, String, Option<String>) =
-                    (row.get(0), row.get(1), row.get(2), row.get(3));
-                if stored != fingerprint && !stored.is_empty() {
-                    return Ok(Claim::Mismatch {
-                        fingerprint: stored,
-                    });
-                }
-                return match (state.as_str(), outcome) {
-                    ("finished", Some(json)) => serde_json::from_str::<Outcome>(&json)
-                        .map(|o| Claim::Finished(Box::new(o)))
-                        .map_err(|e| {
-                            StoreError(format!("stored outcome for this key is unreadable: {e}"))
-                        }),
-                    _ => Ok(Claim::InFlight { owner: holder }),
-                };
-            }
-            Err(StoreError(
-                "the key changed state five times during one claim".into(),
-            ))
-        })
+        Box::pin(self.call(&self.fast, |reply| {
+            Call::Claim(ClaimCall {
+                key: key.to_owned(),
+                fingerprint: fingerprint.to_owned(),
+                owner: owner.to_owned(),
+                reply,
+            })
+        }))
     }
 
     fn complete<'a>(
@@ -284,13 +637,13 @@ impl Store for PostgresStore {
         outcome: &'a Outcome,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let json = serde_json::to_string(outcome).expect("an outcome always serialises");
-        let ttl = self.ttl_ms as f64;
-        Box::pin(async move {
-            let conn = self.conn(true).await?;
-            bounded(conn.client.execute(&conn.complete, &[&key, &json, &ttl]))
-                .await
-                .map(drop)
-        })
+        Box::pin(self.call(&self.durable, |reply| {
+            Call::Complete(KeyCall {
+                key: key.to_owned(),
+                value: json,
+                reply,
+            })
+        }))
     }
 
     fn release<'a>(
@@ -298,12 +651,13 @@ impl Store for PostgresStore {
         key: &'a str,
         owner: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            let conn = self.conn(true).await?;
-            bounded(conn.client.execute(&conn.release, &[&key, &owner]))
-                .await
-                .map(drop)
-        })
+        Box::pin(self.call(&self.durable, |reply| {
+            Call::Release(KeyCall {
+                key: key.to_owned(),
+                value: owner.to_owned(),
+                reply,
+            })
+        }))
     }
 
     fn count_execution<'a>(
@@ -312,26 +666,21 @@ impl Store for PostgresStore {
         window: Duration,
         max: u32,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        let (window_ms, max) = (
-            window.as_millis() as f64,
-            i32::try_from(max).unwrap_or(i32::MAX),
-        );
-        Box::pin(async move {
-            // On the claim connections (asynchronous commit): like a claim, a count lost in a
-            // database crash only lets one more execution through; the row lock keeps it atomic.
-            let conn = self.conn(false).await?;
-            let row = bounded(
-                conn.client
-                    .query_opt(&conn.guard, &[&fingerprint, &window_ms, &max]),
-            )
-            .await?;
-            Ok(row.is_some())
-        })
+        // On the fast lane (asynchronous commit): like a claim, a count lost in a database
+        // crash only lets one more execution through; the row lock keeps it atomic.
+        Box::pin(self.call(&self.fast, move |reply| {
+            Call::Guard(GuardCall {
+                fingerprint: fingerprint.to_owned(),
+                window_ms: window.as_millis() as f64,
+                max: i32::try_from(max).unwrap_or(i32::MAX),
+                reply,
+            })
+        }))
     }
 
     fn finished<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Outcome>, StoreError>> {
         Box::pin(async move {
-            let conn = self.conn(true).await?;
+            let conn = self.direct().await?;
             let row = bounded(conn.client.query_opt(
                 "SELECT outcome FROM swr_stage_idempotency WHERE key = $1 AND state = 'finished' AND expires_at >= now()",
                 &[&key],
@@ -345,7 +694,7 @@ impl Store for PostgresStore {
 
     fn prune(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
-            let conn = self.conn(true).await?;
+            let conn = self.direct().await?;
             bounded(conn.client.execute(
                 "DELETE FROM swr_stage_idempotency WHERE expires_at < now()",
                 &[],
@@ -356,8 +705,33 @@ impl Store for PostgresStore {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            let conn = self.conn(true).await?;
+            let conn = self.direct().await?;
             bounded(conn.client.batch_execute("SELECT 1")).await
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rounds;
+
+    #[test]
+    fn repeated_keys_go_in_later_statements_in_their_order_and_each_statement_is_sorted() {
+        let calls = vec![("b", 0), ("a", 1), ("b", 2), ("c", 3), ("b", 4), ("a", 5)];
+        let split = rounds(calls, |c| c.0);
+        assert_eq!(
+            split,
+            vec![
+                vec![("a", 1), ("b", 0), ("c", 3)],
+                vec![("a", 5), ("b", 2)],
+                vec![("b", 4)],
+            ]
+        );
+    }
+
+    #[test]
+    fn distinct_keys_make_one_statement() {
+        assert_eq!(rounds(vec!["z", "y", "x"], |c| c).len(), 1);
+        assert!(rounds(Vec::<&str>::new(), |c| c).is_empty());
     }
 }
