@@ -42,6 +42,8 @@ pub struct BenchOptions {
     pub postgres_url: String,
     /// Also measure publish-to-outcome latency at half the peak rate.
     pub latency: bool,
+    /// Publish the latency phase at this rate (jobs/s) instead of half the phase's peak.
+    pub latency_rate: Option<f64>,
     /// How many times to run every phase (the median is reported).
     pub rounds: usize,
 }
@@ -631,7 +633,7 @@ async fn child_phase(
                 broker,
                 &config,
                 &results,
-                *rate / 2.0,
+                options.latency_rate.unwrap_or(*rate / 2.0),
                 latency_jobs(options),
                 &tag,
             )

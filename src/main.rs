@@ -82,6 +82,10 @@ enum Command {
         /// Also measure publish-to-outcome latency at half of each worker phase's peak rate.
         #[arg(long)]
         latency: bool,
+        /// With --latency: publish at this many jobs/s in every phase instead, to compare
+        /// latencies at one load.
+        #[arg(long, value_name = "JOBS_PER_SEC", requires = "latency", value_parser = positive_rate)]
+        latency_rate: Option<f64>,
         /// Run every phase this many times, interleaved, and report medians.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
@@ -299,6 +303,7 @@ fn main() -> ExitCode {
                 stores,
                 postgres_url,
                 latency,
+                latency_rate,
                 rounds,
             } => {
                 let options = bench::BenchOptions {
@@ -307,6 +312,7 @@ fn main() -> ExitCode {
                     stores,
                     postgres_url,
                     latency,
+                    latency_rate,
                     rounds,
                 };
                 match bench::run(config, options).await {

@@ -547,7 +547,10 @@ async fn postgres_calls_queued_together_mean_what_they_mean_one_at_a_time() {
     for task in claims {
         match task.await.unwrap() {
             (k, owner, Claim::Acquired { takeover: false }) => {
-                assert!(winners.insert(k, owner).is_none(), "two winners for one key");
+                assert!(
+                    winners.insert(k, owner).is_none(),
+                    "two winners for one key"
+                );
             }
             (k, _, Claim::InFlight { owner }) => losers.push((k, owner)),
             (_, _, other) => panic!("unexpected {other:?}"),
@@ -578,7 +581,9 @@ async fn postgres_calls_queued_together_mean_what_they_mean_one_at_a_time() {
     complete_all(Status::Failed).await;
     for k in &keys {
         match store.claim(k, "1:0:retry", "late").await.unwrap() {
-            Claim::Finished(o) => assert_eq!(o.status, Status::Succeeded, "the first outcome stays"),
+            Claim::Finished(o) => {
+                assert_eq!(o.status, Status::Succeeded, "the first outcome stays")
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
