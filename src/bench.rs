@@ -769,6 +769,13 @@ async fn latency(
             format!("{tag}-lat"),
         );
         let channel = broker.create_channel().bounded().await?;
+        // Confirmed, and kept open until every publish is: a channel closes when its last
+        // handle drops, and that close can overtake the last publishes still queued in lapin
+        // (the phase then waited for outcomes of requests that never reached the queue).
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .bounded()
+            .await?;
         tokio::spawn(async move {
             let start = tokio::time::Instant::now();
             for i in 0..n {
@@ -792,6 +799,7 @@ async fn latency(
                     )
                     .await;
             }
+            channel.wait_for_confirms().bounded().await.map(drop)
         })
     };
     let mut samples = Vec::with_capacity(n);
@@ -817,7 +825,7 @@ async fn latency(
             samples.push(arrived.duration_since(at).as_secs_f64() * 1000.0);
         }
     }
-    publisher.bounded().await?;
+    publisher.bounded().await??;
     let _ = tokio::time::timeout(Duration::from_secs(5), channel.close(200, "done".into())).await;
     samples.sort_by(f64::total_cmp);
     let pick = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
