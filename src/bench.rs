@@ -277,7 +277,6 @@ async fn prepare(
     broker: &Connection,
     config: &Config,
     n: usize,
-    tag: &str,
 ) -> Result<(Channel, String), BenchError> {
     let channel = broker.create_channel().bounded().await?;
     topology::declare(&channel, &config.amqp).bounded().await?;
@@ -303,12 +302,28 @@ async fn prepare(
         )
         .bounded()
         .await?;
-    fill(&channel, &config.amqp.request_queue, 0..n, tag).await?;
+    // Keys are the phase's own (its queue name is new every run): a store that outlives the run,
+    // as PostgreSQL does, must not find a finished key and replay it instead of running the job.
+    fill(
+        &channel,
+        &config.amqp.request_queue,
+        0..n,
+        &config.amqp.request_queue,
+    )
+    .await?;
     Ok((channel, results))
 }
 
 /// Job `i`'s idempotency key: spread over the key space as producers' message ids and derived
 /// UUIDs are, so the store's index takes its writes at random places as it does in production.
+/// The stage index of a run's jobs, from its key prefix: a step that ran in an earlier run (within
+/// `guard.window`, in a PostgreSQL store that outlives the run) must not meet the loop guard.
+fn run_stage(tag: &str) -> u32 {
+    let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, tag.as_bytes());
+    let b = id.as_bytes();
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7FFF_FFFF
+}
+
 fn job_key(tag: &str, i: usize) -> String {
     let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("{tag}-{i}").as_bytes());
     format!("{tag}-{id}")
@@ -326,9 +341,10 @@ async fn fill(
         .bounded()
         .await?;
     let mut pending = std::collections::VecDeque::new();
+    let stage = run_stage(tag);
     for i in range {
         let body = format!(
-            r#"{{"pipeline_id":{},"stage_index":0,"idempotency_key":"{}"}}"#,
+            r#"{{"pipeline_id":{},"stage_index":{stage},"idempotency_key":"{}"}}"#,
             1 + i,
             job_key(tag, i)
         );
@@ -572,7 +588,7 @@ async fn child_phase(
 ) -> Result<PhaseResult, BenchError> {
     let tag = format!("p{store}");
     let config = phase_config(base, sim_url, &tag);
-    let (channel, results) = prepare(broker, &config, options.jobs, &tag).await?;
+    let (channel, results) = prepare(broker, &config, options.jobs).await?;
     let store_dir = std::env::temp_dir().join(format!("{}.store", config.amqp.request_queue));
     let mut env: HashMap<String, String> = config.amqp.names_env().into_iter().collect();
     env.insert("AMQP_URL".into(), config.amqp.url.expose().to_owned());
@@ -598,6 +614,9 @@ async fn child_phase(
         "SWR_STAGE_WORKER__IDEMPOTENCY__URL".into(),
         options.postgres_url.clone(),
     );
+    // Every run's keys are new, so a shared PostgreSQL would keep each run's rows for the default
+    // 7 days; an hour lets later workers' pruning take them.
+    env.insert("SWR_STAGE_WORKER__IDEMPOTENCY__TTL".into(), "1h".into());
     // A port of its own: a worker already running here (on the default 9464) must not make
     // the phase's worker fail to start.
     env.insert(
@@ -766,7 +785,7 @@ async fn latency(
         let (sent, queue, tag) = (
             sent.clone(),
             config.amqp.request_queue.clone(),
-            format!("{tag}-lat"),
+            format!("{}-lat", config.amqp.request_queue),
         );
         let channel = broker.create_channel().bounded().await?;
         // Confirmed, and kept open until every publish is: a channel closes when its last
@@ -778,11 +797,12 @@ async fn latency(
             .await?;
         tokio::spawn(async move {
             let start = tokio::time::Instant::now();
+            let stage = run_stage(&tag);
             for i in 0..n {
                 tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
                 let key = job_key(&tag, i);
                 let body = format!(
-                    r#"{{"pipeline_id":{},"stage_index":0,"idempotency_key":"{key}"}}"#,
+                    r#"{{"pipeline_id":{},"stage_index":{stage},"idempotency_key":"{key}"}}"#,
                     1 + i
                 );
                 let properties = BasicProperties::default()
@@ -835,6 +855,22 @@ async fn latency(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_run_has_keys_and_steps_of_its_own() {
+        let (a, b) = (
+            "swr.stage.bench.ppostgres.aaaaaa",
+            "swr.stage.bench.ppostgres.bbbbbb",
+        );
+        assert_ne!(job_key(a, 7), job_key(b, 7));
+        assert_eq!(
+            job_key(a, 7),
+            job_key(a, 7),
+            "a redelivered job keeps its key"
+        );
+        assert_ne!(run_stage(a), run_stage(b));
+        assert!(run_stage(a) <= i32::MAX as u32 && run_stage(b) <= i32::MAX as u32);
+    }
 
     fn phase(jobs_per_sec: f64) -> PhaseResult {
         PhaseResult {
