@@ -614,6 +614,20 @@ async fn postgres_calls_queued_together_mean_what_they_mean_one_at_a_time() {
 }
 
 #[tokio::test]
+async fn postgres_a_claim_whose_caller_gave_up_does_not_hold_the_key() {
+    let store = postgres(Duration::from_secs(600), Duration::from_secs(3600)).await;
+    let k = key("abandoned");
+    // Polled once: the call is queued, then its caller stops waiting before any answer.
+    let gave_up = tokio::time::timeout(Duration::ZERO, store.claim(&k, "1:0:retry", "gone")).await;
+    assert!(gave_up.is_err(), "the call was still waiting");
+    assert_eq!(
+        store.claim(&k, "1:0:retry", "live").await.unwrap(),
+        Claim::Acquired { takeover: false },
+        "the abandoned claim must not hold the key for its lease"
+    );
+}
+
+#[tokio::test]
 async fn embedded_file_belongs_to_one_process_and_its_claims_die_with_it() {
     let cfg = config(Duration::from_secs(600), Duration::from_secs(3600));
     let k = key("orphan");

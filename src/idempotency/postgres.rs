@@ -61,14 +61,25 @@ const GUARD_SQL: &str = "INSERT INTO swr_stage_guard AS g (fingerprint, window_s
          window_start = CASE WHEN g.window_start <= now() - $2::float8 * interval '1 millisecond' THEN now() ELSE g.window_start END
      WHERE g.window_start <= now() - $2::float8 * interval '1 millisecond' OR g.executions < $3
      RETURNING g.fingerprint";
-const RELEASE_SQL: &str =
-    "DELETE FROM swr_stage_idempotency AS t USING unnest($1::text[], $2::text[]) AS u(k, o)
-     WHERE t.key = u.k AND t.owner = u.o AND t.state = 'running'";
+/// Rows are locked in key order first, as the claims and completions lock theirs, so a release
+/// and another worker's batch never wait for each other in a circle.
+const RELEASE_SQL: &str = "DELETE FROM swr_stage_idempotency AS t USING (
+         SELECT r.key FROM swr_stage_idempotency AS r
+           JOIN unnest($1::text[], $2::text[]) AS u(k, o) ON r.key = u.k AND r.owner = u.o
+          WHERE r.state = 'running' ORDER BY r.key FOR UPDATE OF r) AS l
+     WHERE t.key = l.key";
+/// Expired rows a claim or a completion is busy with are left for the next pass.
+const PRUNE_SQL: &str = "DELETE FROM swr_stage_idempotency WHERE key IN (
+         SELECT key FROM swr_stage_idempotency WHERE expires_at < now()
+          ORDER BY key FOR UPDATE SKIP LOCKED)";
 
 /// One connection and its prepared statements.
 struct Conn {
     /// The client (pipelines concurrent queries).
     client: Client,
+    /// A statement on it timed out: the connection may be half-open (a failover, a partition),
+    /// so the next call opens a new one instead of waiting on it again.
+    stalled: std::sync::atomic::AtomicBool,
     /// Prepared CLAIM_SQL.
     claim: Statement,
     /// Prepared LOOKUP_SQL.
@@ -339,6 +350,9 @@ fn rounds<T>(calls: Vec<T>, key: impl Fn(&T) -> &str) -> Vec<Vec<T>> {
 async fn run_claims(shared: &Shared, conn: &Conn, mut pending: Vec<ClaimCall>) {
     // A row removed between the claim and the look-up (released) just means: try again.
     for _ in 0..5 {
+        // A caller that gave up (its call timed out) has requeued its delivery: claiming the key
+        // for it would hold the key for nobody until the lease ends.
+        pending.retain(|c| !c.reply.is_closed());
         if pending.is_empty() {
             return;
         }
@@ -372,11 +386,12 @@ async fn claim_pass(
         let keys: Vec<&str> = round.iter().map(|c| c.key.as_str()).collect();
         let prints: Vec<&str> = round.iter().map(|c| c.fingerprint.as_str()).collect();
         let owners: Vec<&str> = round.iter().map(|c| c.owner.as_str()).collect();
-        let taken = bounded(
-            conn.client
-                .query(&conn.claim, &[&keys, &prints, &owners, &lease, &ttl]),
-        )
-        .await;
+        let taken = conn
+            .bounded(
+                conn.client
+                    .query(&conn.claim, &[&keys, &prints, &owners, &lease, &ttl]),
+            )
+            .await;
         let taken: HashMap<String, bool> = match taken {
             Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
             Err(e) => {
@@ -384,12 +399,25 @@ async fn claim_pass(
                 return Err((e, left.collect()));
             }
         };
+        let mut unheard = Vec::new();
         for call in round {
             match taken.get(&call.key) {
                 Some(&takeover) => {
-                    let _ = call.reply.send(Ok(Claim::Acquired { takeover }));
+                    if call.reply.send(Ok(Claim::Acquired { takeover })).is_err() {
+                        unheard.push((call.key, call.owner));
+                    }
                 }
                 None => refused.push(call),
+            }
+        }
+        if !unheard.is_empty() {
+            // Their callers gave up while the statement ran: the keys go back at once.
+            let (keys, owners): (Vec<String>, Vec<String>) = unheard.into_iter().unzip();
+            if let Err(e) = conn
+                .bounded(conn.client.execute(&conn.release, &[&keys, &owners]))
+                .await
+            {
+                tracing::warn!(error = %e, "could not release claims whose callers gave up; they free themselves when their lease ends");
             }
         }
     }
@@ -397,7 +425,10 @@ async fn claim_pass(
         return Ok(refused);
     }
     let keys: Vec<&str> = refused.iter().map(|c| c.key.as_str()).collect();
-    let rows = match bounded(conn.client.query(&conn.lookup, &[&keys])).await {
+    let rows = match conn
+        .bounded(conn.client.query(&conn.lookup, &[&keys]))
+        .await
+    {
         Ok(rows) => rows,
         Err(e) => return Err((e, refused)),
     };
@@ -454,7 +485,10 @@ async fn run_guards(conn: &Conn, calls: Vec<GuardCall>) {
         .into_iter();
     while let Some((window_ms, max, round)) = statements.next() {
         let prints: Vec<&str> = round.iter().map(|c| c.fingerprint.as_str()).collect();
-        match bounded(conn.client.query(&conn.guard, &[&prints, &window_ms, &max])).await {
+        match conn
+            .bounded(conn.client.query(&conn.guard, &[&prints, &window_ms, &max]))
+            .await
+        {
             Ok(rows) => {
                 let allowed: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
                 for call in round {
@@ -476,11 +510,12 @@ async fn run_completes(shared: &Shared, conn: &Conn, calls: Vec<KeyCall>) {
     while let Some(round) = rounds.next() {
         let keys: Vec<&str> = round.iter().map(|c| c.key.as_str()).collect();
         let outcomes: Vec<&str> = round.iter().map(|c| c.value.as_str()).collect();
-        match bounded(
-            conn.client
-                .execute(&conn.complete, &[&keys, &outcomes, &ttl]),
-        )
-        .await
+        match conn
+            .bounded(
+                conn.client
+                    .execute(&conn.complete, &[&keys, &outcomes, &ttl]),
+            )
+            .await
         {
             Ok(_) => {
                 for call in round {
@@ -502,7 +537,10 @@ async fn run_releases(conn: &Conn, mut calls: Vec<KeyCall>) {
     calls.sort_by(|a, b| a.key.cmp(&b.key));
     let keys: Vec<&str> = calls.iter().map(|c| c.key.as_str()).collect();
     let owners: Vec<&str> = calls.iter().map(|c| c.value.as_str()).collect();
-    match bounded(conn.client.execute(&conn.release, &[&keys, &owners])).await {
+    match conn
+        .bounded(conn.client.execute(&conn.release, &[&keys, &owners]))
+        .await
+    {
         Ok(_) => {
             for call in calls {
                 let _ = call.reply.send(Ok(()));
@@ -573,6 +611,7 @@ impl Shared {
                 release: client.prepare(RELEASE_SQL).await?,
                 guard: client.prepare(GUARD_SQL).await?,
                 client,
+                stalled: std::sync::atomic::AtomicBool::new(false),
             })
         };
         tokio::time::timeout(OP_TIMEOUT, prepare)
@@ -591,12 +630,16 @@ impl Shared {
         let pool = if durable { &self.durable } else { &self.claims };
         let slot = &pool[slot % pool.len()];
         let mut guard = slot.lock().await;
-        if let Some(conn) = guard.as_ref().filter(|c| !c.client.is_closed()) {
+        if let Some(conn) = guard
+            .as_ref()
+            .filter(|c| !c.client.is_closed() && !c.stalled.load(Ordering::Relaxed))
+        {
             return Ok(conn.clone());
         }
         let conn = self.open().await?;
         if !durable {
-            bounded(conn.client.batch_execute("SET synchronous_commit = off")).await?;
+            conn.bounded(conn.client.batch_execute("SET synchronous_commit = off"))
+                .await?;
         }
         let conn = Arc::new(conn);
         *guard = Some(conn.clone());
@@ -604,14 +647,23 @@ impl Shared {
     }
 }
 
-/// Every statement is bounded in time; errors name PostgreSQL.
-async fn bounded<T>(
-    fut: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
-) -> Result<T, StoreError> {
-    tokio::time::timeout(OP_TIMEOUT, fut)
-        .await
-        .map_err(|_| StoreError(format!("PostgreSQL gave no answer within {OP_TIMEOUT:?}")))?
-        .map_err(|e| StoreError(format!("PostgreSQL: {e}")))
+impl Conn {
+    /// Bounds a statement in time (errors name PostgreSQL), marking the connection stalled
+    /// when it timed out.
+    async fn bounded<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(OP_TIMEOUT, fut).await {
+            Ok(result) => result.map_err(|e| StoreError(format!("PostgreSQL: {e}"))),
+            Err(_) => {
+                self.stalled.store(true, Ordering::Relaxed);
+                Err(StoreError(format!(
+                    "PostgreSQL gave no answer within {OP_TIMEOUT:?}"
+                )))
+            }
+        }
+    }
 }
 
 impl Store for PostgresStore {
@@ -681,7 +733,7 @@ impl Store for PostgresStore {
     fn finished<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Outcome>, StoreError>> {
         Box::pin(async move {
             let conn = self.direct().await?;
-            let row = bounded(conn.client.query_opt(
+            let row = conn.bounded(conn.client.query_opt(
                 "SELECT outcome FROM swr_stage_idempotency WHERE key = $1 AND state = 'finished' AND expires_at >= now()",
                 &[&key],
             ))
@@ -695,18 +747,14 @@ impl Store for PostgresStore {
     fn prune(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
             let conn = self.direct().await?;
-            bounded(conn.client.execute(
-                "DELETE FROM swr_stage_idempotency WHERE expires_at < now()",
-                &[],
-            ))
-            .await
+            conn.bounded(conn.client.execute(PRUNE_SQL, &[])).await
         })
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             let conn = self.direct().await?;
-            bounded(conn.client.batch_execute("SELECT 1")).await
+            conn.bounded(conn.client.batch_execute("SELECT 1")).await
         })
     }
 }
