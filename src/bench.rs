@@ -316,12 +316,25 @@ async fn prepare(
 
 /// Job `i`'s idempotency key: spread over the key space as producers' message ids and derived
 /// UUIDs are, so the store's index takes its writes at random places as it does in production.
-/// The stage index of a run's jobs, from its key prefix: a step that ran in an earlier run (within
-/// `guard.window`, in a PostgreSQL store that outlives the run) must not meet the loop guard.
-fn run_stage(tag: &str) -> u32 {
+/// The first pipeline id of a run's jobs, from its key prefix: a step that ran in an earlier run
+/// (within `guard.window`, in a PostgreSQL store that outlives the run) must not meet the loop
+/// guard. Below 2,000,000,000, so a run's ids stay valid (at most 2147483647) for 147 million jobs.
+/// The stage stays 0: the simulator knows five stages.
+fn run_pipelines(tag: &str) -> u64 {
     let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, tag.as_bytes());
     let b = id.as_bytes();
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7FFF_FFFF
+    u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]])) % 2_000_000_000
+}
+
+/// Every outcome of a phase must be a success: a phase whose jobs failed measured the wrong path.
+fn check_succeeded(delivery: &lapin::message::Delivery) -> Result<(), BenchError> {
+    match delivery.routing_key.as_str() {
+        "stage.retry.succeeded" => Ok(()),
+        other => Err(fail(format!(
+            "an outcome was {other}, not stage.retry.succeeded: {}",
+            String::from_utf8_lossy(&delivery.data)
+        ))),
+    }
 }
 
 fn job_key(tag: &str, i: usize) -> String {
@@ -341,11 +354,11 @@ async fn fill(
         .bounded()
         .await?;
     let mut pending = std::collections::VecDeque::new();
-    let stage = run_stage(tag);
+    let base = run_pipelines(tag);
     for i in range {
         let body = format!(
-            r#"{{"pipeline_id":{},"stage_index":{stage},"idempotency_key":"{}"}}"#,
-            1 + i,
+            r#"{{"pipeline_id":{},"stage_index":0,"idempotency_key":"{}"}}"#,
+            base + 1 + i as u64,
             job_key(tag, i)
         );
         let confirm = channel
@@ -396,7 +409,8 @@ async fn count_outcomes(broker: &Connection, queue: &str, n: usize) -> Result<f6
     let mut first = None;
     for seen in 0..n {
         match tokio::time::timeout(Duration::from_secs(60), consumer.next()).await {
-            Ok(Some(Ok(_))) => {
+            Ok(Some(Ok(delivery))) => {
+                check_succeeded(&delivery)?;
                 first.get_or_insert_with(Instant::now);
             }
             _ => return Err(fail(format!("outcomes stopped after {seen} of {n}"))),
@@ -797,13 +811,13 @@ async fn latency(
             .await?;
         tokio::spawn(async move {
             let start = tokio::time::Instant::now();
-            let stage = run_stage(&tag);
+            let base = run_pipelines(&tag);
             for i in 0..n {
                 tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
                 let key = job_key(&tag, i);
                 let body = format!(
-                    r#"{{"pipeline_id":{},"stage_index":{stage},"idempotency_key":"{key}"}}"#,
-                    1 + i
+                    r#"{{"pipeline_id":{},"stage_index":0,"idempotency_key":"{key}"}}"#,
+                    base + 1 + i as u64
                 );
                 let properties = BasicProperties::default()
                     .with_delivery_mode(2)
@@ -834,6 +848,7 @@ async fn latency(
             }
         };
         let arrived = Instant::now();
+        check_succeeded(&delivery)?;
         // Matched on correlation_id, which the worker (contract §4) and the bare loop both copy
         // from the request.
         if let Some(at) = delivery
@@ -868,8 +883,8 @@ mod tests {
             job_key(a, 7),
             "a redelivered job keeps its key"
         );
-        assert_ne!(run_stage(a), run_stage(b));
-        assert!(run_stage(a) <= i32::MAX as u32 && run_stage(b) <= i32::MAX as u32);
+        assert_ne!(run_pipelines(a), run_pipelines(b));
+        assert!(run_pipelines(a) + 1_000_000 <= i32::MAX as u64);
     }
 
     fn phase(jobs_per_sec: f64) -> PhaseResult {
