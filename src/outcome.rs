@@ -4,9 +4,8 @@
 //! secret is ever passed in.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
-use crate::request::Mode;
+use crate::request::{Metadata, Mode};
 
 /// AMQP `type` property of every outcome.
 pub const OUTCOME_TYPE: &str = "swr.stage.outcome";
@@ -109,7 +108,7 @@ pub struct Outcome {
     /// Echo of the request's campaign.
     pub campaign_id: Option<String>,
     /// Echo of the request's metadata.
-    pub metadata: Option<Map<String, Value>>,
+    pub metadata: Option<Metadata>,
     /// `X-Request-Id` of the last SWR answer.
     pub swr_request_id: Option<String>,
     /// When the worker took the delivery (RFC 3339, UTC, milliseconds).
@@ -211,7 +210,7 @@ mod tests {
         assert_eq!(v["status"], "succeeded");
         assert_eq!(v["error"]["kind"], "rate_limited");
         assert_eq!(v["error"]["retryable"], true);
-        assert_eq!(v["campaign_id"], Value::Null);
+        assert_eq!(v["campaign_id"], serde_json::Value::Null);
     }
 
     #[test]

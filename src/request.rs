@@ -9,7 +9,8 @@ use std::fmt;
 
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
+use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -33,6 +34,10 @@ const KNOWN_FIELDS: [&str; 8] = [
 
 /// Largest pipeline id and stage index (the API's `int`).
 const MAX_INT: i64 = 2_147_483_647;
+
+/// How deeply `metadata` may nest: what serde_json itself allows in a parsed document, so every
+/// consumer that parses the outcome can read what the worker echoes.
+const MAX_METADATA_DEPTH: usize = 128;
 
 /// What to do with the step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -73,7 +78,7 @@ pub struct StageRequest {
     /// Deadline after which the request is not executed.
     pub not_after: Option<OffsetDateTime>,
     /// Echoed verbatim in the outcome.
-    pub metadata: Option<Map<String, Value>>,
+    pub metadata: Option<Metadata>,
 }
 
 /// A body that broke at least one rule, with the fields that were valid kept for the outcome.
@@ -92,7 +97,78 @@ pub struct InvalidRequest {
     /// `campaign_id` if it was valid.
     pub campaign_id: Option<String>,
     /// `metadata` if it was valid.
-    pub metadata: Option<Map<String, Value>>,
+    pub metadata: Option<Metadata>,
+}
+
+/// A request's `metadata` object, kept as the producer wrote it: the worker never reads it, and
+/// the outcome echoes it verbatim (key order, number spelling, spacing), not re-encoded. The one
+/// change is that line breaks become spaces (outside strings they can only be white space), so
+/// an outcome is always one line of JSON.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Metadata(Box<RawValue>);
+
+impl Metadata {
+    /// The object's JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// `raw` as metadata, or what was expected of it.
+    fn from_raw(raw: &RawValue) -> Result<Metadata, String> {
+        let text = raw.get();
+        if !text.starts_with('{') {
+            let got = serde_json::from_str::<Value>(text)
+                .map_or_else(|_| "a number".into(), |v| describe(&v));
+            return Err(format!(
+                "field `metadata`: expected a JSON object, got {got}"
+            ));
+        }
+        if nesting_depth(text) > MAX_METADATA_DEPTH {
+            return Err(format!(
+                "field `metadata`: expected a JSON object nested at most {MAX_METADATA_DEPTH} levels deep"
+            ));
+        }
+        if !text.contains(['\n', '\r']) {
+            return Ok(Metadata(raw.to_owned()));
+        }
+        RawValue::from_string(text.replace(['\n', '\r'], " "))
+            .map(Metadata)
+            .map_err(|e| format!("field `metadata`: expected a JSON object ({e})"))
+    }
+}
+
+impl PartialEq for Metadata {
+    fn eq(&self, other: &Metadata) -> bool {
+        self.get() == other.get()
+    }
+}
+
+/// The deepest nesting of objects and arrays in valid JSON `text` (brackets inside strings do
+/// not count).
+fn nesting_depth(text: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for byte in text.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 impl fmt::Display for InvalidRequest {
@@ -103,22 +179,36 @@ impl fmt::Display for InvalidRequest {
 
 /// The top-level object as an ordered list, so a repeated field is seen (a `Value` keeps only
 /// the last copy, and `{"mode":"retry","mode":"rollback"}` must not silently pick one).
-struct Fields(Vec<(String, Value)>);
+/// `metadata` is not parsed: its text is kept (the first copy) and its entry holds `null`.
+struct Fields<'a> {
+    entries: Vec<(String, Value)>,
+    metadata: Option<&'a RawValue>,
+}
 
-impl<'de> Deserialize<'de> for Fields {
+impl<'de> Deserialize<'de> for Fields<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct FieldsVisitor;
         impl<'de> Visitor<'de> for FieldsVisitor {
-            type Value = Fields;
+            type Value = Fields<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
-                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(4).min(16));
-                while let Some(entry) = map.next_entry::<String, Value>()? {
-                    fields.push(entry);
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
+                let mut fields = Fields {
+                    entries: Vec::with_capacity(map.size_hint().unwrap_or(4).min(16)),
+                    metadata: None,
+                };
+                while let Some(name) = map.next_key::<String>()? {
+                    let value = if name == "metadata" {
+                        let raw = map.next_value::<&'de RawValue>()?;
+                        fields.metadata.get_or_insert(raw);
+                        Value::Null
+                    } else {
+                        map.next_value::<Value>()?
+                    };
+                    fields.entries.push((name, value));
                 }
-                Ok(Fields(fields))
+                Ok(fields)
             }
         }
         d.deserialize_map(FieldsVisitor)
@@ -186,7 +276,7 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<StageRequest, Box<
         }
     };
     let fields = match serde_json::from_str::<Fields>(text) {
-        Ok(fields) => fields.0,
+        Ok(fields) => fields,
         Err(e) => {
             let what = if e.is_eof() {
                 "truncated JSON"
@@ -204,7 +294,11 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<StageRequest, Box<
     validate_fields(fields)
 }
 
-fn validate_fields(fields: Vec<(String, Value)>) -> Result<StageRequest, Box<InvalidRequest>> {
+fn validate_fields(fields: Fields) -> Result<StageRequest, Box<InvalidRequest>> {
+    let Fields {
+        entries: fields,
+        metadata,
+    } = fields;
     let mut bad = Complaints::default();
     let mut seen: Vec<&str> = Vec::with_capacity(fields.len());
     for (name, _) in &fields {
@@ -286,9 +380,9 @@ fn validate_fields(fields: Vec<(String, Value)>) -> Result<StageRequest, Box<Inv
     };
     let not_after = match get("not_after") {
         None => None,
-        Some(Value::String(s)) => match OffsetDateTime::parse(s, &Rfc3339) {
-            Ok(t) => Some(t),
-            Err(_) => {
+        Some(Value::String(s)) => match parse_rfc3339(s) {
+            Some(t) => Some(t),
+            None => {
                 bad.add(
                     "not_after",
                     "an RFC 3339 time such as \"2026-11-29T06:00:00Z\"",
@@ -306,14 +400,11 @@ fn validate_fields(fields: Vec<(String, Value)>) -> Result<StageRequest, Box<Inv
             None
         }
     };
-    let metadata = match get("metadata") {
-        None => None,
-        Some(Value::Object(m)) => Some(m.clone()),
-        Some(v) => {
-            bad.add("metadata", "a JSON object", v);
-            None
-        }
-    };
+    let metadata = metadata.and_then(|raw| {
+        Metadata::from_raw(raw)
+            .map_err(|complaint| bad.0.push(complaint))
+            .ok()
+    });
 
     match (pipeline_id, stage_index, mode) {
         (Some(pipeline_id), Some(stage_index), Some(mode)) if bad.0.is_empty() => {
@@ -371,6 +462,14 @@ fn key_field_only(body: &[u8]) -> Option<String> {
         .ok()?
         .0
         .filter(|key| valid_key(key))
+}
+
+/// An RFC 3339 date-time. The `time` crate takes any character between the date and the time;
+/// RFC 3339 has `T` (or `t`, and a space by its note on readability), nothing else.
+fn parse_rfc3339(text: &str) -> Option<OffsetDateTime> {
+    matches!(text.as_bytes().get(10), Some(b'T' | b't' | b' '))
+        .then(|| OffsetDateTime::parse(text, &Rfc3339).ok())
+        .flatten()
 }
 
 /// An integer JSON number in `min..=2147483647`; floats (even `2.0`) and strings are not integers.
@@ -437,7 +536,7 @@ mod tests {
         assert_eq!(r.mode, Mode::Rollback);
         assert_eq!(r.idempotency_key.as_deref(), Some("k-1"));
         assert_eq!(r.campaign_id.as_deref(), Some("outage"));
-        assert_eq!(r.metadata.unwrap()["ticket"], "OPS-1");
+        assert_eq!(r.metadata.unwrap().get(), r#"{"ticket":"OPS-1"}"#);
         assert_eq!(r.not_after.unwrap().unix_timestamp(), 1_795_903_200);
     }
 
@@ -548,6 +647,8 @@ mod tests {
         for bad in [
             json!("tomorrow"),
             json!("2026-11-29 06:00:00"),
+            json!("2026-11-29x06:00:00Z"),
+            json!("2026-11-29_06:00:00Z"),
             json!(1764367200),
         ] {
             let r = reason(json!({"pipeline_id": 1, "stage_index": 0, "not_after": bad}));
@@ -556,6 +657,61 @@ mod tests {
                 "{r}"
             );
         }
+    }
+
+    #[test]
+    fn not_after_takes_t_either_case_or_a_space() {
+        for good in [
+            "2026-11-29T06:00:00Z",
+            "2026-11-29t06:00:00z",
+            "2026-11-29 06:00:00+08:00",
+        ] {
+            let r = parse(json!({"pipeline_id": 1, "stage_index": 0, "not_after": good}));
+            assert!(r.is_ok(), "{good}: {:?}", r.err());
+        }
+    }
+
+    #[test]
+    fn metadata_is_kept_as_written() {
+        let body = r#"{"pipeline_id": 1, "stage_index": 0, "metadata": {"z": 1.50, "a": [1e400, 18446744073709551616], "t": "x\ny"}}"#;
+        let r = parse_request(body.as_bytes(), 65536).unwrap();
+        assert_eq!(
+            r.metadata.unwrap().get(),
+            r#"{"z": 1.50, "a": [1e400, 18446744073709551616], "t": "x\ny"}"#
+        );
+    }
+
+    #[test]
+    fn metadata_line_breaks_become_spaces() {
+        let body = "{\"pipeline_id\": 1, \"stage_index\": 0, \"metadata\": {\r\n  \"b\": 1,\n  \"a\": \"x\"\n}}";
+        let r = parse_request(body.as_bytes(), 65536).unwrap();
+        assert_eq!(r.metadata.unwrap().get(), r#"{    "b": 1,   "a": "x" }"#);
+    }
+
+    #[test]
+    fn metadata_nested_too_deep_names_the_limit() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let body =
+            format!(r#"{{"pipeline_id":1,"stage_index":0,"metadata":{{"d":{deep},"s":"[[[["}}}}"#);
+        let e = parse_request(body.as_bytes(), 1 << 20).unwrap_err();
+        assert!(
+            e.reason.contains(
+                "field `metadata`: expected a JSON object nested at most 128 levels deep"
+            ),
+            "{}",
+            e.reason
+        );
+        assert_eq!(e.pipeline_id, Some(1), "the valid fields are kept");
+        let fine = format!(
+            r#"{{"pipeline_id":1,"stage_index":0,"metadata":{{"d":{}{},"s":"{}"}}}}"#,
+            "[".repeat(126),
+            "]".repeat(126),
+            "[".repeat(300)
+        );
+        assert!(
+            parse_request(fine.as_bytes(), 1 << 20).is_ok(),
+            "brackets in strings do not count"
+        );
     }
 
     #[test]
@@ -642,7 +798,7 @@ mod tests {
             .reason
             .starts_with("body:"));
         let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
-        let deep = format!(r#"{{"pipeline_id":1,"stage_index":0,"metadata":{{"d":{deep}}}}}"#);
+        let deep = format!(r#"{{"pipeline_id":1,"stage_index":0,"campaign_id":{deep}}}"#);
         assert!(parse_request(deep.as_bytes(), 1 << 20)
             .unwrap_err()
             .reason

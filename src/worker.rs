@@ -371,7 +371,7 @@ async fn run_request(
                                 retryable: false,
                                 swr_error_code: None,
                             });
-                            finish(&mut outcome, started.1);
+                            finish(&mut outcome, started);
                             return match publish_outcome(ctx, publisher, envelope, &outcome).await {
                                 Ok(()) => Disposition::Ack,
                                 Err(e) => {
@@ -405,7 +405,7 @@ async fn run_request(
             outcome.attempts = execution.attempts;
             outcome.swr_request_id = execution.swr_request_id;
             outcome.error = execution.error;
-            finish(&mut outcome, started.1);
+            finish(&mut outcome, started);
             // The record is on disk before the outcome goes out: a worker killed in between
             // leaves a stored outcome that its redelivery replays, never a published one that
             // a redelivery would run and publish fresh a second time.
@@ -426,7 +426,7 @@ async fn run_request(
         }
     }
     if outcome.finished_at.is_empty() {
-        finish(&mut outcome, started.1);
+        finish(&mut outcome, started);
     }
     match publish_surviving_reconnect(ctx, publisher, envelope, &outcome).await {
         Ok(()) => Disposition::Ack,
@@ -523,7 +523,7 @@ async fn reject_invalid(
         retryable: false,
         swr_error_code: None,
     });
-    finish(&mut outcome, started.1);
+    finish(&mut outcome, started);
 
     let dead_properties = dead_letter_properties(&delivery.properties, &reason, &ctx.amqp_user);
     let dlx = ctx.config.amqp.dead_letter_exchange.as_str();
@@ -628,10 +628,13 @@ fn base_outcome(ctx: &JobContext, key: String, started: SystemTime) -> Outcome {
     }
 }
 
-fn finish(outcome: &mut Outcome, started: Instant) {
-    let elapsed = started.elapsed();
-    outcome.finished_at = timestamp(SystemTime::now());
-    outcome.duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+/// Stamps the end: `finished_at` is `started_at` plus the job's monotonic time (a wall clock
+/// stepped mid-job cannot put it before the start), and `duration_ms` is exactly the difference
+/// of the two timestamps as written.
+fn finish(outcome: &mut Outcome, (started_at, started): (SystemTime, Instant)) {
+    let finished_at = started_at + started.elapsed();
+    outcome.finished_at = timestamp(finished_at);
+    outcome.duration_ms = epoch_ms(finished_at).saturating_sub(epoch_ms(started_at));
     match &outcome.error {
         None => tracing::info!(
             status = outcome.status.as_str(),
@@ -643,6 +646,12 @@ fn finish(outcome: &mut Outcome, started: Instant) {
             tracing::info!(status = outcome.status.as_str(), kind = e.kind.as_str(), attempts = outcome.attempts, http_status = ?outcome.http_status, duration_ms = outcome.duration_ms, message = %e.message, "job finished")
         }
     }
+}
+
+/// Whole milliseconds since the Unix epoch, as [`timestamp`] writes them (0 before it).
+fn epoch_ms(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Publishes the outcome to the results exchange and, when asked, to `reply_to`; both confirmed.

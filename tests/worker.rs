@@ -40,9 +40,18 @@ async fn retry_succeeds_and_outcome_follows_the_contract() {
     );
     assert_eq!(o.error, None);
     assert_eq!(o.campaign_id.as_deref(), Some("c1"));
-    assert_eq!(o.metadata.as_ref().unwrap()["ticket"], "OPS-1");
+    assert_eq!(o.metadata.as_ref().unwrap().get(), r#"{"ticket":"OPS-1"}"#);
     assert!(o.swr_request_id.as_deref().is_some_and(|id| !id.is_empty()));
     assert!(o.started_at.ends_with('Z') && o.finished_at.ends_with('Z'));
+    let ms = |t: &str| humantime::parse_rfc3339(t).unwrap();
+    assert_eq!(
+        u128::from(o.duration_ms),
+        ms(&o.finished_at)
+            .duration_since(ms(&o.started_at))
+            .unwrap()
+            .as_millis(),
+        "duration_ms is finished_at - started_at"
+    );
     assert_eq!(delivery.routing_key.as_str(), "stage.retry.succeeded");
     let p = &delivery.properties;
     assert_eq!(
@@ -65,6 +74,27 @@ async fn retry_succeeds_and_outcome_follows_the_contract() {
     assert_eq!(calls[0].mode.as_deref(), Some("retry"));
     assert_eq!(calls[0].source, None, "retry sends no source");
     assert_eq!(env.sim.executions().get("k-success"), Some(&1));
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn metadata_is_echoed_as_the_producer_wrote_it() {
+    let mut env = TestEnv::start("metadata-verbatim").await;
+    // Key order, a number past 64 bits, a trailing zero and inner spacing all survive.
+    let metadata =
+        r#"{"zeta": 1.50, "alpha": 123456789012345678901234567890, "list": [ "b", "a" ]}"#;
+    let body = format!(
+        r#"{{"pipeline_id": 12345, "stage_index": 1, "idempotency_key": "k-meta", "metadata": {metadata}}}"#
+    );
+    env.publish(body.as_bytes(), BasicProperties::default())
+        .await;
+    let (o, delivery) = env.next_outcome().await;
+    assert_eq!(o.status, Status::Succeeded);
+    let text = std::str::from_utf8(&delivery.data).unwrap();
+    assert!(
+        text.contains(&format!(r#""metadata":{metadata},"#)),
+        "metadata not verbatim in {text}"
+    );
     env.teardown().await;
 }
 

@@ -18,12 +18,12 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
-use serde_json::{Map, Value};
 
 use super::progress::{Meter, ProgressMode};
 use super::{bounded, open_channel, CampaignError};
 use crate::config::{AmqpConfig, Config};
 use crate::outcome::{Outcome, Status};
+use crate::request::Metadata;
 
 /// The statuses in the order the bars and the table show them.
 const STATUSES: [Status; 3] = [Status::Succeeded, Status::Failed, Status::Rejected];
@@ -512,7 +512,7 @@ struct Rebuilt<'a> {
     campaign_id: Option<&'a str>,
     /// The request's metadata, echoed verbatim by the worker.
     #[serde(skip_serializing_if = "Option::is_none")]
-    metadata: Option<&'a Map<String, Value>>,
+    metadata: Option<&'a Metadata>,
 }
 
 /// A request rebuilt from its outcome; `None` when the outcome has no valid step to name.
