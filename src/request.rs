@@ -35,9 +35,9 @@ const KNOWN_FIELDS: [&str; 8] = [
 /// Largest pipeline id and stage index (the API's `int`).
 const MAX_INT: i64 = 2_147_483_647;
 
-/// How deeply `metadata` may nest: what serde_json itself allows in a parsed document, so every
-/// consumer that parses the outcome can read what the worker echoes.
-const MAX_METADATA_DEPTH: usize = 128;
+/// How deeply `metadata` may nest: inside the request or the outcome object that makes 127
+/// levels, the most serde_json reads, so every consumer that parses the outcome can read it.
+const MAX_METADATA_DEPTH: usize = 126;
 
 /// What to do with the step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -118,8 +118,14 @@ impl Metadata {
     fn from_raw(raw: &RawValue) -> Result<Metadata, String> {
         let text = raw.get();
         if !text.starts_with('{') {
-            let got = serde_json::from_str::<Value>(text)
-                .map_or_else(|_| "a number".into(), |v| describe(&v));
+            let got = serde_json::from_str::<Value>(text).map_or_else(
+                |_| match text.as_bytes().first() {
+                    Some(b'[') => "an array".into(),
+                    Some(b'"') => "a string".into(),
+                    _ => "a number".into(),
+                },
+                |v| describe(&v),
+            );
             return Err(format!(
                 "field `metadata`: expected a JSON object, got {got}"
             ));
@@ -127,6 +133,13 @@ impl Metadata {
         if nesting_depth(text) > MAX_METADATA_DEPTH {
             return Err(format!(
                 "field `metadata`: expected a JSON object nested at most {MAX_METADATA_DEPTH} levels deep"
+            ));
+        }
+        // Echoed text must be readable by whoever reads outcomes (and by the campaign tools,
+        // which read failed lines back): no number beyond a 64-bit float, no lone surrogate.
+        if let Err(e) = serde_json::from_str::<Value>(text) {
+            return Err(format!(
+                "field `metadata`: expected a JSON object any JSON parser reads, got one that is not ({e})"
             ));
         }
         if !text.contains(['\n', '\r']) {
@@ -673,12 +686,38 @@ mod tests {
 
     #[test]
     fn metadata_is_kept_as_written() {
-        let body = r#"{"pipeline_id": 1, "stage_index": 0, "metadata": {"z": 1.50, "a": [1e400, 18446744073709551616], "t": "x\ny"}}"#;
+        let body = r#"{"pipeline_id": 1, "stage_index": 0, "metadata": {"z": 1.50, "a": [2E3, 18446744073709551616], "t": "x\ny"}}"#;
         let r = parse_request(body.as_bytes(), 65536).unwrap();
         assert_eq!(
             r.metadata.unwrap().get(),
-            r#"{"z": 1.50, "a": [1e400, 18446744073709551616], "t": "x\ny"}"#
+            r#"{"z": 1.50, "a": [2E3, 18446744073709551616], "t": "x\ny"}"#
         );
+    }
+
+    #[test]
+    fn metadata_that_json_parsers_cannot_read_is_refused() {
+        for bad in [r#"{"n": 1e400}"#, r#"{"s": "\ud800"}"#] {
+            let body = format!(r#"{{"pipeline_id": 1, "stage_index": 0, "metadata": {bad}}}"#);
+            let e = parse_request(body.as_bytes(), 65536).unwrap_err();
+            assert!(
+                e.reason
+                    .starts_with("field `metadata`: expected a JSON object any JSON parser reads"),
+                "{bad}: {}",
+                e.reason
+            );
+            assert_eq!(e.pipeline_id, Some(1));
+        }
+        for (bad, got) in [("[1e400]", "an array"), ("1e400", "a number")] {
+            let body = format!(r#"{{"pipeline_id": 1, "stage_index": 0, "metadata": {bad}}}"#);
+            let e = parse_request(body.as_bytes(), 65536).unwrap_err();
+            assert!(
+                e.reason.contains(&format!(
+                    "field `metadata`: expected a JSON object, got {got}"
+                )),
+                "{bad}: {}",
+                e.reason
+            );
+        }
     }
 
     #[test]
@@ -696,7 +735,7 @@ mod tests {
         let e = parse_request(body.as_bytes(), 1 << 20).unwrap_err();
         assert!(
             e.reason.contains(
-                "field `metadata`: expected a JSON object nested at most 128 levels deep"
+                "field `metadata`: expected a JSON object nested at most 126 levels deep"
             ),
             "{}",
             e.reason
@@ -704,14 +743,21 @@ mod tests {
         assert_eq!(e.pipeline_id, Some(1), "the valid fields are kept");
         let fine = format!(
             r#"{{"pipeline_id":1,"stage_index":0,"metadata":{{"d":{}{},"s":"{}"}}}}"#,
-            "[".repeat(126),
-            "]".repeat(126),
+            "[".repeat(125),
+            "]".repeat(125),
             "[".repeat(300)
         );
+        let metadata = parse_request(fine.as_bytes(), 1 << 20)
+            .expect("brackets in strings do not count")
+            .metadata
+            .unwrap();
+        let echoed = format!(r#"{{"metadata":{}}}"#, metadata.get());
         assert!(
-            parse_request(fine.as_bytes(), 1 << 20).is_ok(),
-            "brackets in strings do not count"
+            serde_json::from_str::<Value>(&echoed).is_ok(),
+            "the deepest accepted metadata still parses inside an outcome"
         );
+        let one_deeper = fine.replacen("[", "[[", 1).replacen("]", "]]", 1);
+        assert!(parse_request(one_deeper.as_bytes(), 1 << 20).is_err());
     }
 
     #[test]
