@@ -107,7 +107,7 @@ impl SwrClient {
             .body(reqwest::Body::from(Vec::new()))
             .send()
             .await
-            .map_err(|e| self.attempt_error(&e))?;
+            .map_err(|e| self.attempt_error(e))?;
         let status = response.status().as_u16();
         let header = |name: &str| {
             response
@@ -119,11 +119,16 @@ impl SwrClient {
         let request_id = header("X-Request-Id");
         let retry_after =
             header("Retry-After").and_then(|v| parse_retry_after(&v, SystemTime::now()));
-        let body = self.read_body(response).await?;
         let (error_code, error_msg) = if (200..300).contains(&status) {
+            // Any 2xx is success (contract §1): its body means nothing, so a body cut off or
+            // late does not turn a done step into a retry. It is still read, to keep the
+            // connection for the next call.
+            if let Err(e) = self.read_body(response).await {
+                tracing::debug!(status, error = %e, "the body of a 2xx answer could not be read; the step succeeded all the same");
+            }
             (None, None)
         } else {
-            parse_error_body(&body)
+            parse_error_body(&self.read_body(response).await?)
         };
         Ok(Reply {
             status,
@@ -137,7 +142,7 @@ impl SwrClient {
     /// Reads at most `max_response_bytes` of the body; the rest is left unread.
     async fn read_body(&self, mut response: reqwest::Response) -> Result<Vec<u8>, AttemptError> {
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| self.attempt_error(&e))? {
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.attempt_error(e))? {
             let room = self.max_response_bytes.saturating_sub(body.len());
             body.extend_from_slice(&chunk[..chunk.len().min(room)]);
             if body.len() >= self.max_response_bytes {
@@ -147,7 +152,9 @@ impl SwrClient {
         Ok(body)
     }
 
-    fn attempt_error(&self, error: &reqwest::Error) -> AttemptError {
+    fn attempt_error(&self, error: reqwest::Error) -> AttemptError {
+        // The URL holds the endpoint, which may carry login details: it stays out of the text.
+        let error = &error.without_url();
         // A connect that failed or ran out of `http.connect_timeout` is a connect error (no
         // request went out), not the attempt's timeout, whose limit would be misreported.
         if error.is_connect() && error.is_timeout() {
@@ -166,7 +173,8 @@ impl SwrClient {
     }
 }
 
-/// The error and its causes on one line, without the URL (reqwest puts it in the top message).
+/// The error and its causes on one line. Callers strip reqwest's URL first
+/// (`reqwest::Error::without_url`): it would name the endpoint.
 pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut parts = Vec::new();
     let mut current = Some(error);
@@ -236,6 +244,75 @@ mod tests {
         assert!(
             matches!(&error, AttemptError::Transport(m) if m.starts_with("cannot connect: ")),
             "{error:?}"
+        );
+    }
+
+    /// A one-shot HTTP server: answers the first connection with `answer`, then closes it.
+    async fn answer_once(answer: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.ends_with(b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = stream.write_all(answer.as_bytes()).await;
+        });
+        endpoint
+    }
+
+    fn client_for(endpoint: &str) -> SwrClient {
+        let http = Config::load(None, [("SWR_AUTH_TOKEN".to_owned(), "t".to_owned())])
+            .unwrap()
+            .http;
+        SwrClient::new(endpoint, &http).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_2xx_whose_body_is_cut_off_is_still_a_success() {
+        // 100 bytes announced, 2 sent, then the connection closes.
+        let endpoint = answer_once(
+            "HTTP/1.1 201 Created\r\nContent-Length: 100\r\nX-Request-Id: req-201\r\n\r\n{}",
+        )
+        .await;
+        let reply = client_for(&endpoint)
+            .attempt(&format!("{endpoint}/v3/x"), "k", &Secret::new("t"))
+            .await
+            .expect("any 2xx is success, whatever its body");
+        assert_eq!(reply.status, 201);
+        assert_eq!(reply.request_id.as_deref(), Some("req-201"));
+        assert_eq!(reply.error_code, None);
+        // The same cut-off body on an error answer is a transport error: its body was needed.
+        let endpoint =
+            answer_once("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 100\r\n\r\n{}").await;
+        let error = client_for(&endpoint)
+            .attempt(&format!("{endpoint}/v3/x"), "k", &Secret::new("t"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, AttemptError::Transport(_)), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn a_transport_error_does_not_name_the_url() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let endpoint = format!("http://swr-user:hunter2@127.0.0.1:{port}");
+        let error = client_for(&endpoint)
+            .attempt(&format!("{endpoint}/v3/x"), "k", &Secret::new("t"))
+            .await
+            .unwrap_err();
+        let text = error.to_string();
+        assert!(text.starts_with("cannot connect: "), "{text}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("swr-user") && !text.contains("/v3/x"),
+            "{text}"
         );
     }
 }

@@ -180,7 +180,7 @@ impl IamClient {
                 .body(body)
                 .send()
                 .await
-                .map_err(|e| self.transport(&e))?;
+                .map_err(|e| self.transport(e))?;
             let status = response.status().as_u16();
             let token = response
                 .headers()
@@ -190,7 +190,7 @@ impl IamClient {
                 .map(Secret::new);
             let answer = read_bounded(response)
                 .await
-                .map_err(|e| self.transport(&e))?;
+                .map_err(|e| self.transport(e))?;
             Ok::<_, IamError>((status, token, answer))
         };
         // reqwest's own timeout covers the same; this one also bounds anything around it.
@@ -234,11 +234,13 @@ impl IamClient {
         })
     }
 
-    fn transport(&self, error: &reqwest::Error) -> IamError {
+    fn transport(&self, error: reqwest::Error) -> IamError {
+        // The URL names the endpoint, which may carry login details: it stays out of the text.
+        let error = error.without_url();
         if error.is_timeout() {
             IamError::Timeout(self.timeout)
         } else {
-            IamError::Transport(error_chain(error))
+            IamError::Transport(error_chain(&error))
         }
     }
 }
