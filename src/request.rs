@@ -499,11 +499,15 @@ pub fn valid_key(key: &str) -> bool {
 
 /// The job's idempotency key: the request's field, else the AMQP `message_id`, else a UUIDv5 of
 /// the exact body bytes in the URL namespace (lowercase, hyphenated).
+///
+/// The key travels in the `Idempotency-Key` header, so a `message_id` that breaks the key's
+/// rule ([`valid_key`]: "job-é", "job 1") counts as absent: the job still runs, under the
+/// body's key (callers log it).
 pub fn derive_key(field: Option<&str>, message_id: Option<&str>, body: &[u8]) -> String {
     if let Some(key) = field {
         return key.to_owned();
     }
-    if let Some(id) = message_id.filter(|id| !id.is_empty()) {
+    if let Some(id) = message_id.filter(|id| valid_key(id)) {
         return id.to_owned();
     }
     body_key(body)
@@ -868,6 +872,14 @@ mod tests {
         assert_eq!(derive_key(Some("field"), Some("mid"), body), "field");
         assert_eq!(derive_key(None, Some("mid"), body), "mid");
         assert_eq!(derive_key(None, Some(""), body), body_key(body));
+        // A message_id that cannot travel as the Idempotency-Key header counts as absent.
+        for unusable in ["job-\u{e9}", "job 1", &"m".repeat(256)] {
+            assert_eq!(derive_key(None, Some(unusable), body), body_key(body));
+        }
+        assert_eq!(
+            derive_key(None, Some(&"m".repeat(255)), body),
+            "m".repeat(255)
+        );
         // UUIDv5(URL namespace, b"hello"), computed with Python's uuid.uuid5(NAMESPACE_URL, "hello").
         assert_eq!(
             body_key(b"hello"),

@@ -211,32 +211,14 @@ pub async fn process(
                 &delivery.data,
             );
             let span = tracing::info_span!("job", key = %key, pipeline_id = request.pipeline_id, stage_index = request.stage_index, mode = request.mode.as_str());
-            // A key taken from message_id goes into the Idempotency-Key header as it is, so it
-            // must follow the body field's rule (an HTTP header cannot carry "job-é").
             if let Some(id) = envelope
                 .message_id
                 .filter(|id| request.idempotency_key.is_none() && !valid_key(id))
             {
-                let invalid = InvalidRequest {
-                    reason: format!(
-                        "AMQP property `message_id` {id:?} cannot be the idempotency key: expected 1..=255 printable ASCII characters without spaces (0x21..=0x7E); fix it, or give the key in the body's `idempotency_key`"
-                    ),
-                    pipeline_id: Some(request.pipeline_id),
-                    stage_index: Some(request.stage_index),
-                    mode: Some(request.mode),
-                    idempotency_key: None,
-                    campaign_id: request.campaign_id,
-                    metadata: request.metadata,
-                };
-                return Box::pin(
-                    reject_invalid(ctx, publisher, delivery, &envelope, key, invalid, started)
-                        .instrument(span),
-                )
-                .await;
+                span.in_scope(|| tracing::warn!(message_id = ?id, "AMQP property `message_id` cannot be the idempotency key (expected 1..=255 printable ASCII characters without spaces, 0x21..=0x7E); the job runs under its body's key"));
             }
             let job = Job {
                 publisher,
-                delivery,
                 envelope: &envelope,
                 started,
                 probe,
@@ -250,8 +232,6 @@ pub async fn process(
 struct Job<'a> {
     /// Where outcomes go.
     publisher: &'a Publisher,
-    /// The delivery (for the DLQ copy).
-    delivery: &'a Delivery,
     /// Its honoured properties.
     envelope: &'a Envelope<'a>,
     /// When it was taken (wall clock, monotonic).
@@ -268,7 +248,6 @@ async fn run_request(
 ) -> Disposition {
     let Job {
         publisher,
-        delivery,
         envelope,
         started,
         probe,
@@ -296,28 +275,20 @@ async fn run_request(
             match gate.admit(&outcome.idempotency_key, &print).await {
                 Admission::Run(ticket) => Some(ticket),
                 Admission::Replay(stored) => {
-                    return Box::pin(replay(ctx, publisher, envelope, *stored)).await
+                    // The key alone names the job (contract §5): a request that reuses it for
+                    // another step gets the stored outcome, which names the step that ran.
+                    let ran = (stored.pipeline_id, stored.stage_index, stored.mode);
+                    if ran != (outcome.pipeline_id, outcome.stage_index, outcome.mode) {
+                        tracing::warn!(
+                            ran_pipeline_id = ?ran.0,
+                            ran_stage_index = ?ran.1,
+                            ran_mode = ?ran.2.map(|m| m.as_str()),
+                            "idempotency key reused for another step; replaying the outcome of the step that ran under it, SWR is not called"
+                        );
+                    }
+                    return Box::pin(replay(ctx, publisher, envelope, *stored)).await;
                 }
                 Admission::Requeue(reason) => return Disposition::Requeue(reason),
-                Admission::Mismatch { fingerprint } => {
-                    let invalid = InvalidRequest {
-                        reason: format!(
-                            "field `idempotency_key`: {:?} was already used for another request (pipeline:stage:mode {fingerprint}, this one is {print}); give each request its own key",
-                            outcome.idempotency_key
-                        ),
-                        pipeline_id: Some(request.pipeline_id),
-                        stage_index: Some(request.stage_index),
-                        mode: Some(request.mode),
-                        idempotency_key: request.idempotency_key.clone(),
-                        campaign_id: request.campaign_id.clone(),
-                        metadata: request.metadata.clone(),
-                    };
-                    let key = std::mem::take(&mut outcome.idempotency_key);
-                    return Box::pin(reject_invalid(
-                        ctx, publisher, delivery, envelope, key, invalid, started,
-                    ))
-                    .await;
-                }
             }
         }
     };

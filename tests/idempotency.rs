@@ -1,5 +1,5 @@
 //! One execution per idempotency key (contract §5), through the real broker and the simulator:
-//! sequential and concurrent duplicates, retryable release, key reuse, a fleet on PostgreSQL,
+//! sequential and concurrent duplicates, retryable release, key reuse (replayed), a fleet on PostgreSQL,
 //! and a worker killed with SIGKILL.
 
 mod common;
@@ -113,28 +113,29 @@ async fn a_permanent_failure_is_final_and_replayed() {
 }
 
 #[tokio::test]
-async fn a_key_reused_for_another_request_is_rejected_and_dead_lettered() {
+async fn a_key_reused_for_another_request_replays_the_outcome_of_the_step_that_ran() {
+    // Contract §5: a finished key is replayed "for any later delivery of the same key".
     let mut env = TestEnv::start("reuse").await;
     env.publish_json(&json!({"pipeline_id": 71, "stage_index": 0, "idempotency_key": "reuse-1"}))
         .await;
-    assert_eq!(env.next_outcome().await.0.status, Status::Succeeded);
+    let (first, _) = env.next_outcome().await;
+    assert_eq!(first.status, Status::Succeeded);
     env.publish_json(&json!({"pipeline_id": 72, "stage_index": 0, "idempotency_key": "reuse-1"}))
         .await;
-    let (o, _) = env.next_outcome().await;
+    let (o, delivery) = env.next_outcome().await;
     assert_eq!(
-        (o.status, o.pipeline_id, o.attempts),
-        (Status::Rejected, Some(72), 0)
+        (o.status, o.pipeline_id, o.attempts, o.replayed, o.error),
+        (Status::Succeeded, Some(71), 1, true, None),
+        "the stored outcome names the step that ran"
     );
-    let e = o.error.unwrap();
-    assert_eq!(e.kind, ErrorKind::InvalidRequest);
-    assert!(
-        e.message.contains("reuse-1") && e.message.contains("already used"),
-        "{}",
-        e.message
-    );
-    assert_eq!(env.sim.calls().len(), 1);
+    assert_eq!(o.started_at, first.started_at);
+    assert_eq!(delivery.routing_key.as_str(), "stage.retry.succeeded");
+    assert_eq!(env.sim.calls().len(), 1, "SWR is not called again");
     env.stop_worker().await.unwrap();
-    assert_eq!(env.dead_letters().await.len(), 1);
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "nothing is dead-lettered"
+    );
     env.teardown().await;
 }
 

@@ -566,7 +566,7 @@ async fn returned_replies_are_never_taken_for_dead_letter_copies() {
 }
 
 #[tokio::test]
-async fn a_message_id_that_cannot_be_a_header_is_rejected_naming_it() {
+async fn a_message_id_that_cannot_be_a_header_counts_as_absent() {
     let mut env = TestEnv::start("bad-message-id").await;
     let body = json!({"pipeline_id": 12, "stage_index": 0}).to_string();
     env.publish(
@@ -575,29 +575,30 @@ async fn a_message_id_that_cannot_be_a_header_is_rejected_naming_it() {
     )
     .await;
     let (o, delivery) = env.next_outcome().await;
-    let error = o.error.expect("an error");
+    // A valid request runs: its key is the body's, as if message_id were not set.
     assert_eq!(
-        (o.status, error.kind, o.attempts, o.idempotency_key.as_str()),
-        (Status::Rejected, ErrorKind::InvalidRequest, 0, "job-\u{e9}")
+        (o.status, o.attempts, o.idempotency_key.clone()),
+        (Status::Succeeded, 1, body_key(body.as_bytes()))
     );
-    assert!(error.message.contains("message_id"), "{}", error.message);
-    assert_eq!(delivery.routing_key.as_str(), "stage.retry.rejected");
-    // The same request with the key in the body runs.
-    let keyed = json!({"pipeline_id": 12, "stage_index": 0, "idempotency_key": "job-e"});
+    assert_eq!(delivery.routing_key.as_str(), "stage.retry.succeeded");
+    // A redelivered copy of the same message is the same job.
     env.publish(
-        keyed.to_string().as_bytes(),
+        body.as_bytes(),
         BasicProperties::default().with_message_id("job-\u{e9}".into()),
     )
     .await;
-    assert_eq!(env.next_outcome().await.0.status, Status::Succeeded);
+    let (again, _) = env.next_outcome().await;
+    assert!(again.replayed, "the same message again is replayed");
     env.stop_worker().await.unwrap();
-    let dead = env.dead_letters().await;
-    assert_eq!(dead.len(), 1, "one DLQ copy");
-    assert_eq!(dead[0].delivery.data, body.as_bytes());
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "nothing is dead-lettered"
+    );
+    let calls = env.sim.calls();
+    assert_eq!(calls.len(), 1, "SWR was called once");
     assert_eq!(
-        env.sim.calls().len(),
-        1,
-        "SWR was called for the keyed request only"
+        calls[0].idempotency_key.as_deref(),
+        Some(body_key(body.as_bytes()).as_str())
     );
     env.teardown().await;
 }

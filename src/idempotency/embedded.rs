@@ -165,7 +165,6 @@ fn put<K: Hash + Eq>(map: &mut HashMap<K, i64>, key: K, id: Option<i64>) -> Opti
 /// A stored outcome, found by key.
 struct StoredRow {
     id: i64,
-    fingerprint: String,
     outcome: String,
     expires_at: i64,
 }
@@ -208,21 +207,18 @@ impl KeyIndex {
 
     /// The key and the outcome of row `id`, if it exists.
     fn read(conn: &Connection, id: i64) -> rusqlite::Result<Option<(String, StoredRow)>> {
-        conn.prepare_cached(
-            "SELECT key, fingerprint, outcome, expires_at FROM outcomes WHERE id = ?1",
-        )?
-        .query_row([id], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                StoredRow {
-                    id,
-                    fingerprint: r.get(1)?,
-                    outcome: r.get(2)?,
-                    expires_at: r.get(3)?,
-                },
-            ))
-        })
-        .optional()
+        conn.prepare_cached("SELECT key, outcome, expires_at FROM outcomes WHERE id = ?1")?
+            .query_row([id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    StoredRow {
+                        id,
+                        outcome: r.get(1)?,
+                        expires_at: r.get(2)?,
+                    },
+                ))
+            })
+            .optional()
     }
 
     /// The row `key` has, if any, and whether its hash's slot belongs to another key. A pointer
@@ -795,12 +791,9 @@ fn claim(
     lease_ms: i64,
 ) -> rusqlite::Result<Claim> {
     let mut takeover = false;
+    // The key alone decides (contract §5): a delivery that reuses it for another request waits
+    // like any other, and gets the stored outcome once there is one.
     if let Some(running) = db.running.get(key) {
-        if running.fingerprint != fingerprint {
-            return Ok(Claim::Mismatch {
-                fingerprint: running.fingerprint.clone(),
-            });
-        }
         if running.lease_until >= now {
             return Ok(Claim::InFlight {
                 owner: running.owner.clone(),
@@ -812,21 +805,12 @@ fn claim(
         .keys
         .find(&db.conn, key)?
         .row
-        .filter(|row| row.expires_at >= now)
-        .map(|row| (row.fingerprint, row.outcome));
-    match finished {
-        Some((stored, _)) if stored != fingerprint && !stored.is_empty() => {
-            return Ok(Claim::Mismatch {
-                fingerprint: stored,
-            })
-        }
-        Some((_, outcome)) => {
-            return match serde_json::from_str::<Outcome>(&outcome) {
-                Ok(o) => Ok(Claim::Finished(Box::new(o))),
-                Err(e) => Err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))),
-            }
-        }
-        _ => {}
+        .filter(|row| row.expires_at >= now);
+    if let Some(row) = finished {
+        return match serde_json::from_str::<Outcome>(&row.outcome) {
+            Ok(o) => Ok(Claim::Finished(Box::new(o))),
+            Err(e) => Err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))),
+        };
     }
     db.running.insert(
         key.to_owned(),

@@ -29,8 +29,6 @@ pub enum Claim {
     Finished(Box<Outcome>),
     /// Another delivery holds a live lease on the key.
     InFlight { owner: String },
-    /// The key was used for a different request (pipeline, stage or mode differ).
-    Mismatch { fingerprint: String },
 }
 
 /// The store could not be used (unreachable, corrupt, timed out).
@@ -104,8 +102,6 @@ pub enum Admission {
     Run(Ticket),
     /// Publish this stored outcome as a replay.
     Replay(Box<Outcome>),
-    /// Reject: the key belongs to another request.
-    Mismatch { fingerprint: String },
     /// Requeue after a pause (store down, or the key stayed busy past `idempotency.hold`).
     Requeue(String),
 }
@@ -213,7 +209,6 @@ impl Gate {
             match self.store.claim(key, fingerprint, &owner).await {
                 Err(e) => return Admission::Requeue(e.to_string()),
                 Ok(Claim::Finished(outcome)) => return Admission::Replay(outcome),
-                Ok(Claim::Mismatch { fingerprint }) => return Admission::Mismatch { fingerprint },
                 Ok(Claim::Acquired { takeover }) => {
                     let (done, waiters) = watch::channel(());
                     self.local

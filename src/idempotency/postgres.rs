@@ -46,9 +46,10 @@ const CLAIM_SQL: &str = "INSERT INTO swr_stage_idempotency AS t (key, fingerprin
      ON CONFLICT (key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, state = 'running', owner = EXCLUDED.owner,
          lease_until = EXCLUDED.lease_until, outcome = NULL, expires_at = EXCLUDED.expires_at
      WHERE t.expires_at < now()
-        OR (t.state = 'running' AND t.lease_until < now() AND t.fingerprint = EXCLUDED.fingerprint)
+        OR (t.state = 'running' AND t.lease_until < now())
      RETURNING t.key, (t.xmax <> 0) AS takeover";
-const LOOKUP_SQL: &str = "SELECT key, fingerprint, state, owner, outcome FROM swr_stage_idempotency WHERE key = ANY($1::text[])";
+const LOOKUP_SQL: &str =
+    "SELECT key, state, owner, outcome FROM swr_stage_idempotency WHERE key = ANY($1::text[])";
 const COMPLETE_SQL: &str = "INSERT INTO swr_stage_idempotency AS t (key, fingerprint, state, owner, lease_until, outcome, expires_at)
      SELECT u.k, '', 'finished', '', now(), u.o, now() + $3::float8 * interval '1 millisecond'
        FROM unnest($1::text[], $2::text[]) AS u(k, o)
@@ -432,32 +433,25 @@ async fn claim_pass(
         Ok(rows) => rows,
         Err(e) => return Err((e, refused)),
     };
-    type Found = (String, String, String, Option<String>);
+    type Found = (String, String, Option<String>);
     let found: HashMap<String, Found> = rows
         .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3), r.get(4))))
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
         .collect();
     let mut again = Vec::new();
     for call in refused {
-        let Some((stored, state, holder, outcome)) = found.get(&call.key) else {
+        let Some((state, holder, outcome)) = found.get(&call.key) else {
             again.push(call);
             continue;
         };
-        let answer = if stored != &call.fingerprint && !stored.is_empty() {
-            Ok(Claim::Mismatch {
-                fingerprint: stored.clone(),
-            })
-        } else {
-            match (state.as_str(), outcome) {
-                ("finished", Some(json)) => serde_json::from_str::<Outcome>(json)
-                    .map(|o| Claim::Finished(Box::new(o)))
-                    .map_err(|e| {
-                        StoreError(format!("stored outcome for this key is unreadable: {e}"))
-                    }),
-                _ => Ok(Claim::InFlight {
-                    owner: holder.clone(),
-                }),
-            }
+        // The key alone decides (contract §5), whatever request reuses it.
+        let answer = match (state.as_str(), outcome) {
+            ("finished", Some(json)) => serde_json::from_str::<Outcome>(json)
+                .map(|o| Claim::Finished(Box::new(o)))
+                .map_err(|e| StoreError(format!("stored outcome for this key is unreadable: {e}"))),
+            _ => Ok(Claim::InFlight {
+                owner: holder.clone(),
+            }),
         };
         let _ = call.reply.send(answer);
     }
