@@ -54,10 +54,11 @@ fuzz_target!(|body: &[u8]| {
         assert!(too_small.reason.starts_with("body: expected at most"));
     }
 
-    // Contract §3: the field, else message_id (when not empty), else UUIDv5 of the body.
+    // Contract §3: the field, else message_id (when it can be a key), else UUIDv5 of the body.
     let derived = derive_key(key.as_deref(), None, body);
     assert!(!derived.is_empty());
     assert_eq!(derived, derive_key(key.as_deref(), Some(""), body));
+    assert_eq!(derived, derive_key(key.as_deref(), Some("job \u{e9}"), body));
     match &key {
         Some(key) => assert_eq!(&derived, key),
         None => assert_eq!(derived, body_key(body)),
