@@ -182,8 +182,18 @@ async fn refused_static_token_fails_unauthorized() {
         (Status::Failed, 1, Some(401))
     );
     let e = o.error.unwrap();
-    assert_eq!((e.kind, e.retryable), (ErrorKind::Unauthorized, false));
+    assert_eq!((e.kind, e.retryable), (ErrorKind::Unauthorized, true));
     assert_eq!(e.swr_error_code.as_deref(), Some("APIG.0301"));
+    // Nothing ran, so the key is released: the same request sent again is tried again, not
+    // replayed (once the token is fixed, a re-submission succeeds).
+    env.publish_json(&json!({"pipeline_id": 1, "stage_index": 0}))
+        .await;
+    let (again, _) = env.next_outcome().await;
+    assert_eq!(
+        (again.idempotency_key, again.replayed, again.attempts),
+        (o.idempotency_key, false, 1)
+    );
+    assert_eq!(env.sim.calls().len(), 2);
     env.teardown().await;
 }
 

@@ -157,6 +157,10 @@ pub async fn execute(
                     }
                     Class::Reauth => {
                         let unauthorized = describe(ErrorKind::Unauthorized);
+                        // A refused token means nothing ran and the fix is in the credentials,
+                        // like a refused sign-in: `retryable: true` releases the key, so a
+                        // re-submission runs once the token is fixed (only permanent failures
+                        // are stored, contract §5).
                         // Once per job, outside the transient budget (contract §1): a 401 on
                         // the last allowed attempt still gets its renewed token and one more try.
                         if reauthed {
@@ -164,7 +168,7 @@ pub async fn execute(
                                 sent,
                                 http_status,
                                 swr_request_id,
-                                Some((unauthorized, false)),
+                                Some((unauthorized, true)),
                             );
                         }
                         match tokens.refresh(&token).await {
@@ -180,7 +184,7 @@ pub async fn execute(
                                     sent,
                                     http_status,
                                     swr_request_id,
-                                    Some((unauthorized, false)),
+                                    Some((unauthorized, true)),
                                 )
                             }
                             Err(why @ AuthError::Refused(_)) => {
@@ -459,7 +463,7 @@ mod tests {
         let error = e.error.unwrap();
         assert_eq!(
             (error.kind, error.retryable),
-            (ErrorKind::Unauthorized, false)
+            (ErrorKind::Unauthorized, true)
         );
     }
 }
