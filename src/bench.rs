@@ -125,13 +125,24 @@ pub async fn run(base: Config, options: BenchOptions) -> Result<Vec<PhaseResult>
     println!("endpoint alone: {endpoint:.0} requests/s");
 
     // Phases are interleaved round by round and each figure is the median over the rounds, so
-    // a burst of other load on the machine does not decide a ratio.
+    // a burst of other load on the machine does not decide a ratio. Each round starts one phase
+    // later than the one before (bare, off, embedded; then off, embedded, bare; ...): a phase
+    // that follows another inherits some of the broker's cleanup of it, and a fixed order would
+    // hand that cost to the same phase every round.
+    let kinds: Vec<Option<&String>> = std::iter::once(None)
+        .chain(options.stores.iter().map(Some))
+        .collect();
     let mut rounds: Vec<Vec<PhaseResult>> = Vec::new();
     for round in 1..=options.rounds.max(1) {
-        let mut phases = vec![bare_phase(&broker, &base, &sim.url(), &options).await?];
-        for store in &options.stores {
-            phases.push(worker_phase(&broker, &base, &sim.url(), &options, store).await?);
+        let mut slots: Vec<Option<PhaseResult>> = vec![None; kinds.len()];
+        for step in 0..kinds.len() {
+            let i = (step + round - 1) % kinds.len();
+            slots[i] = Some(match kinds[i] {
+                None => bare_phase(&broker, &base, &sim.url(), &options).await?,
+                Some(store) => worker_phase(&broker, &base, &sim.url(), &options, store).await?,
+            });
         }
+        let phases: Vec<PhaseResult> = slots.into_iter().flatten().collect();
         let line: Vec<String> = phases
             .iter()
             .map(|p| {
@@ -637,6 +648,12 @@ async fn child_phase(
         "SWR_STAGE_WORKER__TELEMETRY__LISTEN".into(),
         "127.0.0.1:0".into(),
     );
+    // The broker is still writing the jobs just published (and may be cleaning up the phase
+    // before): the phase starts once it is quiet, so it pays for its own work only.
+    let broker_pid = local_broker_pid(config.amqp.url.expose());
+    if let Some(pid) = broker_pid {
+        settle(pid).await;
+    }
     let exe = std::env::current_exe().map_err(fail)?;
     let mut child = tokio::process::Command::new(exe)
         .args(args)
@@ -650,7 +667,6 @@ async fn child_phase(
     // The broker shares the cores: its CPU per job says how much of a phase's cost is its.
     // It covers the whole phase (the child's start, the bench's own outcome consumer, and
     // whatever the broker spends per second rather than per message).
-    let broker_pid = local_broker_pid(config.amqp.url.expose());
     let broker_before = broker_pid.and_then(cpu_seconds);
     let mut counted = count_outcomes(broker, &results, options.jobs).await;
     let broker_cpu_us_per_job = broker_before
@@ -714,6 +730,25 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     // Clock ticks of USER_HZ, which Linux fixes at 100 for user space.
     Some(ticks as f64 / 100.0)
+}
+
+/// Waits until process `pid` uses under a tenth of a core over half a second (it is done with
+/// earlier work), for at most 15 s.
+async fn settle(pid: u32) {
+    const WINDOW: Duration = Duration::from_millis(500);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let Some(mut before) = cpu_seconds(pid) else {
+        return;
+    };
+    while Instant::now() < deadline {
+        tokio::time::sleep(WINDOW).await;
+        let Some(now) = cpu_seconds(pid) else { return };
+        if now - before < WINDOW.as_secs_f64() / 10.0 {
+            return;
+        }
+        before = now;
+    }
+    println!("(the broker stayed busy for 15 s before a phase; its figures may be low)");
 }
 
 /// A figure in whole microseconds, or "-" when it was not measured.
