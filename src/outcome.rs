@@ -130,6 +130,14 @@ impl Outcome {
             self.status.as_str()
         )
     }
+
+    /// The outcome as one line of JSON, as it is published and stored.
+    pub fn to_json(&self) -> String {
+        // Room for a typical outcome up front, so the text is not regrown field by field.
+        let mut out = Vec::with_capacity(640 + self.metadata.as_ref().map_or(0, |m| m.get().len()));
+        serde_json::to_writer(&mut out, self).expect("an outcome always serialises");
+        String::from_utf8(out).expect("serde_json writes UTF-8")
+    }
 }
 
 /// A wall-clock instant formatted as the contract shows (`2026-11-29T05:20:28.123Z`).

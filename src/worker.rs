@@ -343,7 +343,10 @@ async fn run_request(
                                 swr_error_code: None,
                             });
                             finish(&mut outcome, started);
-                            return match publish_outcome(ctx, publisher, envelope, &outcome).await {
+                            let body = outcome.to_json();
+                            return match publish_outcome(ctx, publisher, envelope, &outcome, &body)
+                                .await
+                            {
                                 Ok(()) => Disposition::Ack,
                                 Err(e) => {
                                     Disposition::Requeue(format!("outcome not confirmed: {e}"))
@@ -377,6 +380,8 @@ async fn run_request(
             outcome.swr_request_id = execution.swr_request_id;
             outcome.error = execution.error;
             finish(&mut outcome, started);
+            // Written once, for the store and the broker.
+            let body = outcome.to_json();
             // The record is on disk before the outcome goes out: a worker killed in between
             // leaves a stored outcome that its redelivery replays, never a published one that
             // a redelivery would run and publish fresh a second time.
@@ -386,10 +391,11 @@ async fn run_request(
                 if outcome.error.as_ref().is_some_and(|e| e.retryable) {
                     gate.release(ticket).await;
                 } else {
-                    gate.complete(ticket, &outcome).await;
+                    gate.complete(ticket, &body).await;
                 }
             }
-            let published = publish_surviving_reconnect(ctx, publisher, envelope, &outcome).await;
+            let published =
+                publish_surviving_reconnect(ctx, publisher, envelope, &outcome, &body).await;
             return match published {
                 Ok(()) => Disposition::Ack,
                 Err(e) => Disposition::Requeue(format!("outcome not confirmed: {e}")),
@@ -399,7 +405,8 @@ async fn run_request(
     if outcome.finished_at.is_empty() {
         finish(&mut outcome, started);
     }
-    match publish_surviving_reconnect(ctx, publisher, envelope, &outcome).await {
+    let body = outcome.to_json();
+    match publish_surviving_reconnect(ctx, publisher, envelope, &outcome, &body).await {
         Ok(()) => Disposition::Ack,
         Err(e) => Disposition::Requeue(format!("outcome not confirmed: {e}")),
     }
@@ -418,8 +425,9 @@ async fn publish_surviving_reconnect(
     publisher: &Publisher,
     envelope: &Envelope<'_>,
     outcome: &Outcome,
+    body: &str,
 ) -> Result<(), PublishError> {
-    let mut error = match publish_outcome(ctx, publisher, envelope, outcome).await {
+    let mut error = match publish_outcome(ctx, publisher, envelope, outcome, body).await {
         Ok(()) => return Ok(()),
         Err(e) if !session_broke(publisher, &e) => return Err(e),
         Err(e) => e,
@@ -453,7 +461,7 @@ async fn publish_surviving_reconnect(
             return Err(error);
         };
         tracing::info!("connection was lost during the job; publishing its outcome on the new one");
-        match publish_outcome(ctx, &next, envelope, outcome).await {
+        match publish_outcome(ctx, &next, envelope, outcome, body).await {
             Ok(()) => return Ok(()),
             Err(e) if !session_broke(&next, &e) => return Err(e),
             Err(e) => {
@@ -537,7 +545,8 @@ async fn reject_invalid(
             tracing::warn!(error = %e, "could not remember the dead-letter copy; a redelivery would add another");
         }
     }
-    match publish_surviving_reconnect(ctx, publisher, envelope, &outcome).await {
+    let body = outcome.to_json();
+    match publish_surviving_reconnect(ctx, publisher, envelope, &outcome, &body).await {
         Ok(()) => Disposition::Ack,
         Err(e) => Disposition::Requeue(format!("outcome not confirmed: {e}")),
     }
@@ -571,7 +580,7 @@ async fn replay(
         status = stored.status.as_str(),
         "job already finished; replaying its stored outcome"
     );
-    match publish_outcome(ctx, publisher, envelope, &stored).await {
+    match publish_outcome(ctx, publisher, envelope, &stored, &stored.to_json()).await {
         Ok(()) => Disposition::Ack,
         Err(e) => Disposition::Requeue(format!("replayed outcome not confirmed: {e}")),
     }
@@ -625,14 +634,16 @@ fn epoch_ms(at: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Publishes the outcome to the results exchange and, when asked, to `reply_to`; both confirmed.
+/// Publishes the outcome (`body`: its [`Outcome::to_json`]) to the results exchange and, when
+/// asked, to `reply_to`; both confirmed.
 async fn publish_outcome(
     ctx: &JobContext,
     publisher: &Publisher,
     envelope: &Envelope<'_>,
     outcome: &Outcome,
+    body: &str,
 ) -> Result<(), PublishError> {
-    let body = serde_json::to_vec(outcome).expect("an outcome always serialises");
+    let body = body.as_bytes();
     let correlation = envelope.correlation_id.unwrap_or(&outcome.idempotency_key);
     let properties = BasicProperties::default()
         .with_content_type("application/json".into())
@@ -646,12 +657,12 @@ async fn publish_outcome(
         );
     let results = ctx.config.amqp.results_exchange.as_str();
     let routing_key = outcome.routing_key();
-    let to_results = publisher.publish(results, &routing_key, &body, properties.clone());
+    let to_results = publisher.publish(results, &routing_key, body, properties.clone());
     let routed = match envelope.reply_to {
         Some(reply_to) => {
             let (results_routed, reply_routed) = tokio::join!(
                 to_results,
-                publisher.publish("", reply_to, &body, properties)
+                publisher.publish("", reply_to, body, properties)
             );
             if reply_routed? == Routed::NoQueue {
                 tracing::warn!(reply_to, "reply_to queue does not exist; the reply copy of the outcome was dropped by the broker");

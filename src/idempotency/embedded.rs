@@ -899,15 +899,12 @@ impl Store for EmbeddedStore {
         Box::pin(self.run(move |db, now, s| claim(db, key, fingerprint, owner, now, s.lease_ms)))
     }
 
-    fn complete<'a>(
+    fn complete_json<'a>(
         &'a self,
         key: &'a str,
-        outcome: &'a Outcome,
+        json: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let outcome = serde_json::to_string(outcome).expect("an outcome always serialises");
-        Box::pin(
-            self.run_durable(move |db, now, s| store_outcome(db, key, &outcome, now, s.ttl_ms)),
-        )
+        Box::pin(self.run_durable(move |db, now, s| store_outcome(db, key, json, now, s.ttl_ms)))
     }
 
     fn release<'a>(

@@ -39,8 +39,8 @@ pub struct StoreError(pub String);
 /// A key-value store of claims and finished outcomes. Implementations must make `claim`
 /// atomic: two callers can never both get `Acquired` for a key with a live lease.
 pub trait Store: Send + Sync {
-    /// Claims `key` for `owner` with the store's lease, unless it is finished, leased to someone
-    /// else, or bound to another fingerprint.
+    /// Claims `key` for `owner` with the store's lease, unless it is finished or leased to
+    /// someone else. The key alone decides; `fingerprint` is recorded with the claim.
     fn claim<'a>(
         &'a self,
         key: &'a str,
@@ -52,6 +52,15 @@ pub trait Store: Send + Sync {
         &'a self,
         key: &'a str,
         outcome: &'a Outcome,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { self.complete_json(key, &outcome.to_json()).await })
+    }
+    /// [`complete`](Self::complete) with the outcome already written as JSON
+    /// ([`Outcome::to_json`]), so the job encodes it once for the store and the broker.
+    fn complete_json<'a>(
+        &'a self,
+        key: &'a str,
+        json: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     /// The stored final outcome of `key`, if it has one that has not expired.
     fn finished<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Outcome>, StoreError>>;
@@ -72,7 +81,8 @@ pub trait Store: Send + Sync {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
 
-/// The fingerprint of a request: what must match for a key to be reused.
+/// The fingerprint of a request (`pipeline:stage:mode`): recorded with its claim, and the step
+/// the loop guard counts.
 pub fn fingerprint(pipeline_id: i64, stage_index: i64, mode: &str) -> String {
     format!("{pipeline_id}:{stage_index}:{mode}")
 }
@@ -254,9 +264,9 @@ impl Gate {
 
     /// Stores the final outcome; retried briefly, because losing it means a later duplicate runs
     /// SWR again (with the same Idempotency-Key).
-    pub async fn complete(&self, mut ticket: Ticket, outcome: &Outcome) {
+    pub async fn complete(&self, mut ticket: Ticket, json: &str) {
         for attempt in 1..=3u32 {
-            match self.store.complete(&ticket.key, outcome).await {
+            match self.store.complete_json(&ticket.key, json).await {
                 Ok(()) => {
                     ticket.settled = true;
                     return;

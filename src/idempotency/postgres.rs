@@ -677,16 +677,15 @@ impl Store for PostgresStore {
         }))
     }
 
-    fn complete<'a>(
+    fn complete_json<'a>(
         &'a self,
         key: &'a str,
-        outcome: &'a Outcome,
+        json: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let json = serde_json::to_string(outcome).expect("an outcome always serialises");
         Box::pin(self.call(&self.durable, |reply| {
             Call::Complete(KeyCall {
                 key: key.to_owned(),
-                value: json,
+                value: json.to_owned(),
                 reply,
             })
         }))
