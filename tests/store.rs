@@ -175,9 +175,13 @@ async fn embedded_expired_lease_is_taken_over() {
         Claim::InFlight { .. }
     ));
     now.fetch_add(2_000, Ordering::SeqCst);
-    // Any delivery of the key takes over, even one that reuses it for another step.
-    assert_eq!(
+    // Another step reusing the key does not take over: the take-over redoes the dead job's call.
+    assert!(matches!(
         store.claim(&k, "2:0:retry", "b").await.unwrap(),
+        Claim::InFlight { .. }
+    ));
+    assert_eq!(
+        store.claim(&k, "1:0:retry", "b").await.unwrap(),
         Claim::Acquired { takeover: true }
     );
     // The take-over's owner is the one whose release counts now.
@@ -190,16 +194,18 @@ async fn embedded_expired_lease_is_taken_over() {
 #[tokio::test]
 async fn postgres_expired_lease_is_taken_over() {
     let store = postgres(Duration::from_millis(200), Duration::from_secs(3600)).await;
-    let k = key("lease");
-    assert_eq!(
-        store.claim(&k, "1:0:retry", "dead").await.unwrap(),
-        Claim::Acquired { takeover: false }
-    );
+    let (other, k) = (key("lease-other"), key("lease"));
+    // `other` is claimed first, so its lease has run out whenever `k`'s has.
+    for key in [&other, &k] {
+        assert_eq!(
+            store.claim(key, "1:0:retry", "dead").await.unwrap(),
+            Claim::Acquired { takeover: false }
+        );
+    }
     // The lease is on the database's clock: wait for it to run out.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        // Any delivery of the key takes over, even one that reuses it for another step.
-        match store.claim(&k, "2:0:retry", "b").await.unwrap() {
+        match store.claim(&k, "1:0:retry", "b").await.unwrap() {
             Claim::Acquired { takeover } => {
                 assert!(takeover);
                 break;
@@ -214,6 +220,16 @@ async fn postgres_expired_lease_is_taken_over() {
             other => panic!("unexpected {other:?}"),
         }
     }
+    // Another step reusing a key does not take over its expired claim: the take-over redoes
+    // the dead job's call. The same step does.
+    assert!(matches!(
+        store.claim(&other, "2:0:retry", "b").await.unwrap(),
+        Claim::InFlight { .. }
+    ));
+    assert_eq!(
+        store.claim(&other, "1:0:retry", "b").await.unwrap(),
+        Claim::Acquired { takeover: true }
+    );
 }
 
 #[tokio::test]

@@ -791,10 +791,12 @@ fn claim(
     lease_ms: i64,
 ) -> rusqlite::Result<Claim> {
     let mut takeover = false;
-    // The key alone decides (contract §5): a delivery that reuses it for another request waits
-    // like any other, and gets the stored outcome once there is one.
+    // The key alone decides whether a delivery runs (contract §5): one that reuses it for
+    // another step waits like any other, and gets the stored outcome once there is one. Only
+    // the same step takes over a claim whose lease ran out: the take-over redoes the dead job's
+    // call, and another step's call under its key would stand in for it.
     if let Some(running) = db.running.get(key) {
-        if running.lease_until >= now {
+        if running.lease_until >= now || running.fingerprint != fingerprint {
             return Ok(Claim::InFlight {
                 owner: running.owner.clone(),
             });

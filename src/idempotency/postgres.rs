@@ -46,7 +46,7 @@ const CLAIM_SQL: &str = "INSERT INTO swr_stage_idempotency AS t (key, fingerprin
      ON CONFLICT (key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, state = 'running', owner = EXCLUDED.owner,
          lease_until = EXCLUDED.lease_until, outcome = NULL, expires_at = EXCLUDED.expires_at
      WHERE t.expires_at < now()
-        OR (t.state = 'running' AND t.lease_until < now())
+        OR (t.state = 'running' AND t.lease_until < now() AND t.fingerprint = EXCLUDED.fingerprint)
      RETURNING t.key, (t.xmax <> 0) AS takeover";
 const LOOKUP_SQL: &str =
     "SELECT key, state, owner, outcome FROM swr_stage_idempotency WHERE key = ANY($1::text[])";
