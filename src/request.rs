@@ -501,16 +501,28 @@ pub fn valid_key(key: &str) -> bool {
 /// the exact body bytes in the URL namespace (lowercase, hyphenated).
 ///
 /// The key travels in the `Idempotency-Key` header, so a `message_id` that breaks the key's
-/// rule ([`valid_key`]: "job-é", "job 1") counts as absent: the job still runs, under the
-/// body's key (callers log it).
+/// rule ([`valid_key`]: "job-é", "job 1") cannot be it as written: the key is then
+/// [`message_id_key`] of it, so that different ids stay different jobs and a redelivery stays
+/// the same one (callers log it).
 pub fn derive_key(field: Option<&str>, message_id: Option<&str>, body: &[u8]) -> String {
     if let Some(key) = field {
         return key.to_owned();
     }
-    if let Some(id) = message_id.filter(|id| valid_key(id)) {
-        return id.to_owned();
+    match message_id.filter(|id| !id.is_empty()) {
+        Some(id) if valid_key(id) => id.to_owned(),
+        Some(id) => message_id_key(id),
+        None => body_key(body),
     }
-    body_key(body)
+}
+
+/// The key of a `message_id` that cannot be a key as written: a UUIDv5, in the URL namespace,
+/// of `amqp:message_id:` followed by the id's bytes (the prefix keeps it apart from any body's
+/// key).
+pub fn message_id_key(message_id: &str) -> String {
+    let name = [b"amqp:message_id:".as_slice(), message_id.as_bytes()].concat();
+    uuid::Uuid::new_v5(&KEY_NAMESPACE, &name)
+        .hyphenated()
+        .to_string()
 }
 
 /// UUIDv5 of the body in the RFC 4122 URL namespace.
@@ -872,10 +884,24 @@ mod tests {
         assert_eq!(derive_key(Some("field"), Some("mid"), body), "field");
         assert_eq!(derive_key(None, Some("mid"), body), "mid");
         assert_eq!(derive_key(None, Some(""), body), body_key(body));
-        // A message_id that cannot travel as the Idempotency-Key header counts as absent.
-        for unusable in ["job-\u{e9}", "job 1", &"m".repeat(256)] {
-            assert_eq!(derive_key(None, Some(unusable), body), body_key(body));
+        // A message_id that cannot travel as the Idempotency-Key header is hashed: one key per
+        // id, never the body's, and always a valid key.
+        let unusable = ["job-\u{e9}", "job 1", "job 2", &"m".repeat(256)];
+        let keys: Vec<String> = unusable
+            .iter()
+            .map(|id| derive_key(None, Some(id), body))
+            .collect();
+        for (id, key) in unusable.iter().zip(&keys) {
+            assert_eq!(key, &message_id_key(id));
+            assert!(valid_key(key) && key != &body_key(body), "{key}");
         }
+        let distinct: std::collections::HashSet<&String> = keys.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            unusable.len(),
+            "different ids, different keys"
+        );
+        assert_eq!(derive_key(Some("field"), Some("job 1"), body), "field");
         assert_eq!(
             derive_key(None, Some(&"m".repeat(255)), body),
             "m".repeat(255)

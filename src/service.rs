@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use crate::amqp::publisher::Publisher;
 use crate::amqp::topology::{self, TopologyError};
 use crate::amqp::{connect, ConnectError};
-use crate::config::Config;
+use crate::config::{redact_url, Config};
 use crate::worker::{self, ContextError, Disposition, JobContext, REQUEUE_DELAY};
 
 /// First pause before reconnecting; doubles up to `amqp.reconnect_max_interval`.
@@ -84,7 +84,7 @@ pub async fn run(
         worker = %ctx.worker_id,
         queue = %config.amqp.request_queue,
         concurrency = config.worker.concurrency,
-        swr = %config.swr.endpoint,
+        swr = %redact_url(&config.swr.endpoint),
         "worker starting"
     );
     loop {

@@ -18,13 +18,12 @@ use tracing::Instrument;
 use crate::amqp::copied_properties;
 use crate::amqp::publisher::{PublishError, Publisher, Routed};
 use crate::breaker::Breaker;
-use crate::config::Config;
-use crate::config::ConfigError;
+use crate::config::{redact_url, Config, ConfigError};
 use crate::idempotency::{self, fingerprint, Admission, Gate, StoreError};
 use crate::outcome::{timestamp, ErrorKind, Outcome, OutcomeError, Status, OUTCOME_TYPE};
 use crate::ratelimit::RateLimiter;
 use crate::request::{
-    body_key, derive_key, parse_request, valid_key, InvalidRequest, StageRequest,
+    body_key, derive_key, parse_request, valid_key, InvalidRequest, Mode, StageRequest,
 };
 use crate::swr::auth::{StaticToken, TokenSource};
 use crate::swr::client::SwrClient;
@@ -116,7 +115,7 @@ impl JobContext {
             "iam_password" => {
                 let credentials = IamCredentials::from_config(auth)?;
                 tracing::info!(
-                    endpoint = %config.iam.endpoint,
+                    endpoint = %redact_url(&config.iam.endpoint),
                     user = %credentials.user,
                     domain = %credentials.domain,
                     project = %credentials.project,
@@ -196,6 +195,9 @@ pub async fn process(
                 &delivery.data,
             );
             let span = tracing::info_span!("job", key = %key, pipeline_id = ?invalid.pipeline_id, stage_index = ?invalid.stage_index, mode = ?invalid.mode.map(|m| m.as_str()));
+            span.in_scope(|| {
+                warn_unusable_message_id(&envelope, invalid.idempotency_key.as_deref())
+            });
             // The rare paths are boxed (here and below): a job's state machine is as large as
             // its largest await, and it is moved whole at each spawn and nested call.
             Box::pin(
@@ -211,12 +213,9 @@ pub async fn process(
                 &delivery.data,
             );
             let span = tracing::info_span!("job", key = %key, pipeline_id = request.pipeline_id, stage_index = request.stage_index, mode = request.mode.as_str());
-            if let Some(id) = envelope
-                .message_id
-                .filter(|id| request.idempotency_key.is_none() && !valid_key(id))
-            {
-                span.in_scope(|| tracing::warn!(message_id = ?id, "AMQP property `message_id` cannot be the idempotency key (expected 1..=255 printable ASCII characters without spaces, 0x21..=0x7E); the job runs under its body's key"));
-            }
+            span.in_scope(|| {
+                warn_unusable_message_id(&envelope, request.idempotency_key.as_deref())
+            });
             let job = Job {
                 publisher,
                 envelope: &envelope,
@@ -225,6 +224,16 @@ pub async fn process(
             };
             run_request(ctx, job, key, request).instrument(span).await
         }
+    }
+}
+
+/// Logs a `message_id` that became the key only through [`message_id_key`](crate::request::message_id_key).
+fn warn_unusable_message_id(envelope: &Envelope<'_>, field: Option<&str>) {
+    if let Some(id) = envelope
+        .message_id
+        .filter(|id| field.is_none() && !valid_key(id))
+    {
+        tracing::warn!(message_id = ?id, "AMQP property `message_id` cannot be the idempotency key as written (expected 1..=255 printable ASCII characters without spaces, 0x21..=0x7E); the key is a UUIDv5 of it");
     }
 }
 
@@ -282,7 +291,7 @@ async fn run_request(
                         tracing::warn!(
                             ran_pipeline_id = ?ran.0,
                             ran_stage_index = ?ran.1,
-                            ran_mode = ?ran.2.map(|m| m.as_str()),
+                            ran_mode = ?ran.2.map(Mode::as_str),
                             "idempotency key reused for another step; replaying the outcome of the step that ran under it, SWR is not called"
                         );
                     }
@@ -540,12 +549,12 @@ async fn reject_invalid(
     {
         return Disposition::Requeue(format!("dead-letter copy not confirmed: {e}"));
     }
+    let body = outcome.to_json();
     if let Some(gate) = &ctx.gate {
-        if let Err(e) = gate.store().complete(&marker, &outcome).await {
+        if let Err(e) = gate.store().complete_json(&marker, &body).await {
             tracing::warn!(error = %e, "could not remember the dead-letter copy; a redelivery would add another");
         }
     }
-    let body = outcome.to_json();
     match publish_surviving_reconnect(ctx, publisher, envelope, &outcome, &body).await {
         Ok(()) => Disposition::Ack,
         Err(e) => Disposition::Requeue(format!("outcome not confirmed: {e}")),

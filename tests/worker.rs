@@ -8,7 +8,7 @@ use lapin::types::{AMQPValue, ShortString};
 use lapin::BasicProperties;
 use serde_json::json;
 use swr_stage_worker::outcome::{ErrorKind, Status};
-use swr_stage_worker::request::{body_key, Mode};
+use swr_stage_worker::request::{body_key, message_id_key, Mode};
 use swr_stage_worker::sim::FaultRule;
 
 fn header_text(value: Option<&AMQPValue>) -> Option<String> {
@@ -576,39 +576,50 @@ async fn returned_replies_are_never_taken_for_dead_letter_copies() {
 }
 
 #[tokio::test]
-async fn a_message_id_that_cannot_be_a_header_counts_as_absent() {
+async fn a_message_id_that_cannot_be_a_header_is_hashed_into_the_key() {
     let mut env = TestEnv::start("bad-message-id").await;
     let body = json!({"pipeline_id": 12, "stage_index": 0}).to_string();
-    env.publish(
-        body.as_bytes(),
-        BasicProperties::default().with_message_id("job-\u{e9}".into()),
-    )
-    .await;
+    let with_id = |id: &str| BasicProperties::default().with_message_id(id.into());
+    env.publish(body.as_bytes(), with_id("job-\u{e9}")).await;
     let (o, delivery) = env.next_outcome().await;
-    // A valid request runs: its key is the body's, as if message_id were not set.
+    // A valid request runs, under the hash of its message_id.
     assert_eq!(
-        (o.status, o.attempts, o.idempotency_key.clone()),
-        (Status::Succeeded, 1, body_key(body.as_bytes()))
+        (o.status, o.attempts, o.replayed, o.idempotency_key.clone()),
+        (Status::Succeeded, 1, false, message_id_key("job-\u{e9}"))
     );
     assert_eq!(delivery.routing_key.as_str(), "stage.retry.succeeded");
-    // A redelivered copy of the same message is the same job.
-    env.publish(
-        body.as_bytes(),
-        BasicProperties::default().with_message_id("job-\u{e9}".into()),
-    )
-    .await;
+    // The same message again is the same job.
+    env.publish(body.as_bytes(), with_id("job-\u{e9}")).await;
     let (again, _) = env.next_outcome().await;
-    assert!(again.replayed, "the same message again is replayed");
+    assert_eq!(
+        (again.replayed, again.idempotency_key),
+        (true, o.idempotency_key.clone())
+    );
+    // Another message with the same body and another unusable id is another job.
+    env.publish(body.as_bytes(), with_id("job 2")).await;
+    let (other, _) = env.next_outcome().await;
+    assert_eq!(
+        (other.replayed, other.idempotency_key),
+        (false, message_id_key("job 2"))
+    );
     env.stop_worker().await.unwrap();
     assert!(
         env.dead_letters().await.is_empty(),
         "nothing is dead-lettered"
     );
-    let calls = env.sim.calls();
-    assert_eq!(calls.len(), 1, "SWR was called once");
+    let keys: Vec<Option<String>> = env
+        .sim
+        .calls()
+        .into_iter()
+        .map(|c| c.idempotency_key)
+        .collect();
     assert_eq!(
-        calls[0].idempotency_key.as_deref(),
-        Some(body_key(body.as_bytes()).as_str())
+        keys,
+        [
+            Some(message_id_key("job-\u{e9}")),
+            Some(message_id_key("job 2"))
+        ],
+        "SWR was called once per job, with the hashed key"
     );
     env.teardown().await;
 }

@@ -10,7 +10,7 @@
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Map, Value};
 use swr_stage_worker::request::{
-    body_key, derive_key, parse_request, valid_key, Mode, StageRequest, ROLLBACK_SOURCE,
+    body_key, derive_key, message_id_key, parse_request, valid_key, Mode, StageRequest, ROLLBACK_SOURCE,
 };
 use time::format_description::well_known::Rfc3339;
 
@@ -54,11 +54,16 @@ fuzz_target!(|body: &[u8]| {
         assert!(too_small.reason.starts_with("body: expected at most"));
     }
 
-    // Contract §3: the field, else message_id (when it can be a key), else UUIDv5 of the body.
+    // Contract §3: the field, else message_id (hashed when it cannot be a key as written), else
+    // UUIDv5 of the body.
     let derived = derive_key(key.as_deref(), None, body);
     assert!(!derived.is_empty());
     assert_eq!(derived, derive_key(key.as_deref(), Some(""), body));
-    assert_eq!(derived, derive_key(key.as_deref(), Some("job \u{e9}"), body));
+    let by_id = derive_key(key.as_deref(), Some("job \u{e9}"), body);
+    match &key {
+        Some(key) => assert_eq!(&by_id, key),
+        None => assert_eq!(by_id, message_id_key("job \u{e9}")),
+    }
     match &key {
         Some(key) => assert_eq!(&derived, key),
         None => assert_eq!(derived, body_key(body)),

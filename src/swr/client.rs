@@ -36,6 +36,9 @@ pub enum AttemptError {
     Transport(String),
 }
 
+/// How long the body of a 2xx answer is waited for (it is read only to reuse the connection).
+const SUCCESS_BODY_WAIT: Duration = Duration::from_secs(1);
+
 /// The shared SWR HTTP client: one connection pool for every job (keep-alive).
 #[derive(Clone)]
 pub struct SwrClient {
@@ -121,10 +124,16 @@ impl SwrClient {
             header("Retry-After").and_then(|v| parse_retry_after(&v, SystemTime::now()));
         let (error_code, error_msg) = if (200..300).contains(&status) {
             // Any 2xx is success (contract §1): its body means nothing, so a body cut off or
-            // late does not turn a done step into a retry. It is still read, to keep the
-            // connection for the next call.
-            if let Err(e) = self.read_body(response).await {
-                tracing::debug!(status, error = %e, "the body of a 2xx answer could not be read; the step succeeded all the same");
+            // late does not turn a done step into a retry, nor hold the job. It is still read
+            // (briefly), to keep the connection for the next call.
+            match tokio::time::timeout(SUCCESS_BODY_WAIT, self.read_body(response)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(status, error = %e, "the body of a 2xx answer could not be read; the step succeeded all the same");
+                }
+                Err(_) => {
+                    tracing::debug!(status, "the body of a 2xx answer did not arrive in {SUCCESS_BODY_WAIT:?}; the step succeeded all the same");
+                }
             }
             (None, None)
         } else {
@@ -247,8 +256,13 @@ mod tests {
         );
     }
 
-    /// A one-shot HTTP server: answers the first connection with `answer`, then closes it.
+    /// A one-shot HTTP server: answers the first connection with `answer`, then closes it, or
+    /// with `hold`, keeps it open until the client closes it.
     async fn answer_once(answer: &'static str) -> String {
+        answer_once_holding(answer, false).await
+    }
+
+    async fn answer_once_holding(answer: &'static str, hold: bool) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
@@ -263,6 +277,8 @@ mod tests {
                 }
             }
             let _ = stream.write_all(answer.as_bytes()).await;
+            // The client sends nothing more: this read ends when it closes the connection.
+            while hold && matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
         });
         endpoint
     }
@@ -296,6 +312,31 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(error, AttemptError::Transport(_)), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn a_2xx_whose_body_stalls_succeeds_without_waiting_for_the_attempt_timeout() {
+        let endpoint = answer_once_holding(
+            "HTTP/1.1 201 Created\r\nContent-Length: 100\r\n\r\n{}",
+            true,
+        )
+        .await;
+        let mut http = Config::load(None, [("SWR_AUTH_TOKEN".to_owned(), "t".to_owned())])
+            .unwrap()
+            .http;
+        http.timeout = Duration::from_secs(30);
+        let client = SwrClient::new(&endpoint, &http).unwrap();
+        let started = std::time::Instant::now();
+        let reply = client
+            .attempt(&format!("{endpoint}/v3/x"), "k", &Secret::new("t"))
+            .await
+            .expect("any 2xx is success");
+        assert_eq!(reply.status, 201);
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the stalled body held the job for {:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]

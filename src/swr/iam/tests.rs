@@ -322,12 +322,17 @@ async fn unreachable_or_silent_iam_is_an_outage_not_a_refusal() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let err = client(&format!("http://{closed}"), "x")
+    // Login details in the endpoint stay out of the error (reqwest's text names the URL).
+    let err = client(&format!("http://iam-user:hunter2@{closed}"), "x")
         .issue()
         .await
         .unwrap_err();
     assert!(matches!(err, IamError::Transport(_)), "{err:?}");
     assert!(err.to_string().starts_with("could not reach IAM"), "{err}");
+    assert!(
+        !err.to_string().contains("hunter2") && !err.to_string().contains("iam-user"),
+        "{err}"
+    );
 }
 
 #[test]
