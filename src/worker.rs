@@ -195,9 +195,7 @@ pub async fn process(
                 &delivery.data,
             );
             let span = tracing::info_span!("job", key = %key, pipeline_id = ?invalid.pipeline_id, stage_index = ?invalid.stage_index, mode = ?invalid.mode.map(|m| m.as_str()));
-            span.in_scope(|| {
-                warn_unusable_message_id(&envelope, invalid.idempotency_key.as_deref())
-            });
+            warn_unusable_message_id(&span, &envelope, invalid.idempotency_key.as_deref());
             // The rare paths are boxed (here and below): a job's state machine is as large as
             // its largest await, and it is moved whole at each spawn and nested call.
             Box::pin(
@@ -213,9 +211,7 @@ pub async fn process(
                 &delivery.data,
             );
             let span = tracing::info_span!("job", key = %key, pipeline_id = request.pipeline_id, stage_index = request.stage_index, mode = request.mode.as_str());
-            span.in_scope(|| {
-                warn_unusable_message_id(&envelope, request.idempotency_key.as_deref())
-            });
+            warn_unusable_message_id(&span, &envelope, request.idempotency_key.as_deref());
             let job = Job {
                 publisher,
                 envelope: &envelope,
@@ -227,13 +223,15 @@ pub async fn process(
     }
 }
 
-/// Logs a `message_id` that became the key only through [`message_id_key`](crate::request::message_id_key).
-fn warn_unusable_message_id(envelope: &Envelope<'_>, field: Option<&str>) {
+/// Logs, in the job's span, a `message_id` that became the key only through
+/// [`message_id_key`](crate::request::message_id_key). The span is entered only then: this runs
+/// for every job.
+fn warn_unusable_message_id(span: &tracing::Span, envelope: &Envelope<'_>, field: Option<&str>) {
     if let Some(id) = envelope
         .message_id
         .filter(|id| field.is_none() && !valid_key(id))
     {
-        tracing::warn!(message_id = ?id, "AMQP property `message_id` cannot be the idempotency key as written (expected 1..=255 printable ASCII characters without spaces, 0x21..=0x7E); the key is a UUIDv5 of it");
+        span.in_scope(|| tracing::warn!(message_id = ?id, "AMQP property `message_id` cannot be the idempotency key as written (expected 1..=255 printable ASCII characters without spaces, 0x21..=0x7E); the key is a UUIDv5 of it"));
     }
 }
 
