@@ -607,12 +607,7 @@ async fn a_message_id_that_cannot_be_a_header_is_hashed_into_the_key() {
         env.dead_letters().await.is_empty(),
         "nothing is dead-lettered"
     );
-    let keys: Vec<Option<String>> = env
-        .sim
-        .calls()
-        .into_iter()
-        .map(|c| c.idempotency_key)
-        .collect();
+    let keys = sim_keys(&env);
     assert_eq!(
         keys,
         [
@@ -648,12 +643,7 @@ async fn key_comes_from_field_then_message_id_then_body_hash() {
     )
     .await;
     assert_eq!(env.next_outcome().await.0.idempotency_key, "f-1");
-    let keys: Vec<Option<String>> = env
-        .sim
-        .calls()
-        .into_iter()
-        .map(|c| c.idempotency_key)
-        .collect();
+    let keys = sim_keys(&env);
     assert_eq!(
         keys,
         [
@@ -799,4 +789,13 @@ async fn the_token_never_appears_in_trace_logs_or_outcomes() {
         "the broker password leaked into the log"
     );
     env.teardown().await;
+}
+
+/// The `Idempotency-Key` of every call the simulator received, in order.
+fn sim_keys(env: &TestEnv) -> Vec<Option<String>> {
+    env.sim
+        .calls()
+        .into_iter()
+        .map(|c| c.idempotency_key)
+        .collect()
 }
