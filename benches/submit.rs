@@ -86,6 +86,7 @@ async fn cleanup(config: &Config) {
     let amqp = &config.amqp;
     let connection = connect(
         &amqp.url,
+        &amqp.tls,
         &format!("{}.cleanup", amqp.connection_name),
         Duration::from_secs(10),
     )

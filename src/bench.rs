@@ -109,6 +109,7 @@ pub async fn run(base: Config, options: BenchOptions) -> Result<Vec<PhaseResult>
     .await?;
     let broker = connect(
         &base.amqp.url,
+        &base.amqp.tls,
         "swr-stage-worker.bench",
         Duration::from_secs(10),
     )
@@ -493,6 +494,7 @@ async fn bare_phase(
 pub async fn bare_loop(config: Config, jobs: usize) -> Result<(), BenchError> {
     let broker = connect(
         &config.amqp.url,
+        &config.amqp.tls,
         &config.amqp.connection_name,
         Duration::from_secs(10),
     )
@@ -508,8 +510,12 @@ pub async fn bare_loop(config: Config, jobs: usize) -> Result<(), BenchError> {
         .confirm_select(ConfirmSelectOptions::default())
         .bounded()
         .await?;
-    let client =
-        crate::swr::client::SwrClient::new(&config.swr.endpoint, &config.http).map_err(fail)?;
+    let client = crate::swr::client::SwrClient::new(
+        &config.swr.endpoint,
+        &config.http,
+        config.http.client_config().map_err(fail)?,
+    )
+    .map_err(fail)?;
     let token = config.swr.auth.token.clone();
     let mut deliveries = consume
         .basic_consume(

@@ -11,6 +11,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use toml::{Table, Value};
 
+use crate::tls;
+
 /// The defaults, compiled in so that the binary runs without any file beside it.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -40,6 +42,9 @@ pub enum ConfigError {
     Shape(String),
     #[error("configuration key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    /// A TLS file named by a key cannot be used; the message starts with that key.
+    #[error("configuration: {0}")]
+    Tls(String),
 }
 
 /// A value that must never be printed: tokens, passwords. `Debug` and `Display` redact it.
@@ -132,6 +137,48 @@ pub struct AmqpConfig {
     /// The broker's consumer_timeout, which a job's whole budget must fit in.
     #[serde(deserialize_with = "duration")]
     pub consumer_timeout: Duration,
+    /// TLS settings for an `amqps://` URL.
+    pub tls: AmqpTlsConfig,
+}
+
+/// `[amqp.tls]` (contract §7): used only with an `amqps://` URL, where verification is always on.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpTlsConfig {
+    /// PEM CA file added to the system's roots, for a broker with a private CA.
+    pub ca_file: String,
+    /// PEM certificate chain presented to the broker (mutual TLS, `auth_mechanism=external`).
+    pub client_cert_file: String,
+    /// PEM private key of `client_cert_file`.
+    pub client_key_file: String,
+    /// Name verified and sent as SNI instead of the URL's host (a broker reached by IP address).
+    pub server_name: String,
+}
+
+impl AmqpTlsConfig {
+    /// True when any key is set: such a config with a plain `amqp://` URL is a mistake.
+    pub fn is_set(&self) -> bool {
+        !(self.ca_file.is_empty()
+            && self.client_cert_file.is_empty()
+            && self.client_key_file.is_empty()
+            && self.server_name.is_empty())
+    }
+
+    /// The rustls client configuration for the broker: system roots plus `ca_file`, the client
+    /// certificate when set, full verification.
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, tls::TlsSetupError> {
+        let roots = tls::roots(tls::CaFile {
+            key: "amqp.tls.ca_file",
+            path: &self.ca_file,
+        })?;
+        let identity = (!self.client_cert_file.is_empty()).then_some(tls::ClientIdentity {
+            cert_key: "amqp.tls.client_cert_file",
+            cert_path: &self.client_cert_file,
+            key_key: "amqp.tls.client_key_file",
+            key_path: &self.client_key_file,
+        });
+        tls::client_config(roots, identity, tls::Check::Full)
+    }
 }
 
 impl AmqpConfig {
@@ -258,6 +305,22 @@ pub struct HttpConfig {
     pub connect_timeout: Duration,
     /// Cap on the answer body read, so a misbehaving server cannot make us buffer without bound.
     pub max_response_bytes: usize,
+    /// PEM CA file added to the system's roots for SWR and IAM (a private CA on premises).
+    pub ca_file: String,
+    /// Allows an `http://` SWR or IAM endpoint on a host that is not loopback (the token would
+    /// cross the network in clear, so it takes a deliberate switch).
+    pub allow_plain_http: bool,
+}
+
+impl HttpConfig {
+    /// The rustls client configuration for SWR and IAM: system roots plus `ca_file`.
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, tls::TlsSetupError> {
+        let roots = tls::roots(tls::CaFile {
+            key: "http.ca_file",
+            path: &self.ca_file,
+        })?;
+        tls::client_config(roots, None, tls::Check::Full)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -502,6 +565,7 @@ impl Config {
         if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
             return invalid("amqp.url", "expected an amqp:// or amqps:// URL");
         }
+        self.validate_amqp_tls()?;
         for (key, name) in [
             ("amqp.request_queue", &self.amqp.request_queue),
             ("amqp.dead_letter_exchange", &self.amqp.dead_letter_exchange),
@@ -518,14 +582,11 @@ impl Config {
                 "expected exchange names, not empty strings (the default exchange is always bound)",
             );
         }
-        let endpoint = &self.swr.endpoint;
-        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
-            || reqwest::Url::parse(endpoint).is_err()
-        {
-            return invalid(
-                "swr.endpoint",
-                format!("expected an http:// or https:// base URL, got {endpoint:?}"),
-            );
+        self.check_endpoint("swr.endpoint", &self.swr.endpoint)?;
+        if !self.http.ca_file.is_empty() {
+            self.http
+                .client_config()
+                .map_err(|e| ConfigError::Tls(e.to_string()))?;
         }
         let auth = &self.swr.auth;
         match auth.kind.as_str() {
@@ -549,15 +610,7 @@ impl Config {
                         "expected the name of the environment variable that holds the IAM password (or set swr.auth.password_file)",
                     );
                 }
-                let endpoint = &self.iam.endpoint;
-                if !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
-                    || reqwest::Url::parse(endpoint).is_err()
-                {
-                    return invalid(
-                        "iam.endpoint",
-                        format!("expected an http:// or https:// base URL, got {endpoint:?}"),
-                    );
-                }
+                self.check_endpoint("iam.endpoint", &self.iam.endpoint)?;
             }
             other => {
                 return invalid(
@@ -726,6 +779,76 @@ impl Config {
     }
 
     /// The checks that only matter when the worker will call SWR (not for `sim` or `submit`).
+    /// An SWR or IAM base URL: http(s), and `http://` only to a loopback host unless
+    /// `http.allow_plain_http` (the token would cross the network in clear).
+    fn check_endpoint(&self, key: &'static str, endpoint: &str) -> Result<(), ConfigError> {
+        let parsed = match reqwest::Url::parse(endpoint) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => url,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!(
+                        "expected an http:// or https:// base URL, got {:?}",
+                        redact_url(endpoint)
+                    ),
+                })
+            }
+        };
+        let host = parsed.host_str().unwrap_or_default();
+        if parsed.scheme() == "http" && !tls::is_loopback_host(host) && !self.http.allow_plain_http
+        {
+            return Err(ConfigError::Invalid {
+                key,
+                message: format!(
+                    "{} is plain http:// to {host}, which is not this machine: the token would \
+                     cross the network in clear. Use https://, or set http.allow_plain_http = true \
+                     if the network is trusted (e.g. a test stack)",
+                    redact_url(endpoint)
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// `[amqp.tls]`: its keys need an `amqps://` URL, the certificate and key come in pairs,
+    /// and the files must load (so a typo stops start-up, not the first connect).
+    fn validate_amqp_tls(&self) -> Result<(), ConfigError> {
+        let tls_keys = &self.amqp.tls;
+        let amqps = self.amqp.url.expose().starts_with("amqps://");
+        if !amqps {
+            if tls_keys.is_set() {
+                return Err(ConfigError::Invalid {
+                    key: "amqp.url",
+                    message:
+                        "amqp.tls.* is set but the URL is plain amqp://: use amqps:// for TLS \
+                              (nothing is ever sent in clear on an amqps:// URL)"
+                            .into(),
+                });
+            }
+            return Ok(());
+        }
+        if tls_keys.client_cert_file.is_empty() != tls_keys.client_key_file.is_empty() {
+            let key = if tls_keys.client_cert_file.is_empty() {
+                "amqp.tls.client_cert_file"
+            } else {
+                "amqp.tls.client_key_file"
+            };
+            return Err(ConfigError::Invalid {
+                key,
+                message: "amqp.tls.client_cert_file and amqp.tls.client_key_file go together"
+                    .into(),
+            });
+        }
+        if !tls_keys.server_name.is_empty() {
+            tls::server_name("amqp.tls.server_name", &tls_keys.server_name)
+                .map_err(|e| ConfigError::Tls(e.to_string()))?;
+        }
+        tls_keys
+            .client_config()
+            .map_err(|e| ConfigError::Tls(e.to_string()))?;
+        Ok(())
+    }
+
     pub fn validate_for_worker(&self) -> Result<(), ConfigError> {
         match self.swr.auth.kind.as_str() {
             "static" if self.swr.auth.token.is_empty() => Err(ConfigError::Invalid {

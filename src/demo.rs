@@ -70,17 +70,22 @@ pub async fn run(base: Config, count: usize) -> Result<(), DemoError> {
     let url = base.amqp.url.clone();
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let prefix = format!("swr.stage.demo.{suffix}");
-    let probe = connect(&url, &format!("{prefix}.demo"), Duration::from_secs(5))
-        .await
-        .map_err(|e| DemoError::NoBroker {
-            url: redact_url(url.expose()),
-            reason: e
-                .to_string()
-                .rsplit(": ")
-                .next()
-                .unwrap_or_default()
-                .to_owned(),
-        })?;
+    let probe = connect(
+        &url,
+        &base.amqp.tls,
+        &format!("{prefix}.demo"),
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|e| DemoError::NoBroker {
+        url: redact_url(url.expose()),
+        reason: e
+            .to_string()
+            .rsplit(": ")
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+    })?;
     let sim = SimHandle::start(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         SimConfig {

@@ -25,6 +25,8 @@
 //! - [`demo`]: the newcomer's first command.
 //! - [`bench`]: the benchmark: the worker against the bare broker path, in one run.
 //! - [`status`]: the operator's look at the topology and a worker's readiness.
+//! - [`tls`]: one TLS rule for every connection (system roots plus a CA file, client
+//!   certificates, libpq's `sslmode` levels) and what a failed handshake means.
 //! - [`telemetry`]: logs (text or JSON), Prometheus metrics, and the /healthz, /readyz,
 //!   /metrics server.
 //!
@@ -47,4 +49,5 @@ pub mod sim;
 pub mod status;
 pub mod swr;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;

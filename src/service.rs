@@ -87,6 +87,9 @@ pub async fn run(
         swr = %redact_url(&config.swr.endpoint),
         "worker starting"
     );
+    warn_if_plain(&config.amqp.url);
+    // The TLS failure last logged at error: the same one again is logged at warn only.
+    let mut last_tls: Option<crate::tls::Failure> = None;
     loop {
         let opened = tokio::select! {
             opened = open_session(&config) => opened,
@@ -105,13 +108,28 @@ pub async fn run(
                 ctx.publishers.send_replace(Some(session.publisher.clone()));
                 let _ = ctx.session_broken.notified().now_or_never();
                 ctx.metrics.set_broker_connected(true);
+                set_broker_error(&ctx, None);
+                last_tls = None;
                 tracing::info!(queue = %config.amqp.request_queue, "consuming");
                 consume(&ctx, session, &mut shutdown, &slots, &mut jobs).await
             }
             Err(SessionError::Topology(e @ TopologyError::Mismatch { .. })) => {
                 return Err(RunError::Topology(e))
             }
-            Err(e) => SessionEnd::Lost(e.to_string()),
+            Err(e) => {
+                let reason = e.to_string();
+                if let SessionError::Connect(connect) = &e {
+                    if let Some(failure) = connect.tls_failure() {
+                        if last_tls.as_ref() != Some(failure) {
+                            // Once per distinct reason: it needs an operator, not more retries.
+                            tracing::error!(error = %reason, "TLS handshake with the broker failed; retrying with back-off");
+                            last_tls = Some(failure.clone());
+                        }
+                    }
+                }
+                set_broker_error(&ctx, Some(reason.clone()));
+                SessionEnd::Lost(reason)
+            }
         };
         ctx.metrics.set_broker_connected(false);
         match end {
@@ -131,6 +149,28 @@ pub async fn run(
     }
 }
 
+/// Records why the broker session is not up, for /readyz.
+fn set_broker_error(ctx: &JobContext, error: Option<String>) {
+    if let Ok(mut slot) = ctx.broker_error.lock() {
+        *slot = error;
+    }
+}
+
+/// One warning at start for a plain `amqp://` URL to another host: the password and every
+/// message cross the network in clear.
+fn warn_if_plain(url: &crate::config::Secret) {
+    if let Ok(parsed) = url.expose().parse::<lapin::uri::AMQPUri>() {
+        if parsed.scheme == lapin::uri::AMQPScheme::AMQP
+            && !crate::tls::is_loopback_host(&parsed.authority.host)
+        {
+            tracing::warn!(
+                broker = %redact_url(url.expose()),
+                "amqp.url is plain amqp:// to another host: the broker password and every message cross the network unencrypted; use amqps://"
+            );
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
     #[error(transparent)]
@@ -144,7 +184,7 @@ enum SessionError {
 async fn open_session(config: &Config) -> Result<Session, SessionError> {
     let amqp = &config.amqp;
     let limit = amqp.connect_timeout;
-    let connection = connect(&amqp.url, &amqp.connection_name, limit).await?;
+    let connection = connect(&amqp.url, &amqp.tls, &amqp.connection_name, limit).await?;
     let bounded = |what: &'static str| {
         move |r: Result<Result<(), lapin::Error>, tokio::time::error::Elapsed>| match r {
             Ok(Ok(())) => Ok(()),

@@ -40,6 +40,7 @@ pub async fn report(config: &Config, telemetry: Option<&str>) -> Result<String, 
     let mut out = String::new();
     let connection = connect(
         &amqp.url,
+        &amqp.tls,
         &format!("{}.status", amqp.connection_name),
         LOOK_TIMEOUT,
     )

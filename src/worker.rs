@@ -77,6 +77,9 @@ pub struct JobContext {
     /// The user the worker logs in to the broker as (the broker refuses a publish whose
     /// `user_id` property names anyone else).
     pub amqp_user: String,
+    /// Why the last attempt to open a broker session failed (cleared once consuming), so
+    /// /readyz can say why the worker is not ready.
+    pub broker_error: std::sync::Mutex<Option<String>>,
 }
 
 /// Why the job context could not be built.
@@ -91,6 +94,9 @@ pub enum ContextError {
     Credentials(#[from] ConfigError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// `http.ca_file` could not be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsSetupError),
 }
 
 impl JobContext {
@@ -109,7 +115,8 @@ impl JobContext {
     /// Builds the shared pieces; opens the idempotency store and starts its pruning.
     pub async fn new(config: Arc<Config>) -> Result<JobContext, ContextError> {
         let metrics = Arc::new(Metrics::default());
-        let swr = SwrClient::new(&config.swr.endpoint, &config.http)?;
+        let tls = config.http.client_config()?;
+        let swr = SwrClient::new(&config.swr.endpoint, &config.http, tls.clone())?;
         let auth = &config.swr.auth;
         let tokens: Arc<dyn TokenSource> = match auth.kind.as_str() {
             "iam_password" => {
@@ -121,8 +128,9 @@ impl JobContext {
                     project = %credentials.project,
                     "SWR tokens come from IAM (password sign-in, renewed before expiry)"
                 );
-                let client = IamClient::new(&config.iam.endpoint, config.iam.timeout, credentials)
-                    .map_err(ContextError::IamClient)?;
+                let client =
+                    IamClient::new(&config.iam.endpoint, config.iam.timeout, credentials, tls)
+                        .map_err(ContextError::IamClient)?;
                 Arc::new(IamToken::new(client, auth.refresh_ahead).with_metrics(metrics.clone()))
             }
             // Config::validate admits only the two kinds.
@@ -151,6 +159,7 @@ impl JobContext {
             gate,
             publishers: watch::channel(None).0,
             session_broken: Arc::new(Notify::new()),
+            broker_error: std::sync::Mutex::new(None),
             amqp_user,
         })
     }

@@ -4,12 +4,17 @@
 pub mod publisher;
 pub mod topology;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use lapin::tcp::{AsyncTcpStream, RustlsConnector};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
-use crate::config::{redact_url, Secret};
+use crate::config::{redact_url, AmqpTlsConfig, Secret};
+use crate::tls;
 
 /// Why a connection could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -18,24 +23,113 @@ pub enum ConnectError {
     Broker { url: String, source: lapin::Error },
     #[error("cannot connect to RabbitMQ at {url}: no answer within {timeout:?}")]
     Timeout { url: String, timeout: Duration },
+    /// The TLS handshake failed: the reason and the key that fixes it.
+    #[error("cannot connect to RabbitMQ at {url}: TLS: {failure}; {hint}")]
+    Tls {
+        url: String,
+        failure: tls::Failure,
+        hint: String,
+    },
+    /// The TLS settings themselves are unusable (a file went missing since start).
+    #[error("cannot connect to RabbitMQ at {url}: {source}")]
+    TlsSetup {
+        url: String,
+        source: tls::TlsSetupError,
+    },
+    #[error("amqp.url {url} is not a valid AMQP URL: {message}")]
+    Url { url: String, message: String },
+}
+
+impl ConnectError {
+    /// The TLS failure behind this error, if the handshake is what failed.
+    pub fn tls_failure(&self) -> Option<&tls::Failure> {
+        match self {
+            ConnectError::Tls { failure, .. } => Some(failure),
+            _ => None,
+        }
+    }
 }
 
 /// Opens a named connection (the name shows in `rabbitmqctl list_connections name`, so an
 /// operator or a test can find and close exactly this one).
+///
+/// An `amqps://` URL always goes through TLS with the broker's certificate and name verified
+/// (roots: the system's store plus `tls.ca_file`); nothing, not even the AMQP protocol header,
+/// is sent before the handshake succeeded. The connector is ours rather than lapin's so that
+/// the roots, the client certificate and the verified name (`tls.server_name`) are the
+/// configuration's, and a failed handshake can be told apart from a refused connection.
 pub async fn connect(
     url: &Secret,
+    tls_config: &AmqpTlsConfig,
     name: &str,
     timeout: Duration,
 ) -> Result<Connection, ConnectError> {
+    let shown = || redact_url(url.expose());
+    let uri: AMQPUri = url
+        .expose()
+        .parse()
+        .map_err(|message: String| ConnectError::Url {
+            url: shown(),
+            // The parser's message can quote the URL; keep only its first words.
+            message: message.split(':').next().unwrap_or_default().to_owned(),
+        })?;
+    let tls = match uri.scheme {
+        AMQPScheme::AMQP => None,
+        AMQPScheme::AMQPS => {
+            let config = tls_config
+                .client_config()
+                .map_err(|source| ConnectError::TlsSetup {
+                    url: shown(),
+                    source,
+                })?;
+            let name = if tls_config.server_name.is_empty() {
+                uri.authority.host.clone()
+            } else {
+                tls_config.server_name.clone()
+            };
+            Some((RustlsConnector::from(Arc::new(config)), name))
+        }
+    };
+    let runtime = lapin::runtime::default_runtime().map_err(|source| ConnectError::Broker {
+        url: shown(),
+        source,
+    })?;
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(timeout, Connection::connect(url.expose(), properties)).await {
+    let connecting = Connection::connector(
+        uri,
+        runtime,
+        async move |uri: AMQPUri, runtime| {
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((uri.authority.host.as_str(), uri.authority.port))
+                    .await?
+                    .collect();
+            let stream = AsyncTcpStream::connect(&runtime, addrs).await?;
+            match &tls {
+                None => Ok(stream),
+                Some((connector, name)) => Ok(stream.into_rustls(connector, name).await?),
+            }
+        },
+        properties,
+    );
+    match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(source)) => Err(ConnectError::Broker {
-            url: redact_url(url.expose()),
-            source,
-        }),
+        Ok(Err(source)) => match tls::Failure::find(&source) {
+            Some(failure) => Err(ConnectError::Tls {
+                url: shown(),
+                hint: failure.hint(
+                    "amqp.tls.ca_file",
+                    Some("amqp.tls.server_name"),
+                    Some("amqp.tls.client_cert_file and amqp.tls.client_key_file"),
+                ),
+                failure,
+            }),
+            None => Err(ConnectError::Broker {
+                url: shown(),
+                source,
+            }),
+        },
         Err(_) => Err(ConnectError::Timeout {
-            url: redact_url(url.expose()),
+            url: shown(),
             timeout,
         }),
     }

@@ -86,7 +86,13 @@ pub fn check_campaign_id(id: &str) -> Result<(), CampaignError> {
 /// campaign tool's connection from the workers' in `rabbitmqctl list_connections`.
 pub(crate) async fn connect(config: &Config, command: &str) -> Result<Connection, ConnectError> {
     let name = format!("{}.{command}", config.amqp.connection_name);
-    amqp_connect(&config.amqp.url, &name, config.amqp.connect_timeout).await
+    amqp_connect(
+        &config.amqp.url,
+        &config.amqp.tls,
+        &name,
+        config.amqp.connect_timeout,
+    )
+    .await
 }
 
 /// A new channel, bounded like every other broker call.

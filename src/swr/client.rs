@@ -9,6 +9,7 @@ use crate::config::{HttpConfig, Secret};
 use crate::request::{Mode, StageRequest, ROLLBACK_SOURCE};
 use crate::retry::parse_retry_after;
 use crate::swr::classify::parse_error_body;
+use crate::tls;
 
 /// What SWR answered to one attempt.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,8 +56,14 @@ pub struct SwrClient {
 }
 
 impl SwrClient {
-    pub fn new(endpoint: &str, http: &HttpConfig) -> Result<SwrClient, reqwest::Error> {
+    /// `tls` is [`HttpConfig::client_config`]: the system's roots plus `http.ca_file`.
+    pub fn new(
+        endpoint: &str,
+        http: &HttpConfig,
+        tls: rustls::ClientConfig,
+    ) -> Result<SwrClient, reqwest::Error> {
         let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
             .connect_timeout(http.connect_timeout)
             .timeout(http.timeout)
             .pool_idle_timeout(Duration::from_secs(60))
@@ -164,6 +171,13 @@ impl SwrClient {
     fn attempt_error(&self, error: reqwest::Error) -> AttemptError {
         // The URL holds the endpoint, which may carry login details: it stays out of the text.
         let error = &error.without_url();
+        // A failed handshake sent nothing (no token): a transport failure that says why.
+        if let Some(failure) = tls::Failure::find(error) {
+            return AttemptError::Transport(format!(
+                "TLS handshake failed: {failure}; {}",
+                failure.hint("http.ca_file", None, None)
+            ));
+        }
         // A connect that failed or ran out of `http.connect_timeout` is a connect error (no
         // request went out), not the attempt's timeout, whose limit would be misreported.
         if error.is_connect() && error.is_timeout() {
@@ -227,7 +241,7 @@ mod tests {
         http.connect_timeout = Duration::from_millis(300);
         http.timeout = Duration::from_secs(20);
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let client = SwrClient::new(&endpoint, &http).unwrap();
+        let client = SwrClient::new(&endpoint, &http, http.client_config().unwrap()).unwrap();
         let started = std::time::Instant::now();
         let error = client
             .attempt(&format!("{endpoint}/v3/x"), "k", &Secret::new("t"))
@@ -287,7 +301,7 @@ mod tests {
         let http = Config::load(None, [("SWR_AUTH_TOKEN".to_owned(), "t".to_owned())])
             .unwrap()
             .http;
-        SwrClient::new(endpoint, &http).unwrap()
+        SwrClient::new(endpoint, &http, http.client_config().unwrap()).unwrap()
     }
 
     #[tokio::test]
@@ -325,7 +339,7 @@ mod tests {
             .unwrap()
             .http;
         http.timeout = Duration::from_secs(30);
-        let client = SwrClient::new(&endpoint, &http).unwrap();
+        let client = SwrClient::new(&endpoint, &http, http.client_config().unwrap()).unwrap();
         let started = std::time::Instant::now();
         let reply = client
             .attempt(&format!("{endpoint}/v3/x"), "k", &Secret::new("t"))

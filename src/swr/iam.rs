@@ -138,8 +138,11 @@ impl IamClient {
         endpoint: &str,
         timeout: Duration,
         credentials: IamCredentials,
+        tls: rustls::ClientConfig,
     ) -> Result<IamClient, reqwest::Error> {
         let http = reqwest::Client::builder()
+            // The system's roots plus `http.ca_file` (HttpConfig::client_config).
+            .use_preconfigured_tls(tls)
             .timeout(timeout)
             // A redirect would resend the password to wherever it points.
             .redirect(reqwest::redirect::Policy::none())

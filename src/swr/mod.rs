@@ -362,7 +362,12 @@ mod tests {
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned()));
         let config = Config::load(None, env).unwrap();
-        let client = SwrClient::new(&sim.url(), &config.http).unwrap();
+        let client = SwrClient::new(
+            &sim.url(),
+            &config.http,
+            config.http.client_config().unwrap(),
+        )
+        .unwrap();
         let request = parse_request(br#"{"pipeline_id": 7, "stage_index": 1}"#, 1024).unwrap();
         let (pace, breaker) = (
             crate::ratelimit::RateLimiter::new(0.0),

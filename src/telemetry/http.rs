@@ -82,9 +82,14 @@ async fn readyz(State(ctx): State<Arc<JobContext>>) -> impl IntoResponse {
         BreakerState::HalfOpen { .. } => "half_open",
     };
     let ready = broker && store.is_ok() && breaker == "closed";
+    let broker_error = match ctx.broker_error.lock() {
+        Ok(error) if !broker => error.clone(),
+        _ => None,
+    };
     let body = json!({
         "ready": ready,
         "broker": if broker { "consuming" } else { "disconnected" },
+        "broker_error": broker_error,
         "store": match &store { Ok(state) => (*state).to_owned(), Err(e) => format!("unreachable: {e}") },
         "breaker": breaker,
     });

@@ -34,7 +34,13 @@ pub fn amqp_url() -> String {
 /// Connects to the test broker or fails with the fix.
 pub async fn broker(name: &str) -> Connection {
     let url = Secret::new(amqp_url());
-    match swr_stage_worker::amqp::connect(&url, name, Duration::from_secs(10)).await {
+    match swr_stage_worker::amqp::connect(
+        &url,
+        &Default::default(),
+        name,
+        Duration::from_secs(10),
+    )
+    .await {
         Ok(c) => c,
         Err(e) => panic!(
             "these tests need RabbitMQ: {e}. Start it with `rabbitmq-server -detached` (or `docker compose up -d rabbitmq`), or set AMQP_URL"

@@ -244,7 +244,13 @@ fn credentials(password: &str) -> IamCredentials {
 }
 
 fn client(endpoint: &str, password: &str) -> IamClient {
-    IamClient::new(endpoint, Duration::from_secs(5), credentials(password)).unwrap()
+    IamClient::new(
+        endpoint,
+        Duration::from_secs(5),
+        credentials(password),
+        tls(),
+    )
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,7 +319,13 @@ async fn unreachable_or_silent_iam_is_an_outage_not_a_refusal() {
     // Bound but never accepting: the connection is made and no answer ever comes.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_url = format!("http://{}", silent.local_addr().unwrap());
-    let quick = IamClient::new(&silent_url, Duration::from_millis(200), credentials("x")).unwrap();
+    let quick = IamClient::new(
+        &silent_url,
+        Duration::from_millis(200),
+        credentials("x"),
+        tls(),
+    )
+    .unwrap();
     let err = quick.issue().await.unwrap_err();
     assert!(matches!(err, IamError::Timeout(_)), "{err:?}");
     assert!(matches!(AuthError::from(err), AuthError::Unavailable(_)));
@@ -388,4 +400,12 @@ fn error_detail_reads_every_iam_shape_on_one_line() {
     assert_eq!(error_detail(&[b'x'; 1000]), "");
     let long = format!(r#"{{"error_msg":"{}"}}"#, "m".repeat(1000));
     assert_eq!(error_detail(long.as_bytes()).chars().count(), 300);
+}
+
+fn tls() -> rustls::ClientConfig {
+    crate::config::Config::load(None, std::iter::empty::<(String, String)>())
+        .unwrap()
+        .http
+        .client_config()
+        .unwrap()
 }
