@@ -7,6 +7,7 @@
 //! and the worker requeues the delivery: SWR is never called unguarded.
 
 pub mod embedded;
+pub mod pg_target;
 pub mod postgres;
 
 use std::collections::HashMap;

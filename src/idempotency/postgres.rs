@@ -25,10 +25,11 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, Mutex};
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
+use super::pg_target::{ConnectFailure, Target};
 use super::{Claim, Store, StoreError};
-use crate::config::{redact_url, IdempotencyConfig, Secret};
+use crate::config::{redact_url, IdempotencyConfig};
 use crate::outcome::Outcome;
 
 /// Batchers per lane, each with a connection of its own: one can send while the other collects.
@@ -127,8 +128,10 @@ pub struct PostgresStore {
 
 /// What the batchers and the direct calls share.
 struct Shared {
-    /// Connection URL (may hold a password).
-    url: Secret,
+    /// Where to connect and how (libpq's `sslmode` over rustls).
+    target: Target,
+    /// The URL with its password hidden, for messages.
+    shown: String,
     /// The fast lane's connections, one per batcher, with `synchronous_commit = off`: a claim
     /// needs atomicity, not durability (a claim lost in a database crash only means the
     /// redelivery claims again).
@@ -207,26 +210,24 @@ impl PostgresStore {
     /// that is down at start is not fatal: the worker starts, every claim fails (so deliveries are
     /// requeued and SWR is not called unguarded), and the next call after it returns connects.
     pub async fn connect(config: &IdempotencyConfig) -> Result<PostgresStore, StoreError> {
-        config
-            .url
-            .expose()
-            .parse::<tokio_postgres::Config>()
-            .map_err(|e| {
-                StoreError(format!(
-                    "idempotency.url {} is not a PostgreSQL URL: {e}",
-                    redact_url(config.url.expose())
-                ))
-            })?;
+        let target = Target::parse(&config.url).map_err(StoreError)?;
         let shared = Arc::new(Shared {
-            url: config.url.clone(),
+            target,
+            shown: redact_url(config.url.expose()),
             claims: (0..BATCHERS).map(|_| Mutex::new(None)).collect(),
             durable: (0..BATCHERS).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
             lease_ms: i64::try_from(config.lease.as_millis()).unwrap_or(i64::MAX),
             ttl_ms: i64::try_from(config.ttl.as_millis()).unwrap_or(i64::MAX),
         });
-        if let Err(e) = shared.conn(true, 0).await {
-            tracing::warn!(error = %e, "idempotency store unavailable at start; deliveries are requeued until it answers");
+        // A database that is down may come back; a certificate that does not verify will not
+        // fix itself, and running on without the store would requeue every delivery forever.
+        match shared.open_checked().await {
+            Ok(conn) => *shared.durable[0].lock().await = Some(Arc::new(conn)),
+            Err(OpenError::Tls(e)) => return Err(e),
+            Err(OpenError::Other(e)) => {
+                tracing::warn!(error = %e, "idempotency store unavailable at start; deliveries are requeued until it answers");
+            }
         }
         let lane = |durable: bool| {
             let (calls, queue) = mpsc::channel(LANE_CAPACITY);
@@ -544,25 +545,46 @@ async fn run_releases(conn: &Conn, mut calls: Vec<KeyCall>) {
     }
 }
 
+/// Why a connection could not be opened: a failed TLS handshake is told apart, since at start
+/// it stops the worker.
+enum OpenError {
+    Tls(StoreError),
+    Other(StoreError),
+}
+
+impl From<OpenError> for StoreError {
+    fn from(error: OpenError) -> StoreError {
+        match error {
+            OpenError::Tls(e) | OpenError::Other(e) => e,
+        }
+    }
+}
+
+impl From<StoreError> for OpenError {
+    fn from(error: StoreError) -> OpenError {
+        OpenError::Other(error)
+    }
+}
+
 impl Shared {
     async fn open(&self) -> Result<Conn, StoreError> {
-        let shown = redact_url(self.url.expose());
-        let (mut client, connection) = tokio::time::timeout(
-            OP_TIMEOUT,
-            tokio_postgres::connect(self.url.expose(), NoTls),
-        )
-        .await
-        .map_err(|_| {
-            StoreError(format!(
-                "cannot connect to PostgreSQL at {shown}: no answer within {OP_TIMEOUT:?}"
-            ))
-        })?
-        .map_err(|e| StoreError(format!("cannot connect to PostgreSQL at {shown}: {e}")))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "PostgreSQL connection closed");
+        Ok(self.open_checked().await?)
+    }
+
+    async fn open_checked(&self) -> Result<Conn, OpenError> {
+        let shown = &self.shown;
+        let mut client = match tokio::time::timeout(OP_TIMEOUT, self.target.connect()).await {
+            Err(_) => {
+                return Err(OpenError::Other(StoreError(format!(
+                    "cannot connect to PostgreSQL at {shown}: no answer within {OP_TIMEOUT:?}"
+                ))))
             }
-        });
+            Ok(Err(e @ ConnectFailure::Tls { .. })) => {
+                return Err(OpenError::Tls(StoreError(e.to_string())))
+            }
+            Ok(Err(e)) => return Err(OpenError::Other(StoreError(e.to_string()))),
+            Ok(Ok(client)) => client,
+        };
         let migrate = async {
             client
                 .batch_execute(
@@ -615,7 +637,7 @@ impl Shared {
                     "preparing statements on {shown}: no answer within {OP_TIMEOUT:?}"
                 ))
             })?
-            .map_err(|e| StoreError(format!("preparing statements on {shown}: {e}")))
+            .map_err(|e| StoreError(format!("preparing statements on {shown}: {e}")).into())
     }
 
     /// The live connection of a lane's `slot`, re-opened first if it broke (one reconnect at
