@@ -63,6 +63,12 @@ enum Command {
         /// Lifetime of the tokens the IAM endpoint issues.
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         token_ttl: std::time::Duration,
+        /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+        #[arg(long, value_name = "PEM", requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, value_name = "PEM", requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
     },
     /// Measure the worker against the bare consume-POST-publish-ack loop (needs RabbitMQ;
     /// build with --release for meaningful figures).
@@ -280,6 +286,8 @@ fn main() -> ExitCode {
                 no_record,
                 iam_users,
                 token_ttl,
+                tls_cert,
+                tls_key,
             } => {
                 let sim_config = sim::SimConfig {
                     tokens,
@@ -287,6 +295,9 @@ fn main() -> ExitCode {
                     record: !no_record,
                     iam_users,
                     token_ttl,
+                    tls: tls_cert
+                        .zip(tls_key)
+                        .map(|(cert, key)| sim::SimTls { cert, key }),
                     ..sim::SimConfig::default()
                 };
                 match sim::serve_forever(listen, sim_config, shutdown::termination_signal()).await {

@@ -16,8 +16,10 @@ use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use super::model::{self, Answer, ApiRequest, Outcome, Sim};
+use super::tls::TlsListener;
 use super::FaultRule;
 
 /// The one upstream route being simulated.
@@ -36,9 +38,15 @@ const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json
 /// Serves until `shutdown` resolves, then lets in-flight requests finish.
 pub(crate) async fn serve(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     sim: Arc<Sim>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    if let Some(acceptor) = tls {
+        return axum::serve(TlsListener::new(listener, acceptor)?, router(sim))
+            .with_graceful_shutdown(shutdown)
+            .await;
+    }
     // Small request/response exchanges on keep-alive connections must not
     // wait on Nagle's algorithm.
     let listener = listener.tap_io(|tcp| {

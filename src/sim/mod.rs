@@ -34,9 +34,11 @@
 mod http;
 mod iam;
 mod model;
+mod tls;
 
 pub use iam::ISSUED_TOKEN_PREFIX;
 pub use model::RuleError;
+pub use tls::SimTls;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -66,6 +68,8 @@ pub struct SimConfig {
     pub iam_users: Vec<(String, String)>,
     /// Lifetime of the tokens the IAM endpoint issues (IAM's is 24 h), so expiry can be tested.
     pub token_ttl: Duration,
+    /// Serve HTTPS with this certificate instead of plain HTTP (clients with a private CA).
+    pub tls: Option<SimTls>,
 }
 
 impl Default for SimConfig {
@@ -77,6 +81,7 @@ impl Default for SimConfig {
             max_recorded: 100_000,
             iam_users: Vec::new(),
             token_ttl: Duration::from_secs(24 * 3600),
+            tls: None,
         }
     }
 }
@@ -181,6 +186,8 @@ pub struct SimStats {
 pub struct SimHandle {
     /// Where the server actually listens (port 0 resolved).
     addr: SocketAddr,
+    /// Serving HTTPS: the URL says `https://`.
+    https: bool,
     /// State shared with the server, so tests can inspect it without HTTP.
     sim: Arc<Sim>,
     /// Firing (or dropping) it starts the graceful stop.
@@ -196,16 +203,19 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 impl SimHandle {
     /// Binds `listen` (port 0 allowed) and serves in a spawned task.
     pub async fn start(listen: SocketAddr, config: SimConfig) -> std::io::Result<SimHandle> {
+        let acceptor = acceptor(&config)?;
+        let https = acceptor.is_some();
         let sim = Arc::new(Sim::new(config)?);
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(http::serve(listener, sim.clone(), async move {
+        let task = tokio::spawn(http::serve(listener, acceptor, sim.clone(), async move {
             // A dropped sender means the handle is gone: stop as well.
             let _ = stopped.await;
         }));
         Ok(SimHandle {
             addr,
+            https,
             sim,
             stop: Some(stop),
             task: Some(task),
@@ -217,15 +227,16 @@ impl SimHandle {
         self.addr
     }
 
-    /// Base URL for clients, e.g. `http://127.0.0.1:PORT`; a wildcard bind is
-    /// reported as loopback because a client can't connect to `0.0.0.0`.
+    /// Base URL for clients, e.g. `http://127.0.0.1:PORT` (`https://` when serving TLS); a
+    /// wildcard bind is reported as loopback because a client can't connect to `0.0.0.0`.
     pub fn url(&self) -> String {
         let ip = match self.addr.ip() {
             IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
             ip => ip,
         };
-        format!("http://{}", SocketAddr::new(ip, self.addr.port()))
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", SocketAddr::new(ip, self.addr.port()))
     }
 
     /// Installs a fault rule and returns its id.
@@ -306,13 +317,24 @@ pub async fn serve_forever(
     config: SimConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let acceptor = acceptor(&config)?;
+    let https = acceptor.is_some();
     let sim = Arc::new(Sim::new(config)?);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, stages = sim.stages(), record = sim.recording(), "SWR simulator listening");
-    http::serve(listener, sim, shutdown).await?;
+    tracing::info!(%addr, https, stages = sim.stages(), record = sim.recording(), "SWR simulator listening");
+    http::serve(listener, acceptor, sim, shutdown).await?;
     tracing::info!(%addr, "SWR simulator stopped");
     Ok(())
+}
+
+/// The TLS acceptor when `config.tls` is set; an unusable file is an error naming its flag.
+fn acceptor(config: &SimConfig) -> std::io::Result<Option<tokio_rustls::TlsAcceptor>> {
+    config
+        .tls
+        .as_ref()
+        .map(|tls| tls.acceptor().map_err(std::io::Error::other))
+        .transpose()
 }
 
 #[cfg(test)]
