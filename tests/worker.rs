@@ -219,6 +219,41 @@ async fn throttled_429_waits_for_retry_after() {
 }
 
 #[tokio::test]
+async fn a_retry_after_beyond_any_budget_fails_retryable_at_once_and_the_worker_goes_on() {
+    let mut env = TestEnv::start("retry-after-max").await;
+    // The longest delay-seconds a u64 holds, after an answer that took over a second: the job's
+    // elapsed time plus that delay once overflowed the schedule's arithmetic and panicked the
+    // job, leaving its delivery unacked.
+    env.sim.add_rule(FaultRule {
+        pipeline_id: Some(5031),
+        status: Some(503),
+        retry_after: Some(u64::MAX.to_string()),
+        delay_ms: Some(1_100),
+        ..FaultRule::default()
+    });
+    env.publish_json(&json!({"pipeline_id": 5031, "stage_index": 0}))
+        .await;
+    let (long, _) = env.next_outcome().await;
+    assert_eq!(
+        (long.status, long.attempts, long.http_status),
+        (Status::Failed, 1, Some(503))
+    );
+    let e = long.error.unwrap();
+    assert_eq!((e.kind, e.retryable), (ErrorKind::ServerError, true));
+    assert!(e.message.contains("retry.max_elapsed"), "{}", e.message);
+    // The next request on the queue is taken and runs as usual.
+    env.publish_json(&json!({"pipeline_id": 5032, "stage_index": 0}))
+        .await;
+    let (next, _) = env.next_outcome().await;
+    assert_eq!(
+        (next.pipeline_id, next.status, next.attempts),
+        (Some(5032), Status::Succeeded, 1)
+    );
+    assert_eq!(env.sim.calls().len(), 2);
+    env.teardown().await;
+}
+
+#[tokio::test]
 async fn exhausted_attempts_fail_retryable_with_last_kind() {
     let mut env = TestEnv::start_with(
         "exhausted",
