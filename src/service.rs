@@ -125,10 +125,16 @@ pub async fn run(
                         return Ok(());
                     }
                 }
-                delay = (delay * 2).min(config.amqp.reconnect_max_interval);
+                delay = next_reconnect_delay(delay, config.amqp.reconnect_max_interval);
             }
         }
     }
+}
+
+/// The pause after `delay`: twice as long, at most `max` (`amqp.reconnect_max_interval`, which
+/// may be as long as a Duration holds, so the doubling saturates).
+fn next_reconnect_delay(delay: Duration, max: Duration) -> Duration {
+    delay.saturating_mul(2).min(max)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -397,6 +403,22 @@ mod tests {
     /// The size of the future an async fn of five owned arguments returns.
     fn future_size<A, B, C, D, E, F: Future>(_: impl FnOnce(A, B, C, D, E) -> F) -> usize {
         std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn reconnect_pauses_double_up_to_any_configured_cap() {
+        let cap = Duration::from_secs(30);
+        assert_eq!(
+            next_reconnect_delay(RECONNECT_INITIAL, cap),
+            Duration::from_secs(1)
+        );
+        assert_eq!(next_reconnect_delay(Duration::from_secs(20), cap), cap);
+        let mut delay = RECONNECT_INITIAL;
+        for _ in 0..100 {
+            delay = next_reconnect_delay(delay, Duration::MAX);
+        }
+        assert_eq!(delay, Duration::MAX);
+        assert_eq!(next_reconnect_delay(delay, Duration::MAX), Duration::MAX);
     }
 
     #[test]

@@ -447,10 +447,11 @@ impl IamToken {
                     renew_in_s = (issued.valid_for - early).as_secs(),
                     "obtained an IAM token"
                 );
+                // `expires_at` is IAM's to write, up to the year 9999: the sums saturate.
                 state.current = Some(Current {
                     token: issued.token.clone(),
-                    renew_at: now + (issued.valid_for - early),
-                    expires: now + issued.valid_for,
+                    renew_at: crate::deadline::after(now, issued.valid_for - early),
+                    expires: crate::deadline::after(now, issued.valid_for),
                 });
                 state.failure = None;
                 Ok(issued.token)
