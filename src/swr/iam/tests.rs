@@ -406,5 +406,16 @@ fn error_detail_reads_every_iam_shape_on_one_line() {
     assert_eq!(error_detail(b"<html>503</html>"), "");
     assert_eq!(error_detail(&[b'x'; 1000]), "");
     let long = format!(r#"{{"error_msg":"{}"}}"#, "m".repeat(1000));
-    assert_eq!(error_detail(long.as_bytes()).chars().count(), 300);
+    let detail = error_detail(long.as_bytes());
+    assert_eq!(detail.chars().count(), 300);
+    assert!(detail.ends_with('…'), "{detail}");
+}
+
+#[test]
+fn a_long_unreadable_expiry_is_quoted_short() {
+    let body = format!(r#"{{"token":{{"expires_at":"{}"}}}}"#, "9".repeat(100_000));
+    let Err(IamError::BadAnswer(why)) = parse_expires_at(body.as_bytes()) else {
+        panic!("expected a bad answer");
+    };
+    assert!(why.len() < 300 && why.contains('…'), "{why}");
 }
