@@ -29,9 +29,10 @@ const MAX_TELEMETRY_BYTES: usize = 1024 * 1024;
 pub struct StatusError(String);
 
 /// Counters worth a glance, in the order they are printed.
-const KEY_METRICS: [&str; 7] = [
+const KEY_METRICS: [&str; 8] = [
     "swr_stage_jobs_total",
     "swr_stage_errors_total",
+    "swr_stage_job_panics_total",
     "swr_stage_in_flight",
     "swr_stage_replayed_total",
     "swr_stage_retries_total",
