@@ -193,7 +193,7 @@ impl Breaker {
     }
 
     fn open(&self, why: &str) {
-        let until = Instant::now() + self.cooldown;
+        let until = crate::deadline::after(Instant::now(), self.cooldown);
         self.state.send_replace(BreakerState::Open { until });
         self.recent.lock().expect("breaker lock").clear();
         tracing::warn!(
@@ -209,14 +209,18 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn breaker() -> Breaker {
-        Breaker::new(&BreakerConfig {
+    fn breaker_config() -> BreakerConfig {
+        BreakerConfig {
             enabled: true,
             window: 10,
             min_calls: 5,
             failure_ratio: 0.5,
             cooldown: Duration::from_secs(30),
-        })
+        }
+    }
+
+    fn breaker() -> Breaker {
+        Breaker::new(&breaker_config())
     }
 
     #[tokio::test(start_paused = true)]
@@ -314,6 +318,24 @@ mod tests {
         assert!(next.take());
         // A pass that was taken stays the job's: dropping the taken value changes nothing.
         assert_eq!(b.state(), BreakerState::HalfOpen { probing: true });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cooldown_as_long_as_a_duration_holds_opens_without_overflow() {
+        let b = Breaker::new(&BreakerConfig {
+            cooldown: Duration::MAX,
+            ..breaker_config()
+        });
+        for _ in 0..5 {
+            b.record(true, false);
+        }
+        assert!(matches!(b.state(), BreakerState::Open { .. }));
+        assert!(
+            tokio::time::timeout(Duration::from_secs(365 * 86400), b.admit())
+                .await
+                .is_err(),
+            "still open a year later"
+        );
     }
 
     #[tokio::test(start_paused = true)]

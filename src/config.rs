@@ -452,13 +452,24 @@ fn duration_or_auto<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Erro
     }
 }
 
-/// `text` as a humantime duration; the error says what is expected, after `also`.
+/// The longest duration any key takes: 100 years (humantime's, of 365.25 days). Longer ones are
+/// refused, naming the key: added to a clock or a database's timestamp (a TTL in PostgreSQL,
+/// which ends in the year 294276), they overflow; shorter, they mean "never" for any worker.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// `text` as a humantime duration up to [`MAX_DURATION`]; the error says what is expected,
+/// after `also`.
 fn parse_duration<E: serde::de::Error>(text: &str, also: &str) -> Result<Duration, E> {
-    humantime::parse_duration(text).map_err(|e| {
+    let expected = |why: String| {
         E::custom(format!(
-            "expected {also}a duration such as \"200ms\", \"30s\", \"5m\", \"7d\", got {text:?} ({e})"
+            "expected {also}a duration such as \"200ms\", \"30s\", \"5m\", \"7d\", up to \"100y\", got {text:?} ({why})"
         ))
-    })
+    };
+    match humantime::parse_duration(text) {
+        Ok(d) if d <= MAX_DURATION => Ok(d),
+        Ok(_) => Err(expected("longer than 100 years".into())),
+        Err(e) => Err(expected(e.to_string())),
+    }
 }
 
 impl Config {
@@ -1235,6 +1246,49 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("timeout") && err.contains("duration"), "{err}");
+    }
+
+    #[test]
+    fn durations_longer_than_a_century_are_refused_naming_the_key() {
+        let keys = [
+            "amqp.connect_timeout",
+            "amqp.confirm_timeout",
+            "amqp.reconnect_max_interval",
+            "amqp.consumer_timeout",
+            "swr.auth.refresh_ahead",
+            "iam.timeout",
+            "http.timeout",
+            "http.connect_timeout",
+            "retry.initial_interval",
+            "retry.max_interval",
+            "retry.max_elapsed",
+            "breaker.cooldown",
+            "guard.window",
+            "idempotency.ttl",
+            "idempotency.lease",
+            "idempotency.hold",
+            "idempotency.prune_interval",
+            "shutdown.grace",
+        ];
+        for key in keys {
+            let var = format!(
+                "SWR_STAGE_WORKER__{}",
+                key.to_ascii_uppercase().replace('.', "__")
+            );
+            // A year past the cap, and as long as humantime reads at all.
+            for value in ["101y", "100000000y", "500000000000y"] {
+                let err = Config::load(None, env(&[(var.as_str(), value)]))
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    err.contains(&format!("`{key}`")) && err.contains("up to \"100y\""),
+                    "{key} = {value}: {err}"
+                );
+            }
+        }
+        // The cap itself is a valid value (the TTL's database timestamp has room for it).
+        let c = Config::load(None, env(&[("SWR_STAGE_WORKER__IDEMPOTENCY__TTL", "100y")])).unwrap();
+        assert_eq!(c.idempotency.ttl, MAX_DURATION);
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   (static, and IAM password tokens renewed before expiry and on a 401), and `execute`, which
 //!   drives attempts to a final answer.
 //! - [`retry`]: the retry schedule (backoff, Retry-After, limits); the only user of `backoff`.
+//! - [`deadline`]: deadlines from outside durations (config, messages, answers) that never
+//!   overflow the clock.
 //! - [`idempotency`]: one execution per key: the store trait, embedded SQLite and PostgreSQL
 //!   stores, and the gate the worker asks before calling SWR.
 //! - [`ratelimit`]: the smooth per-process pace of SWR calls.
@@ -37,6 +39,7 @@ pub mod bench;
 pub mod breaker;
 pub mod campaign;
 pub mod config;
+pub mod deadline;
 pub mod demo;
 pub mod idempotency;
 pub mod outcome;

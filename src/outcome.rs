@@ -140,6 +140,28 @@ impl Outcome {
     }
 }
 
+/// Longest `error.message` of an outcome, in characters: SWR's and IAM's answers go into it.
+pub const MAX_ERROR_MESSAGE_CHARS: usize = 1024;
+/// Longest `error.swr_error_code`, in characters (Huawei's codes are some 20).
+pub const MAX_SWR_ERROR_CODE_CHARS: usize = 128;
+/// Longest `swr_request_id` (SWR's `X-Request-Id`), in characters (SWR's are 32).
+pub const MAX_REQUEST_ID_CHARS: usize = 128;
+
+/// `text` cut to at most `max` characters (`max` >= 1) on a character boundary; a text that was
+/// cut ends in "…", so a reader knows there was more. What an upstream answer puts into an
+/// outcome or a log line passes through here: a server must not decide its size.
+pub fn capped(mut text: String, max: usize) -> String {
+    if text.char_indices().nth(max).is_some() {
+        let end = text
+            .char_indices()
+            .nth(max.saturating_sub(1))
+            .map_or(text.len(), |(at, _)| at);
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 /// A wall-clock instant formatted as the contract shows (`2026-11-29T05:20:28.123Z`).
 pub fn timestamp(at: std::time::SystemTime) -> String {
     humantime::format_rfc3339_millis(at).to_string()
@@ -240,6 +262,21 @@ mod tests {
         ] {
             assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
         }
+    }
+
+    #[test]
+    fn capped_cuts_on_a_character_boundary_and_marks_the_cut() {
+        assert_eq!(capped("abc".into(), 3), "abc");
+        assert_eq!(capped("abcd".into(), 3), "ab…");
+        assert_eq!(capped(String::new(), 3), "");
+        // Multi-byte characters: counted as characters, never split.
+        assert_eq!(capped("ééé".into(), 3), "ééé");
+        assert_eq!(capped("éééé".into(), 3), "éé…");
+        assert_eq!(capped("日本語のテキスト".into(), 4), "日本語…");
+        let long = capped("x".repeat(1_000_000), MAX_ERROR_MESSAGE_CHARS);
+        assert_eq!(long.chars().count(), MAX_ERROR_MESSAGE_CHARS);
+        assert!(long.ends_with('…'));
+        assert_eq!(capped("ab".into(), 1), "…");
     }
 
     #[test]

@@ -30,7 +30,10 @@ impl RateLimiter {
     /// stall is spread over the time after it, not released at once.
     pub fn with_catch_up(rate: f64, catch_up: Duration) -> RateLimiter {
         RateLimiter {
-            interval: (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate)),
+            // A rate too small for a Duration's interval (callers validate; this is the
+            // floor under them) paces as slowly as a Duration allows instead of panicking.
+            interval: (rate > 0.0)
+                .then(|| Duration::try_from_secs_f64(1.0 / rate).unwrap_or(Duration::MAX)),
             catch_up,
             next: Mutex::new(None),
         }
@@ -46,10 +49,10 @@ impl RateLimiter {
             let mut next = self.next.lock().expect("rate limiter lock");
             let now = Instant::now();
             let slot = match *next {
-                Some(n) if now <= n + self.catch_up => n,
+                Some(n) if now <= crate::deadline::after(n, self.catch_up) => n,
                 _ => now,
             };
-            *next = Some(slot + interval);
+            *next = Some(crate::deadline::after(slot, interval));
             slot
         };
         tokio::time::sleep_until(slot).await;
@@ -128,6 +131,25 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let after = Instant::now();
         assert_eq!(calls(&limiter, after, 4).await, [0, 100, 200, 300]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_too_small_for_a_duration_paces_without_overflow() {
+        let limiter = RateLimiter::with_catch_up(1e-300, Duration::MAX);
+        let start = Instant::now();
+        limiter.until_ready().await;
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "the first call goes at once"
+        );
+        let year = Duration::from_secs(365 * 86400);
+        assert!(
+            tokio::time::timeout(year, limiter.until_ready())
+                .await
+                .is_err(),
+            "the next one waits its (very long) interval"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -701,6 +701,25 @@ mod tests {
     }
 
     #[test]
+    fn not_after_at_the_ends_of_rfc3339_compares_with_now_and_prints() {
+        // What the worker does with it: compare with the time it took the request, and write
+        // the deadline in the `expired` message. Offsets push these past year 9999 and before 0.
+        let now = OffsetDateTime::now_utc();
+        for (text, passed) in [
+            ("9999-12-31T23:59:59.999999999-23:59", false),
+            ("9999-12-31T23:59:59Z", false),
+            ("0000-01-01T00:00:00+23:59", true),
+            ("0000-01-01T00:00:00Z", true),
+        ] {
+            let r = parse(json!({"pipeline_id": 1, "stage_index": 0, "not_after": text}));
+            let deadline = r.unwrap().not_after.unwrap();
+            assert_eq!(deadline < now, passed, "{text}");
+            let written = deadline.format(&Rfc3339).unwrap_or_default();
+            assert!(written.len() <= 40, "{text}: {written}");
+        }
+    }
+
+    #[test]
     fn metadata_is_kept_as_written() {
         let body = r#"{"pipeline_id": 1, "stage_index": 0, "metadata": {"z": 1.50, "a": [2E3, 18446744073709551616], "t": "x\ny"}}"#;
         let r = parse_request(body.as_bytes(), 65536).unwrap();

@@ -85,7 +85,8 @@ impl RetrySchedule {
             .unwrap_or(self.max_interval)
             .min(self.max_interval);
         let delay = interval.max(retry_after.unwrap_or_default());
-        if self.started.elapsed() + delay > self.max_elapsed {
+        // Saturating: a server's Retry-After can be as long as a Duration holds (u64::MAX s).
+        if self.started.elapsed().saturating_add(delay) > self.max_elapsed {
             return Err(GiveUp::Elapsed);
         }
         Ok(delay)
@@ -93,11 +94,14 @@ impl RetrySchedule {
 }
 
 /// A `Retry-After` header value: delay-seconds, or an HTTP date (relative to `now`).
-/// Unparsable values are ignored (None), as RFC 9110 allows.
+/// Unparsable values (garbage, a sign, a fraction) are ignored (None), as RFC 9110 allows.
+/// Delay-seconds too many for a `u64` are still delay-seconds (`1*DIGIT`): they saturate, like
+/// RFC 9111's delta-seconds, so the schedule sees a wait beyond its budget and stops.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
+    // Digits only: `u64::from_str` would also take a leading `+`, which delay-seconds has not.
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or_default())
@@ -204,6 +208,22 @@ mod tests {
         assert_eq!((why, attempts), (GiveUp::Elapsed, 1));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_as_long_as_a_duration_holds_ends_the_job_without_overflow() {
+        let longest = Some(Duration::from_secs(u64::MAX));
+        let (waits, why, attempts) = run_failing(&config(0.0), longest).await;
+        assert!(waits.is_empty());
+        assert_eq!((why, attempts), (GiveUp::Elapsed, 1));
+        // Later in the budget too (elapsed > 0), and with the largest Duration there is.
+        let mut schedule = RetrySchedule::new(&config(0.0));
+        schedule.begin_attempt();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            schedule.next_delay(Some(Duration::MAX)),
+            Err(GiveUp::Elapsed)
+        );
+    }
+
     #[test]
     fn one_attempt_budget_means_no_retry() {
         let mut cfg = config(0.0);
@@ -229,5 +249,29 @@ mod tests {
         );
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-5", now), None);
+    }
+
+    #[test]
+    fn retry_after_extremes_saturate_or_are_ignored() {
+        let now = httpdate::parse_http_date("Sun, 29 Nov 2026 05:00:00 GMT").unwrap();
+        let longest = Some(Duration::from_secs(u64::MAX));
+        assert_eq!(parse_retry_after("18446744073709551615", now), longest);
+        // More digits than a u64 holds: still a delay, the longest one.
+        assert_eq!(
+            parse_retry_after("99999999999999999999999999", now),
+            longest
+        );
+        // The last date HTTP can write, and one long past.
+        let far = parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now).unwrap();
+        assert!(far > Duration::from_secs(7000 * 365 * 86400), "{far:?}");
+        assert_eq!(
+            parse_retry_after("Thu, 01 Jan 1970 00:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        for junk in [
+            "", " ", "+5", "1.5", "0x10", "1e9", "5 s", "-0", "Infinity", "\u{0661}",
+        ] {
+            assert_eq!(parse_retry_after(junk, now), None, "{junk:?}");
+        }
     }
 }

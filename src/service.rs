@@ -7,6 +7,7 @@
 //! by the prefetch, never by the queue depth.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use crate::amqp::publisher::Publisher;
 use crate::amqp::topology::{self, TopologyError};
 use crate::amqp::{connect, ConnectError};
 use crate::config::{redact_url, Config};
+use crate::outcome::capped;
 use crate::worker::{self, ContextError, Disposition, JobContext, REQUEUE_DELAY};
 
 /// First pause before reconnecting; doubles up to `amqp.reconnect_max_interval`.
@@ -68,8 +70,16 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
-    let config = Arc::new(config);
-    let ctx = Arc::new(JobContext::new(config.clone()).await?);
+    let ctx = JobContext::new(Arc::new(config)).await?;
+    run_with_context(Arc::new(ctx), shutdown).await
+}
+
+/// [`run`] with a job context the caller built (and may have changed, e.g. its token source).
+pub async fn run_with_context(
+    ctx: Arc<JobContext>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let config = ctx.config.clone();
     if !config.telemetry.listen.is_empty() {
         let telemetry = &config.telemetry;
         crate::telemetry::http::serve(&telemetry.listen, telemetry.listen_is_default, ctx.clone())
@@ -143,7 +153,7 @@ pub async fn run(
                         return Ok(());
                     }
                 }
-                delay = (delay * 2).min(config.amqp.reconnect_max_interval);
+                delay = next_reconnect_delay(delay, config.amqp.reconnect_max_interval);
             }
         }
     }
@@ -169,6 +179,12 @@ fn warn_if_plain(url: &crate::config::Secret) {
             );
         }
     }
+}
+
+/// The pause after `delay`: twice as long, at most `max` (`amqp.reconnect_max_interval`, which
+/// may be as long as a Duration holds, so the doubling saturates).
+fn next_reconnect_delay(delay: Duration, max: Duration) -> Duration {
+    delay.saturating_mul(2).min(max)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -389,7 +405,29 @@ async fn handle(
     let limit = ctx.config.amqp.confirm_timeout;
     let taken = std::time::Instant::now();
     ctx.metrics.in_flight(1);
-    let disposition = worker::process(&ctx, &publisher, &delivery, probe).await;
+    // A panic in a job is a bug, but it must not strand the delivery (unacked until the channel
+    // closes) nor end the task before the probe and the gauge are settled: it is requeued like
+    // a job that could not finish. The job's idempotency ticket was dropped with the panicking
+    // future, and an unsettled ticket releases its claim when dropped.
+    let disposition = AssertUnwindSafe(worker::process(&ctx, &publisher, &delivery, probe))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            ctx.metrics.job_panicked();
+            // The payload is our own code's panic message (no credential is ever formatted
+            // into one: `Secret` prints redacted); capped, as it goes into a log line.
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|m| (*m).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(
+                panic = %capped(message, 200),
+                redelivered = delivery.redelivered,
+                "the job panicked; requeueing its request and releasing its key"
+            );
+            Disposition::Requeue("the job panicked".to_owned())
+        });
     if probe {
         ctx.breaker.probe_ended();
     }
@@ -437,6 +475,22 @@ mod tests {
     /// The size of the future an async fn of five owned arguments returns.
     fn future_size<A, B, C, D, E, F: Future>(_: impl FnOnce(A, B, C, D, E) -> F) -> usize {
         std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn reconnect_pauses_double_up_to_any_configured_cap() {
+        let cap = Duration::from_secs(30);
+        assert_eq!(
+            next_reconnect_delay(RECONNECT_INITIAL, cap),
+            Duration::from_secs(1)
+        );
+        assert_eq!(next_reconnect_delay(Duration::from_secs(20), cap), cap);
+        let mut delay = RECONNECT_INITIAL;
+        for _ in 0..100 {
+            delay = next_reconnect_delay(delay, Duration::MAX);
+        }
+        assert_eq!(delay, Duration::MAX);
+        assert_eq!(next_reconnect_delay(delay, Duration::MAX), Duration::MAX);
     }
 
     #[test]

@@ -14,9 +14,14 @@ use lapin::{Connection, ExchangeKind};
 
 use crate::amqp::connect;
 use crate::config::{redact_url, Config};
+use crate::swr::client::read_capped;
 
 /// Limit for each look at the broker or the worker.
 const LOOK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most bytes read of each answer from a worker's telemetry server (a worker's /metrics is a few
+/// KiB): whatever answers at that address cannot make `status` buffer without bound.
+const MAX_TELEMETRY_BYTES: usize = 1024 * 1024;
 
 /// Why the status could not be gathered.
 #[derive(Debug, thiserror::Error)]
@@ -24,9 +29,10 @@ const LOOK_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct StatusError(String);
 
 /// Counters worth a glance, in the order they are printed.
-const KEY_METRICS: [&str; 7] = [
+const KEY_METRICS: [&str; 8] = [
     "swr_stage_jobs_total",
     "swr_stage_errors_total",
+    "swr_stage_job_panics_total",
     "swr_stage_in_flight",
     "swr_stage_replayed_total",
     "swr_stage_retries_total",
@@ -132,7 +138,7 @@ async fn worker_state(address: &str) -> String {
     match client.get(format!("{base}/readyz")).send().await {
         Ok(answer) => {
             let status = answer.status();
-            let body = answer.text().await.unwrap_or_default();
+            let body = read_text(answer).await;
             let word = if status.is_success() {
                 "ready"
             } else {
@@ -146,7 +152,7 @@ async fn worker_state(address: &str) -> String {
         }
     }
     if let Ok(answer) = client.get(format!("{base}/metrics")).send().await {
-        let text = answer.text().await.unwrap_or_default();
+        let text = read_text(answer).await;
         for name in KEY_METRICS {
             for line in text
                 .lines()
@@ -157,4 +163,70 @@ async fn worker_state(address: &str) -> String {
         }
     }
     out
+}
+
+/// An answer's body as text, at most [`MAX_TELEMETRY_BYTES`] of it; empty when it cannot be read.
+async fn read_text(answer: reqwest::Response) -> String {
+    let body = read_capped(answer, MAX_TELEMETRY_BYTES)
+        .await
+        .unwrap_or_default();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A telemetry server whose /readyz and /metrics bodies never end: `status` reads the start
+    /// of each and goes on, instead of buffering until its timeout.
+    #[tokio::test]
+    async fn endless_telemetry_answers_are_read_only_up_to_the_cap() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !request.ends_with(b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let first = if request.starts_with(b"GET /readyz") {
+                        "ready "
+                    } else {
+                        "swr_stage_jobs_total{mode=\"retry\",status=\"succeeded\"} 7\n"
+                    };
+                    let head = "HTTP/1.1 200 OK\r\nContent-Length: 1000000000000\r\n\r\n";
+                    let mut out = format!("{head}{first}").into_bytes();
+                    // Ends when the client stops reading and closes the connection.
+                    loop {
+                        if stream.write_all(&out).await.is_err() {
+                            return;
+                        }
+                        out = vec![b'#'; 64 * 1024];
+                    }
+                });
+            }
+        });
+        let started = std::time::Instant::now();
+        let report = worker_state(&address).await;
+        assert!(
+            started.elapsed() < LOOK_TIMEOUT,
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(report.contains(": ready ready "), "{}", &report[..200]);
+        assert!(
+            report.contains("  swr_stage_jobs_total{mode=\"retry\",status=\"succeeded\"} 7\n"),
+            "{}",
+            &report[..200]
+        );
+        assert!(report.len() < 2 * MAX_TELEMETRY_BYTES, "{}", report.len());
+    }
 }

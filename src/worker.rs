@@ -18,7 +18,7 @@ use tracing::Instrument;
 use crate::amqp::copied_properties;
 use crate::amqp::publisher::{PublishError, Publisher, Routed};
 use crate::breaker::Breaker;
-use crate::config::{redact_url, Config, ConfigError};
+use crate::config::{redact_url, AmqpConfig, Config, ConfigError};
 use crate::idempotency::{self, fingerprint, Admission, Gate, StoreError};
 use crate::outcome::{timestamp, ErrorKind, Outcome, OutcomeError, Status, OUTCOME_TYPE};
 use crate::ratelimit::RateLimiter;
@@ -448,9 +448,10 @@ async fn publish_surviving_reconnect(
         Err(e) if !session_broke(publisher, &e) => return Err(e),
         Err(e) => e,
     };
-    let amqp = &ctx.config.amqp;
-    let deadline =
-        tokio::time::Instant::now() + amqp.reconnect_max_interval * 2 + amqp.connect_timeout;
+    let deadline = crate::deadline::after(
+        tokio::time::Instant::now(),
+        republish_wait(&ctx.config.amqp),
+    );
     let mut sessions = ctx.publishers.subscribe();
     // The sessions found broken, by identity; the first one is the job's own.
     let mut broken: Vec<Arc<Publisher>> = Vec::new();
@@ -487,6 +488,14 @@ async fn publish_surviving_reconnect(
         }
     }
     Err(error)
+}
+
+/// How long an outcome whose session broke waits for the next session: two reconnect pauses
+/// and a connect. Saturating, as both are the configuration's to set.
+fn republish_wait(amqp: &AmqpConfig) -> Duration {
+    amqp.reconnect_max_interval
+        .saturating_mul(2)
+        .saturating_add(amqp.connect_timeout)
 }
 
 /// Whether a failed publish means its session broke: its channel is closed, or the broker
@@ -781,6 +790,21 @@ mod tests {
             header(&foreign, crate::amqp::ORIGINAL_USER_HEADER),
             Some(AMQPValue::LongString("alice".into()))
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_for_a_new_session_saturates_at_any_configured_length() {
+        let mut amqp = Config::load(None, Vec::new()).unwrap().amqp;
+        let default = republish_wait(&amqp);
+        assert_eq!(
+            default,
+            amqp.reconnect_max_interval * 2 + amqp.connect_timeout
+        );
+        amqp.reconnect_max_interval = Duration::MAX;
+        amqp.connect_timeout = Duration::MAX;
+        assert_eq!(republish_wait(&amqp), Duration::MAX);
+        let now = tokio::time::Instant::now();
+        assert!(crate::deadline::after(now, republish_wait(&amqp)) > now);
     }
 
     #[test]

@@ -2,14 +2,46 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use common::{TestEnv, TOKEN};
+use futures_util::future::BoxFuture;
 use lapin::options::{BasicGetOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, ShortString};
 use lapin::BasicProperties;
 use serde_json::json;
+use swr_stage_worker::config::Secret;
 use swr_stage_worker::outcome::{ErrorKind, Status};
 use swr_stage_worker::request::{body_key, message_id_key, Mode};
 use swr_stage_worker::sim::FaultRule;
+use swr_stage_worker::swr::auth::{AuthError, TokenSource};
+use swr_stage_worker::worker::JobContext;
+
+/// A token source whose first call panics, as a bug in a job would; later calls give the
+/// simulator's token.
+#[derive(Default)]
+struct PanicsOnce {
+    /// Calls so far: the first panicked, every later one ran a job.
+    calls: AtomicU32,
+}
+
+impl TokenSource for PanicsOnce {
+    fn token(&self) -> BoxFuture<'_, Result<Secret, AuthError>> {
+        let first = self.calls.fetch_add(1, Ordering::SeqCst) == 0;
+        Box::pin(async move {
+            if first {
+                panic!("a bug in the job");
+            }
+            Ok(Secret::new(TOKEN))
+        })
+    }
+
+    fn refresh<'a>(&'a self, _refused: &'a Secret) -> BoxFuture<'a, Result<bool, AuthError>> {
+        Box::pin(async { Ok(false) })
+    }
+}
 
 fn header_text(value: Option<&AMQPValue>) -> Option<String> {
     match value? {
@@ -215,6 +247,85 @@ async fn throttled_429_waits_for_retry_after() {
     let calls = env.sim.calls();
     let gap = calls[1].at_unix_ms - calls[0].at_unix_ms;
     assert!(gap >= 1000, "second attempt came {gap} ms after the first");
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn a_retry_after_beyond_any_budget_fails_retryable_at_once_and_the_worker_goes_on() {
+    let mut env = TestEnv::start("retry-after-max").await;
+    // The longest delay-seconds a u64 holds, after an answer that took over a second: the job's
+    // elapsed time plus that delay once overflowed the schedule's arithmetic and panicked the
+    // job, leaving its delivery unacked.
+    env.sim.add_rule(FaultRule {
+        pipeline_id: Some(5031),
+        status: Some(503),
+        retry_after: Some(u64::MAX.to_string()),
+        delay_ms: Some(1_100),
+        ..FaultRule::default()
+    });
+    env.publish_json(&json!({"pipeline_id": 5031, "stage_index": 0}))
+        .await;
+    let (long, _) = env.next_outcome().await;
+    assert_eq!(
+        (long.status, long.attempts, long.http_status),
+        (Status::Failed, 1, Some(503))
+    );
+    let e = long.error.unwrap();
+    assert_eq!((e.kind, e.retryable), (ErrorKind::ServerError, true));
+    assert!(e.message.contains("retry.max_elapsed"), "{}", e.message);
+    // The next request on the queue is taken and runs as usual.
+    env.publish_json(&json!({"pipeline_id": 5032, "stage_index": 0}))
+        .await;
+    let (next, _) = env.next_outcome().await;
+    assert_eq!(
+        (next.pipeline_id, next.status, next.attempts),
+        (Some(5032), Status::Succeeded, 1)
+    );
+    assert_eq!(env.sim.calls().len(), 2);
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn a_panicking_job_is_requeued_with_its_key_released_and_counted() {
+    let mut env = TestEnv::without_worker("job-panic", &[]).await;
+    let mut ctx = JobContext::new(Arc::new(env.config.clone()))
+        .await
+        .expect("job context");
+    let tokens = Arc::new(PanicsOnce::default());
+    ctx.tokens = tokens.clone();
+    let ctx = Arc::new(ctx);
+    env.start_worker_with(ctx.clone());
+    let published = Instant::now();
+    env.publish_json(
+        &json!({"pipeline_id": 6601, "stage_index": 0, "idempotency_key": "panics-once"}),
+    )
+    .await;
+    let (o, _) = env.next_outcome().await;
+    // The first delivery panicked before SWR was called; it was requeued, and its redelivery
+    // claimed the key at once and ran: a claim left held would keep the redelivery waiting for
+    // idempotency.hold (30 s), then for the claim's lease.
+    assert_eq!(
+        (o.status, o.attempts, o.replayed),
+        (Status::Succeeded, 1, false)
+    );
+    assert!(
+        published.elapsed() < Duration::from_secs(10),
+        "the outcome took {:?}",
+        published.elapsed()
+    );
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(env.sim.calls().len(), 1);
+    // Once stopped, every job is settled: the panicked one counted, none left in flight.
+    env.stop_worker().await.expect("the worker stops cleanly");
+    let metrics = ctx.metrics.render();
+    for line in [
+        "swr_stage_job_panics_total 1",
+        "swr_stage_in_flight 0",
+        "swr_stage_jobs_total{mode=\"retry\",status=\"succeeded\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    assert_eq!(env.depth(&env.config.amqp.request_queue).await, 0);
     env.teardown().await;
 }
 

@@ -167,7 +167,7 @@ impl Watcher {
                     }
                     meter = Some(show(&summary));
                     if let Some(limit) = timeout {
-                        expired.as_mut().reset(tokio::time::Instant::now() + limit);
+                        expired.as_mut().reset(crate::deadline::after(tokio::time::Instant::now(), limit));
                         armed = true;
                     }
                     continue;

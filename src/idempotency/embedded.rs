@@ -710,7 +710,8 @@ fn make_guard_room(db: &mut Db, now: i64) {
     // Down to nine tenths of the cap, so the next sweep is a tenth of the cap's steps away.
     let target = db.guard_cap - db.guard_cap / 10;
     if let Some(window_ms) = db.guard_window_ms {
-        db.guard.retain(|_, w| w.start > now - window_ms);
+        db.guard
+            .retain(|_, w| w.start > now.saturating_sub(window_ms));
     }
     forget_oldest_guard_windows(&mut db.guard, target, db.guard_cap);
 }
@@ -953,7 +954,7 @@ impl Store for EmbeddedStore {
                     let Some(window_ms) = db.guard_window_ms else {
                         return Ok(None);
                     };
-                    let cutoff = now - window_ms + 1;
+                    let cutoff = now.saturating_sub(window_ms) + 1;
                     db.guard.retain(|_, w| w.start >= cutoff);
                     Ok(Some(cutoff))
                 })
@@ -1003,7 +1004,7 @@ impl Store for EmbeddedStore {
                 .guard
                 .get(&key)
                 .copied()
-                .filter(|w| w.start > now - window_ms);
+                .filter(|w| w.start > now.saturating_sub(window_ms));
             let next = match current {
                 Some(w) if w.executions >= max => return Ok(false),
                 Some(w) => GuardWindow {
@@ -1071,6 +1072,34 @@ mod tests {
 
     fn step(i: i64) -> String {
         super::super::fingerprint(i, 0, "retry")
+    }
+
+    /// `idempotency.hold` is the configuration's: a duplicate holding for as long as a Duration
+    /// holds waits for the running copy without overflowing its deadline.
+    #[tokio::test]
+    async fn a_duplicate_holding_as_long_as_a_duration_holds_waits_for_the_running_copy() {
+        use super::super::{Admission, Gate};
+        let (store, _now) = store("longest-hold");
+        let mut config = crate::config::Config::load(None, [])
+            .expect("default configuration")
+            .idempotency;
+        config.hold = Duration::MAX;
+        let gate = Arc::new(Gate::new(Arc::new(store), "w", &config));
+        let Admission::Run(first) = gate.admit("key-1", &step(1)).await else {
+            panic!("expected to run the key");
+        };
+        let duplicate = tokio::spawn({
+            let gate = gate.clone();
+            async move { matches!(gate.admit("key-1", &step(1)).await, Admission::Run(_)) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!duplicate.is_finished(), "the duplicate waits");
+        gate.release(first).await;
+        let ran = tokio::time::timeout(Duration::from_secs(10), duplicate)
+            .await
+            .expect("the duplicate runs once the first copy let go")
+            .expect("no panic");
+        assert!(ran);
     }
 
     /// A ticket whose claim was taken over (its lease ran out) is stale: settling it must not

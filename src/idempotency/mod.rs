@@ -202,7 +202,7 @@ impl Gate {
 
     /// Claims `key`, waiting (up to `idempotency.hold`) while another delivery runs it.
     pub async fn admit(&self, key: &str, fingerprint: &str) -> Admission {
-        let deadline = tokio::time::Instant::now() + self.hold;
+        let deadline = crate::deadline::after(tokio::time::Instant::now(), self.hold);
         let mut poll = Duration::from_millis(20);
         let owner = format!(
             "{}.{}",

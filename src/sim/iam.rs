@@ -115,7 +115,9 @@ impl Iam {
     pub(crate) fn new(users: &[(String, String)], ttl: Duration) -> Iam {
         Iam {
             users: users.iter().cloned().collect(),
-            ttl,
+            // `--token-ttl` is the operator's to write: capped so that now + ttl fits every
+            // clock and `expires_at` stays a four-digit year.
+            ttl: ttl.min(crate::deadline::HORIZON),
             issued: Mutex::new(HashMap::new()),
             requests: AtomicU64::new(0),
             tokens_issued: AtomicU64::new(0),
@@ -368,6 +370,24 @@ mod tests {
             .subject_token
             .unwrap();
         assert_eq!(iam.check(&c), Issued::Valid, "new tokens are not affected");
+    }
+
+    #[test]
+    fn a_lifetime_as_long_as_a_duration_holds_is_capped_at_the_horizon() {
+        let iam = Iam::new(&[("alice".into(), "pw-1".into())], Duration::MAX);
+        let answer = iam.issue("POST", &body("alice", "pw-1", "p"));
+        assert_eq!(answer.status, 201);
+        let b: Value = serde_json::from_str(&answer.body).unwrap();
+        let expires = b["token"]["expires_at"].as_str().unwrap();
+        let parsed =
+            time::OffsetDateTime::parse(expires, &time::format_description::well_known::Rfc3339)
+                .unwrap();
+        let left = parsed - time::OffsetDateTime::now_utc();
+        assert!(
+            left > time::Duration::days(29 * 365) && left <= time::Duration::days(30 * 365),
+            "{expires}"
+        );
+        assert_eq!(iam.check(&answer.subject_token.unwrap()), Issued::Valid);
     }
 
     #[test]

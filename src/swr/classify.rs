@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::outcome::ErrorKind;
+use crate::outcome::{capped, ErrorKind, MAX_ERROR_MESSAGE_CHARS, MAX_SWR_ERROR_CODE_CHARS};
 
 /// The decision for one attempt's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +47,8 @@ pub fn classify(status: u16, error_code: Option<&str>) -> Class {
 /// `error_code` and `error_msg` from an error body, whichever Huawei shape it has:
 /// `{"error_code","error_msg"}`, the same plus `"errors":[{"errorCode","errorMessage"}]`,
 /// or the gateway's `{"error_code","error_msg","request_id"}`. Anything else gives `None`s.
+/// Both are capped ([`MAX_SWR_ERROR_CODE_CHARS`], [`MAX_ERROR_MESSAGE_CHARS`]): they go into
+/// outcomes and log lines, and the server writes them.
 pub fn parse_error_body(body: &[u8]) -> (Option<String>, Option<String>) {
     let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) else {
         return (None, None);
@@ -60,7 +62,10 @@ pub fn parse_error_body(body: &[u8]) -> (Option<String>, Option<String>) {
         text(map.get("error_code")).or_else(|| text(first_detail.and_then(|d| d.get("errorCode"))));
     let message = text(map.get("error_msg"))
         .or_else(|| text(first_detail.and_then(|d| d.get("errorMessage"))));
-    (code, message)
+    (
+        code.map(|c| capped(c, MAX_SWR_ERROR_CODE_CHARS)),
+        message.map(|m| capped(m, MAX_ERROR_MESSAGE_CHARS)),
+    )
 }
 
 #[cfg(test)]
@@ -140,5 +145,25 @@ mod tests {
         assert_eq!(parse_error_body(b"<html>502</html>"), (None, None));
         assert_eq!(parse_error_body(b""), (None, None));
         assert_eq!(parse_error_body(br#"{"error_code": 5}"#), (None, None));
+    }
+
+    #[test]
+    fn an_error_body_cannot_make_the_code_or_message_long() {
+        let body = serde_json::json!({
+            "error_code": "C".repeat(100_000),
+            "error_msg": "é".repeat(100_000),
+        })
+        .to_string();
+        let (code, message) = parse_error_body(body.as_bytes());
+        let (code, message) = (code.unwrap(), message.unwrap());
+        assert_eq!(code.chars().count(), MAX_SWR_ERROR_CODE_CHARS);
+        assert_eq!(message.chars().count(), MAX_ERROR_MESSAGE_CHARS);
+        assert!(code.ends_with('…') && message.ends_with('…'));
+        let exact = serde_json::json!({"error_code": "C".repeat(MAX_SWR_ERROR_CODE_CHARS)});
+        assert_eq!(
+            parse_error_body(exact.to_string().as_bytes()).0.unwrap(),
+            "C".repeat(MAX_SWR_ERROR_CODE_CHARS),
+            "a code of exactly the cap is kept whole"
+        );
     }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use reqwest::header::{HeaderValue, CONTENT_LENGTH};
 
 use crate::config::{HttpConfig, Secret};
+use crate::outcome::{capped, MAX_REQUEST_ID_CHARS};
 use crate::request::{Mode, StageRequest, ROLLBACK_SOURCE};
 use crate::retry::parse_retry_after;
 use crate::swr::classify::parse_error_body;
@@ -126,7 +127,7 @@ impl SwrClient {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
-        let request_id = header("X-Request-Id");
+        let request_id = header("X-Request-Id").map(|id| capped(id, MAX_REQUEST_ID_CHARS));
         let retry_after =
             header("Retry-After").and_then(|v| parse_retry_after(&v, SystemTime::now()));
         let (error_code, error_msg) = if (200..300).contains(&status) {
@@ -156,16 +157,10 @@ impl SwrClient {
     }
 
     /// Reads at most `max_response_bytes` of the body; the rest is left unread.
-    async fn read_body(&self, mut response: reqwest::Response) -> Result<Vec<u8>, AttemptError> {
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| self.attempt_error(e))? {
-            let room = self.max_response_bytes.saturating_sub(body.len());
-            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            if body.len() >= self.max_response_bytes {
-                break;
-            }
-        }
-        Ok(body)
+    async fn read_body(&self, response: reqwest::Response) -> Result<Vec<u8>, AttemptError> {
+        read_capped(response, self.max_response_bytes)
+            .await
+            .map_err(|e| self.attempt_error(e))
     }
 
     fn attempt_error(&self, error: reqwest::Error) -> AttemptError {
@@ -194,6 +189,24 @@ impl SwrClient {
             AttemptError::Transport(error_chain(error))
         }
     }
+}
+
+/// Reads at most `max` bytes of an answer's body and leaves the rest unread: how every HTTP
+/// body from elsewhere (SWR, IAM, a worker's telemetry) is read, so no server decides how much
+/// this process buffers. The caller's client bounds the time.
+pub(crate) async fn read_capped(
+    mut response: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = max.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= max {
+            break;
+        }
+    }
+    Ok(body)
 }
 
 /// The error and its causes on one line. Callers strip reqwest's URL first
@@ -326,6 +339,26 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(error, AttemptError::Transport(_)), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_cannot_make_the_request_id_code_or_message_long() {
+        let answer = format!(
+            "HTTP/1.1 503 Service Unavailable\r\nX-Request-Id: {}\r\nContent-Type: application/json\r\n\r\n{{\"error_code\":\"{}\",\"error_msg\":\"{}\"}}",
+            "r".repeat(4000),
+            "C".repeat(4000),
+            "m".repeat(20_000),
+        );
+        let endpoint = answer_once(Box::leak(answer.into_boxed_str())).await;
+        let reply = client_for(&endpoint)
+            .attempt(&format!("{endpoint}/v3/x"), "k", &Secret::new("t"))
+            .await
+            .unwrap();
+        let count = |s: &Option<String>| s.as_deref().map(|s| s.chars().count());
+        assert_eq!(count(&reply.request_id), Some(MAX_REQUEST_ID_CHARS));
+        assert_eq!(count(&reply.error_code), Some(128));
+        assert_eq!(count(&reply.error_msg), Some(1024));
+        assert!(reply.request_id.unwrap().ends_with('…'));
     }
 
     #[tokio::test]

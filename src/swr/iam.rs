@@ -19,9 +19,10 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::config::{AuthConfig, ConfigError, Secret};
+use crate::outcome::capped;
 use crate::swr::auth::{AuthError, TokenSource};
 use crate::swr::classify::parse_error_body;
-use crate::swr::client::error_chain;
+use crate::swr::client::{error_chain, read_capped};
 use crate::telemetry::metrics::Metrics;
 
 /// Largest IAM answer read. With `nocatalog=true` it is about a kilobyte; the bound keeps a
@@ -191,7 +192,7 @@ impl IamClient {
                 .and_then(|v| v.to_str().ok())
                 .filter(|v| !v.is_empty())
                 .map(Secret::new);
-            let answer = read_bounded(response)
+            let answer = read_capped(response, MAX_ANSWER_BYTES)
                 .await
                 .map_err(|e| self.transport(e))?;
             Ok::<_, IamError>((status, token, answer))
@@ -248,19 +249,6 @@ impl IamClient {
     }
 }
 
-/// Reads at most `MAX_ANSWER_BYTES` of the body.
-async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await? {
-        let room = MAX_ANSWER_BYTES.saturating_sub(body.len());
-        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if body.len() >= MAX_ANSWER_BYTES {
-            break;
-        }
-    }
-    Ok(body)
-}
-
 /// `token.expires_at` (RFC 3339; IAM writes microseconds and `Z`).
 fn parse_expires_at(answer: &[u8]) -> Result<OffsetDateTime, IamError> {
     let value: Value = serde_json::from_slice(answer)
@@ -270,6 +258,8 @@ fn parse_expires_at(answer: &[u8]) -> Result<OffsetDateTime, IamError> {
         .and_then(Value::as_str)
         .ok_or_else(|| IamError::BadAnswer("the body has no token.expires_at".into()))?;
     OffsetDateTime::parse(text, &Rfc3339).map_err(|e| {
+        // Quoted in logs and outcomes: IAM must not decide how long.
+        let text = capped(text.to_owned(), 64);
         IamError::BadAnswer(format!(
             "token.expires_at {text:?} is not an RFC 3339 time: {e}"
         ))
@@ -298,11 +288,7 @@ fn error_detail(answer: &[u8]) -> String {
         (None, Some(m)) => format!(" ({m})"),
         (None, None) => String::new(),
     };
-    detail
-        .replace(['\n', '\r'], " ")
-        .chars()
-        .take(300)
-        .collect()
+    capped(detail.replace(['\n', '\r'], " "), 300)
 }
 
 /// Where new tokens come from: [`IamClient`] in the worker, a scripted one in unit tests.
@@ -450,10 +436,11 @@ impl IamToken {
                     renew_in_s = (issued.valid_for - early).as_secs(),
                     "obtained an IAM token"
                 );
+                // `expires_at` is IAM's to write, up to the year 9999: the sums saturate.
                 state.current = Some(Current {
                     token: issued.token.clone(),
-                    renew_at: now + (issued.valid_for - early),
-                    expires: now + issued.valid_for,
+                    renew_at: crate::deadline::after(now, issued.valid_for - early),
+                    expires: crate::deadline::after(now, issued.valid_for),
                 });
                 state.failure = None;
                 Ok(issued.token)

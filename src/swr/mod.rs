@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use crate::breaker::Breaker;
 use crate::config::RetryConfig;
-use crate::outcome::{ErrorKind, OutcomeError, Status};
+use crate::outcome::{capped, ErrorKind, OutcomeError, Status, MAX_ERROR_MESSAGE_CHARS};
 use crate::ratelimit::RateLimiter;
 use crate::request::StageRequest;
 use crate::retry::{GiveUp, RetrySchedule};
@@ -85,7 +85,8 @@ pub async fn execute(
             swr_request_id,
             error: error.map(|(e, retryable)| OutcomeError {
                 kind: e.kind,
-                message: e.message,
+                // Built from SWR's and IAM's words, each capped; the whole is capped too.
+                message: capped(e.message, MAX_ERROR_MESSAGE_CHARS),
                 retryable,
                 swr_error_code: e.swr_error_code,
             }),
@@ -279,12 +280,10 @@ fn describe_answer(status: u16, code: &Option<String>, message: &Option<String>)
         (None, Some(m)) => format!(" ({m})"),
         (None, None) => String::new(),
     };
-    let line = format!("SWR answered {status}{detail}").replace(['\n', '\r'], " ");
-    if line.chars().count() > 300 {
-        line.chars().take(300).collect()
-    } else {
-        line
-    }
+    capped(
+        format!("SWR answered {status}{detail}").replace(['\n', '\r'], " "),
+        300,
+    )
 }
 
 #[cfg(test)]
@@ -459,6 +458,31 @@ mod tests {
             "{}",
             error.message
         );
+    }
+
+    #[tokio::test]
+    async fn an_outcome_message_is_capped_whatever_the_token_source_says() {
+        let refused = AuthError::Refused(format!("IAM refused: {}", "ü".repeat(50_000)));
+        let e = run(&scripted(vec![Err(refused)], vec![])).await;
+        let message = e.error.unwrap().message;
+        assert_eq!(message.chars().count(), MAX_ERROR_MESSAGE_CHARS);
+        assert!(
+            message.starts_with("could not get an SWR token: token source: IAM refused: ü")
+                && message.ends_with('…'),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_answer_line_is_one_line_of_at_most_300_characters() {
+        let long = Some("m\n".repeat(1000));
+        let line = describe_answer(503, &Some("SVCSTG.SWR.5000001".into()), &long);
+        assert_eq!(line.chars().count(), 300);
+        assert!(
+            line.starts_with("SWR answered 503 (SVCSTG.SWR.5000001: m m ") && line.ends_with('…'),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
     }
 
     #[tokio::test]

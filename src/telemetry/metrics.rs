@@ -90,6 +90,8 @@ pub struct Metrics {
     circuit_open: AtomicI64,
     /// Token refreshes by result ("ok", "error").
     token_refresh: Mutex<BTreeMap<&'static str, u64>>,
+    /// Jobs that panicked (a bug): their deliveries were requeued, their keys released.
+    job_panics: AtomicU64,
 }
 
 fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
@@ -144,6 +146,11 @@ impl Metrics {
         self.circuit_open.store(i64::from(open), Ordering::Relaxed);
     }
 
+    /// A job panicked; its delivery is requeued.
+    pub fn job_panicked(&self) {
+        self.job_panics.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn token_refresh(&self, ok: bool) {
         bump(&self.token_refresh, if ok { "ok" } else { "error" });
     }
@@ -176,7 +183,7 @@ impl Metrics {
             "swr_stage_job_seconds",
             "Time from delivery to ack (or requeue).",
         );
-        let scalars: [(&str, &str, &str, i64); 5] = [
+        let scalars: [(&str, &str, &str, i64); 6] = [
             (
                 "swr_stage_retries_total",
                 "counter",
@@ -206,6 +213,12 @@ impl Metrics {
                 "gauge",
                 "1 while the circuit breaker holds new requests back.",
                 self.circuit_open.load(Ordering::Relaxed),
+            ),
+            (
+                "swr_stage_job_panics_total",
+                "counter",
+                "Jobs that panicked; their requests were requeued.",
+                self.job_panics.load(Ordering::Relaxed) as i64,
             ),
         ];
         for (name, kind, help, value) in scalars {
@@ -242,6 +255,7 @@ mod tests {
         m.in_flight(1);
         m.set_broker_connected(true);
         m.token_refresh(true);
+        m.job_panicked();
         let text = m.render();
         for line in [
             "swr_stage_jobs_total{mode=\"retry\",status=\"succeeded\"} 1",
@@ -257,6 +271,7 @@ mod tests {
             "swr_stage_broker_connected 1",
             "swr_stage_circuit_open 0",
             "swr_stage_token_refresh_total{result=\"ok\"} 1",
+            "swr_stage_job_panics_total 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -21,6 +22,7 @@ use swr_stage_worker::config::{Config, Secret};
 use swr_stage_worker::outcome::Outcome;
 use swr_stage_worker::service::{self, RunError};
 use swr_stage_worker::sim::{SimConfig, SimHandle};
+use swr_stage_worker::worker::JobContext;
 
 /// The token the test simulator accepts.
 pub const TOKEN: &str = "test-token-5ecr3t-value";
@@ -258,6 +260,15 @@ impl TestEnv {
     pub fn start_worker(&mut self) {
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(service::run(self.config.clone(), async {
+            let _ = stopped.await;
+        }));
+        self.worker = Some((stop, handle));
+    }
+
+    /// Starts the worker with a job context the test built (e.g. with its own token source).
+    pub fn start_worker_with(&mut self, ctx: Arc<JobContext>) {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(service::run_with_context(ctx, async {
             let _ = stopped.await;
         }));
         self.worker = Some((stop, handle));

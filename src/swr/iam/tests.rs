@@ -30,9 +30,14 @@ impl Issue for Scripted {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             tokio::time::sleep(self.latency).await;
             let valid_for = (self.script)(n)?;
+            let now = OffsetDateTime::now_utc();
             Ok(IssuedToken {
                 token: Secret::new(format!("token-{n}")),
-                expires_at: OffsetDateTime::now_utc() + valid_for,
+                // For log lines only; a lifetime past the year 9999 is written as now.
+                expires_at: time::Duration::try_from(valid_for)
+                    .ok()
+                    .and_then(|d| now.checked_add(d))
+                    .unwrap_or(now),
                 valid_for,
             })
         })
@@ -96,6 +101,17 @@ async fn a_fresh_token_is_reused_and_one_near_expiry_is_renewed_before_use() {
     );
     assert_eq!(token(&source).await, "token-2");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_valid_for_as_long_as_a_duration_holds_is_cached_without_overflow() {
+    // IAM writes `expires_at`: one in the year 9999 is some 8,000 years away, more than some
+    // platforms' clocks can add, and a lifetime that long must not panic the job asking.
+    let (source, calls) = scripted(HOUR, Duration::ZERO, |_| Ok(Duration::MAX));
+    assert_eq!(token(&source).await, "token-1");
+    tokio::time::advance(365 * 24 * HOUR).await;
+    assert_eq!(token(&source).await, "token-1");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -364,6 +380,9 @@ fn expires_at_is_read_with_microseconds_or_without() {
         ("2026-11-30T05:20:28.123456Z", 123_456),
         ("2026-11-30T05:20:28Z", 0),
         ("2026-11-30T13:20:28.5+08:00", 500_000),
+        // The ends of what RFC 3339 writes, in and out of the future.
+        ("9999-12-31T05:20:28.999999Z", 999_999),
+        ("0000-01-01T05:20:28Z", 0),
     ] {
         let body = format!(r#"{{"token":{{"expires_at":"{text}","methods":["password"]}}}}"#);
         let t = parse_expires_at(body.as_bytes()).unwrap();
@@ -399,7 +418,18 @@ fn error_detail_reads_every_iam_shape_on_one_line() {
     assert_eq!(error_detail(b"<html>503</html>"), "");
     assert_eq!(error_detail(&[b'x'; 1000]), "");
     let long = format!(r#"{{"error_msg":"{}"}}"#, "m".repeat(1000));
-    assert_eq!(error_detail(long.as_bytes()).chars().count(), 300);
+    let detail = error_detail(long.as_bytes());
+    assert_eq!(detail.chars().count(), 300);
+    assert!(detail.ends_with('…'), "{detail}");
+}
+
+#[test]
+fn a_long_unreadable_expiry_is_quoted_short() {
+    let body = format!(r#"{{"token":{{"expires_at":"{}"}}}}"#, "9".repeat(100_000));
+    let Err(IamError::BadAnswer(why)) = parse_expires_at(body.as_bytes()) else {
+        panic!("expected a bad answer");
+    };
+    assert!(why.len() < 300 && why.contains('…'), "{why}");
 }
 
 fn tls() -> rustls::ClientConfig {
