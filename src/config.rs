@@ -139,6 +139,107 @@ pub struct AmqpConfig {
     pub consumer_timeout: Duration,
     /// TLS settings for an `amqps://` URL.
     pub tls: AmqpTlsConfig,
+    /// Which `reply_to` names get a copy of the outcome: a producer must not be able to make
+    /// the worker fill any queue of the vhost (see [`crate::amqp::reply_to`]).
+    pub reply_to: ReplyToPolicy,
+}
+
+/// `amqp.reply_to`, parsed: which `reply_to` queue names the worker publishes outcomes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyToPolicy {
+    /// `"safe"` (the default): every name but the worker's own topology names and the broker's
+    /// `amq.*` names other than direct reply-to.
+    Safe,
+    /// `"any"`: every name, as before the key existed.
+    Any,
+    /// `"deny"`: no name; outcomes go to the results exchange only.
+    Deny,
+    /// A list of prefixes: names starting with one of them, never the worker's own topology names.
+    Prefixes(Vec<String>),
+}
+
+/// The words `amqp.reply_to` takes besides a list.
+const REPLY_TO_WORDS: [&str; 3] = ["safe", "any", "deny"];
+
+/// What `amqp.reply_to` accepts, for its errors.
+const REPLY_TO_EXPECTED: &str = "\"safe\", \"any\", \"deny\", or an array of queue-name prefixes such as [\"replies.\", \"amq.rabbitmq.reply-to\"]";
+
+impl<'de> Deserialize<'de> for ReplyToPolicy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Policy;
+        impl<'de> serde::de::Visitor<'de> for Policy {
+            type Value = ReplyToPolicy;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(REPLY_TO_EXPECTED)
+            }
+            fn visit_str<E: serde::de::Error>(self, word: &str) -> Result<ReplyToPolicy, E> {
+                match word {
+                    "safe" => Ok(ReplyToPolicy::Safe),
+                    "any" => Ok(ReplyToPolicy::Any),
+                    "deny" => Ok(ReplyToPolicy::Deny),
+                    _ => Err(E::custom(format!(
+                        "expected {REPLY_TO_EXPECTED}, got {word:?}"
+                    ))),
+                }
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<ReplyToPolicy, A::Error> {
+                let mut prefixes = Vec::new();
+                while let Some(ReplyToPrefix(prefix)) = seq.next_element()? {
+                    prefixes.push(prefix);
+                }
+                if prefixes.is_empty() {
+                    // One way to refuse every reply_to, and it says so in its name.
+                    return Err(serde::de::Error::custom(
+                        "an empty list would honour no reply_to; write \"deny\" for that",
+                    ));
+                }
+                Ok(ReplyToPolicy::Prefixes(prefixes))
+            }
+        }
+        d.deserialize_any(Policy)
+    }
+}
+
+/// One prefix of an `amqp.reply_to` list.
+struct ReplyToPrefix(
+    /// The prefix: not empty, and not one of the policy words.
+    String,
+);
+
+impl<'de> Deserialize<'de> for ReplyToPrefix {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Prefix;
+        impl serde::de::Visitor<'_> for Prefix {
+            type Value = ReplyToPrefix;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a queue-name prefix (a non-empty string) such as \"replies.\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, prefix: &str) -> Result<ReplyToPrefix, E> {
+                if prefix.is_empty() {
+                    // An empty prefix matches every name: "any" written by accident.
+                    return Err(E::custom(
+                        "a prefix cannot be empty (it would match every queue); write \"any\" to honour every reply_to",
+                    ));
+                }
+                if REPLY_TO_WORDS
+                    .iter()
+                    .any(|w| prefix.eq_ignore_ascii_case(w))
+                {
+                    // A policy word in a list is almost surely a policy meant on its own (a
+                    // misspelt environment value is read as a list).
+                    return Err(E::custom(format!(
+                        "{prefix:?} is a policy word, not a prefix: write it alone, lower-case (\"{}\")",
+                        prefix.to_ascii_lowercase()
+                    )));
+                }
+                Ok(ReplyToPrefix(prefix.to_owned()))
+            }
+        }
+        d.deserialize_str(Prefix)
+    }
 }
 
 /// `[amqp.tls]` (contract §7): used only with an `amqps://` URL, where verification is always on.
@@ -960,18 +1061,25 @@ fn set_from_env(table: &mut Table, var: &str, key: &str, raw: &str) -> Result<()
             raw.to_owned()
         },
     };
+    let list = || {
+        raw.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| Value::String(s.to_owned()))
+            .collect()
+    };
+    // `amqp.reply_to` is a word or a list of prefixes: from the environment, anything but one
+    // of the words is read as a comma-separated list, as the list keys are.
+    if key == "amqp.reply_to" && !REPLY_TO_WORDS.contains(&raw) {
+        *slot = Value::Array(list());
+        return Ok(());
+    }
     *slot = match slot {
         Value::String(_) => Value::String(raw.to_owned()),
         Value::Integer(_) => Value::Integer(raw.trim().parse().map_err(|_| bad("an integer"))?),
         Value::Float(_) => Value::Float(raw.trim().parse().map_err(|_| bad("a number"))?),
         Value::Boolean(_) => Value::Boolean(raw.trim().parse().map_err(|_| bad("true or false"))?),
-        Value::Array(_) => Value::Array(
-            raw.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| Value::String(s.to_owned()))
-                .collect(),
-        ),
+        Value::Array(_) => Value::Array(list()),
         Value::Table(_) | Value::Datetime(_) => return Err(unknown()),
     };
     Ok(())
@@ -1212,6 +1320,80 @@ mod tests {
                 .listen_is_default
         );
         std::fs::remove_file(file).unwrap();
+    }
+
+    #[test]
+    fn reply_to_is_safe_by_default_and_takes_a_word_or_prefixes() {
+        let policy = |pairs: &[(&str, &str)]| Config::load(None, env(pairs)).unwrap().amqp.reply_to;
+        let var = "SWR_STAGE_WORKER__AMQP__REPLY_TO";
+        assert_eq!(policy(&[]), ReplyToPolicy::Safe);
+        assert_eq!(policy(&[(var, "safe")]), ReplyToPolicy::Safe);
+        assert_eq!(policy(&[(var, "any")]), ReplyToPolicy::Any);
+        assert_eq!(policy(&[(var, "deny")]), ReplyToPolicy::Deny);
+        let listed =
+            ReplyToPolicy::Prefixes(vec!["replies.".into(), "amq.rabbitmq.reply-to".into()]);
+        assert_eq!(policy(&[(var, "replies., amq.rabbitmq.reply-to")]), listed);
+        assert_eq!(
+            policy(&[(var, "replies.")]),
+            ReplyToPolicy::Prefixes(vec!["replies.".into()])
+        );
+
+        let dir = std::env::temp_dir().join(format!("swr-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("reply-to.toml");
+        let load = |text: &str| {
+            std::fs::write(&file, format!("[amqp]\nreply_to = {text}\n")).unwrap();
+            Config::load(Some(&file), env(&[])).map(|c| c.amqp.reply_to)
+        };
+        assert_eq!(
+            load(r#"["replies.", "amq.rabbitmq.reply-to"]"#).unwrap(),
+            listed
+        );
+        assert_eq!(load(r#""deny""#).unwrap(), ReplyToPolicy::Deny);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_bad_reply_to_names_the_key_and_what_is_allowed() {
+        let dir = std::env::temp_dir().join(format!("swr-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("reply-to.toml");
+        for (text, says) in [
+            (
+                "5",
+                r#""safe", "any", "deny", or an array of queue-name prefixes"#,
+            ),
+            (r#""everything""#, r#""safe", "any", "deny", or an array"#),
+            (r#""""#, r#""safe", "any", "deny", or an array"#),
+            (r#"[""]"#, "a prefix cannot be empty"),
+            (
+                r#"["replies.", 7]"#,
+                "a queue-name prefix (a non-empty string)",
+            ),
+            ("[]", "write \"deny\""),
+            (r#"["Deny"]"#, "a policy word, not a prefix"),
+        ] {
+            std::fs::write(&file, format!("[amqp]\nreply_to = {text}\n")).unwrap();
+            let err = Config::load(Some(&file), env(&[])).unwrap_err().to_string();
+            assert!(
+                err.contains("amqp.reply_to") && err.contains(says),
+                "reply_to = {text}: {err}"
+            );
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+        for (value, says) in [
+            ("", "write \"deny\""),
+            ("Any", "a policy word, not a prefix"),
+            ("replies.,,safe", "a policy word, not a prefix"),
+        ] {
+            let err = Config::load(None, env(&[("SWR_STAGE_WORKER__AMQP__REPLY_TO", value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("amqp.reply_to") && err.contains(says),
+                "SWR_STAGE_WORKER__AMQP__REPLY_TO={value:?}: {err}"
+            );
+        }
     }
 
     #[test]

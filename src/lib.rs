@@ -16,7 +16,8 @@
 //!   stores, and the gate the worker asks before calling SWR.
 //! - [`ratelimit`]: the smooth per-process pace of SWR calls.
 //! - [`breaker`]: the circuit breaker that holds back new deliveries during an SWR outage.
-//! - [`amqp`]: connecting, declaring the topology (contract §2), confirmed publishing.
+//! - [`amqp`]: connecting, declaring the topology (contract §2), confirmed publishing, the
+//!   `reply_to` policy.
 //! - [`worker`]: one delivery: parse → key → execute → outcome → publish → ack/requeue decision.
 //! - [`service`]: the running worker: sessions, bounded consumption, reconnects, the drain.
 //! - [`shutdown`]: SIGTERM/SIGINT handling.

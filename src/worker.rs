@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use crate::amqp::copied_properties;
 use crate::amqp::publisher::{PublishError, Publisher, Routed};
+use crate::amqp::reply_to::{self, Decision, RefusalLog, Sighting};
 use crate::breaker::Breaker;
 use crate::config::{redact_url, AmqpConfig, Config, ConfigError};
 use crate::idempotency::{self, fingerprint, Admission, Gate, StoreError};
@@ -80,6 +81,8 @@ pub struct JobContext {
     /// Why the last attempt to open a broker session failed (cleared once consuming), so
     /// /readyz can say why the worker is not ready.
     pub broker_error: std::sync::Mutex<Option<String>>,
+    /// The `reply_to` names refused so far, so each is logged once, not once per request.
+    pub reply_to_refusals: RefusalLog,
 }
 
 /// Why the job context could not be built.
@@ -161,14 +164,18 @@ impl JobContext {
             session_broken: Arc::new(Notify::new()),
             broker_error: std::sync::Mutex::new(None),
             amqp_user,
+            reply_to_refusals: RefusalLog::default(),
         })
     }
 }
 
 /// The request's AMQP properties that the worker honours (contract §3).
 struct Envelope<'a> {
+    /// The key when the body has none.
     message_id: Option<&'a str>,
+    /// Copied into the outcome.
     correlation_id: Option<&'a str>,
+    /// Where a copy of the outcome goes; `None` once [`apply_reply_to_policy`] refused it.
     reply_to: Option<&'a str>,
 }
 
@@ -195,7 +202,7 @@ pub async fn process(
     probe: bool,
 ) -> Disposition {
     let started = (SystemTime::now(), Instant::now());
-    let envelope = Envelope::of(&delivery.properties);
+    let mut envelope = Envelope::of(&delivery.properties);
     match parse_request(&delivery.data, ctx.config.limits.max_message_bytes) {
         Err(invalid) => {
             let key = derive_key(
@@ -205,6 +212,7 @@ pub async fn process(
             );
             let span = tracing::info_span!("job", key = %key, pipeline_id = ?invalid.pipeline_id, stage_index = ?invalid.stage_index, mode = ?invalid.mode.map(|m| m.as_str()));
             warn_unusable_message_id(&span, &envelope, invalid.idempotency_key.as_deref());
+            apply_reply_to_policy(ctx, &span, &mut envelope);
             // The rare paths are boxed (here and below): a job's state machine is as large as
             // its largest await, and it is moved whole at each spawn and nested call.
             Box::pin(
@@ -221,6 +229,7 @@ pub async fn process(
             );
             let span = tracing::info_span!("job", key = %key, pipeline_id = request.pipeline_id, stage_index = request.stage_index, mode = request.mode.as_str());
             warn_unusable_message_id(&span, &envelope, request.idempotency_key.as_deref());
+            apply_reply_to_policy(ctx, &span, &mut envelope);
             let job = Job {
                 publisher,
                 envelope: &envelope,
@@ -241,6 +250,29 @@ fn warn_unusable_message_id(span: &tracing::Span, envelope: &Envelope<'_>, field
         .filter(|id| field.is_none() && !valid_key(id))
     {
         span.in_scope(|| tracing::warn!(message_id = ?id, "AMQP property `message_id` cannot be the idempotency key as written (expected 1..=255 printable ASCII characters without spaces, 0x21..=0x7E); the key is a UUIDv5 of it"));
+    }
+}
+
+/// Drops a `reply_to` that `amqp.reply_to` refuses, before any path can publish to it (a fresh
+/// outcome, a replay, a rejection); counts it, and logs it in the job's span the first time the
+/// name is seen. The span is entered only then: this runs for every job.
+fn apply_reply_to_policy(ctx: &JobContext, span: &tracing::Span, envelope: &mut Envelope<'_>) {
+    let Some(name) = envelope.reply_to else {
+        return;
+    };
+    let Decision::Refuse(refusal) = reply_to::decide(&ctx.config.amqp, name) else {
+        return;
+    };
+    envelope.reply_to = None;
+    ctx.metrics.reply_to_refused(refusal);
+    match ctx.reply_to_refusals.sight(name) {
+        Sighting::Known | Sighting::Unremembered { first: false } => {}
+        Sighting::New => span.in_scope(|| {
+            tracing::warn!(reply_to = ?name, reason = refusal.as_str(), "reply_to refused: {}; the outcome goes to the results exchange only (logged once per name)", refusal.explain());
+        }),
+        Sighting::Unremembered { first: true } => span.in_scope(|| {
+            tracing::warn!(reply_to = ?name, reason = refusal.as_str(), "reply_to refused: {}; {} refused names were logged already, so further refusals of new names are only counted in swr_stage_reply_to_refused_total", refusal.explain(), reply_to::REMEMBERED_REFUSALS);
+        }),
     }
 }
 

@@ -1,7 +1,9 @@
-//! The broker side: topology declaration (`topology`), confirmed publishing (`publisher`), and
-//! the connection helper shared by the worker and the command-line tools.
+//! The broker side: topology declaration (`topology`), confirmed publishing (`publisher`), the
+//! policy for `reply_to` names (`reply_to`), and the connection helper shared by the worker and
+//! the command-line tools.
 
 pub mod publisher;
+pub mod reply_to;
 pub mod topology;
 
 use std::net::SocketAddr;

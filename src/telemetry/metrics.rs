@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::amqp::reply_to::Refusal;
 use crate::outcome::{ErrorKind, Status};
 use crate::request::Mode;
 
@@ -92,6 +93,8 @@ pub struct Metrics {
     token_refresh: Mutex<BTreeMap<&'static str, u64>>,
     /// Jobs that panicked (a bug): their deliveries were requeued, their keys released.
     job_panics: AtomicU64,
+    /// Requests whose `reply_to` was not honoured, by reason (the `amqp.reply_to` policy).
+    reply_to_refused: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
@@ -153,6 +156,11 @@ impl Metrics {
 
     pub fn token_refresh(&self, ok: bool) {
         bump(&self.token_refresh, if ok { "ok" } else { "error" });
+    }
+
+    /// A delivery whose `reply_to` the policy refused.
+    pub fn reply_to_refused(&self, reason: Refusal) {
+        bump(&self.reply_to_refused, reason.as_str());
     }
 
     /// The Prometheus text exposition of every metric.
@@ -234,6 +242,13 @@ impl Metrics {
                 "swr_stage_token_refresh_total{{result=\"{result}\"}} {n}"
             );
         }
+        let _ = writeln!(out, "# HELP swr_stage_reply_to_refused_total Requests whose reply_to got no copy of the outcome (amqp.reply_to), by reason.\n# TYPE swr_stage_reply_to_refused_total counter");
+        for (reason, n) in self.reply_to_refused.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "swr_stage_reply_to_refused_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
         out
     }
 }
@@ -256,6 +271,8 @@ mod tests {
         m.set_broker_connected(true);
         m.token_refresh(true);
         m.job_panicked();
+        m.reply_to_refused(Refusal::OwnTopology);
+        m.reply_to_refused(Refusal::OwnTopology);
         let text = m.render();
         for line in [
             "swr_stage_jobs_total{mode=\"retry\",status=\"succeeded\"} 1",
@@ -272,6 +289,7 @@ mod tests {
             "swr_stage_circuit_open 0",
             "swr_stage_token_refresh_total{result=\"ok\"} 1",
             "swr_stage_job_panics_total 1",
+            "swr_stage_reply_to_refused_total{reason=\"own_topology\"} 2",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
