@@ -46,6 +46,21 @@ pub struct BenchOptions {
     pub latency_rate: Option<f64>,
     /// How many times to run every phase (the median is reported).
     pub rounds: usize,
+    /// Also run the store-off worker over TLS: this `amqps://` URL (the same broker).
+    pub amqps: Option<String>,
+    /// With `amqps`: the broker's CA (`amqp.tls.ca_file` of that phase's worker), or "".
+    pub amqps_ca: String,
+}
+
+/// What one phase runs.
+#[derive(Clone, Copy)]
+enum PhaseKind<'a> {
+    /// The bare consume-POST-publish-ack loop, the ceiling.
+    Bare,
+    /// The worker binary with this idempotency backend.
+    Worker(&'a str),
+    /// The worker binary without a store, connected over amqps.
+    WorkerAmqps,
 }
 
 /// One phase's figures.
@@ -130,17 +145,34 @@ pub async fn run(base: Config, options: BenchOptions) -> Result<Vec<PhaseResult>
     // later than the one before (bare, off, embedded; then off, embedded, bare; ...): a phase
     // that follows another inherits some of the broker's cleanup of it, and a fixed order would
     // hand that cost to the same phase every round.
-    let kinds: Vec<Option<&String>> = std::iter::once(None)
-        .chain(options.stores.iter().map(Some))
+    let kinds: Vec<PhaseKind> = std::iter::once(PhaseKind::Bare)
+        .chain(options.stores.iter().map(|s| PhaseKind::Worker(s)))
+        .chain(options.amqps.iter().map(|_| PhaseKind::WorkerAmqps))
         .collect();
+    let amqps_base = options.amqps.as_ref().map(|url| {
+        let mut config = base.clone();
+        config.amqp.url = Secret::new(url.as_str());
+        config.amqp.tls.ca_file = options.amqps_ca.clone();
+        config
+    });
     let mut rounds: Vec<Vec<PhaseResult>> = Vec::new();
     for round in 1..=options.rounds.max(1) {
         let mut slots: Vec<Option<PhaseResult>> = vec![None; kinds.len()];
         for step in 0..kinds.len() {
             let i = (step + round - 1) % kinds.len();
-            slots[i] = Some(match kinds[i] {
-                None => bare_phase(&broker, &base, &sim.url(), &options).await?,
-                Some(store) => worker_phase(&broker, &base, &sim.url(), &options, store).await?,
+            slots[i] = Some(match (kinds[i], &amqps_base) {
+                (PhaseKind::Bare, _) => bare_phase(&broker, &base, &sim.url(), &options).await?,
+                (PhaseKind::Worker(store), _) => {
+                    worker_phase(&broker, &base, &sim.url(), &options, store).await?
+                }
+                (PhaseKind::WorkerAmqps, Some(tls_base)) => {
+                    let mut phase =
+                        child_phase(&broker, tls_base, &sim.url(), &options, "off", &["run"])
+                            .await?;
+                    phase.name = "worker, store off, amqps".into();
+                    phase
+                }
+                (PhaseKind::WorkerAmqps, None) => unreachable!("an amqps phase has its URL"),
             });
         }
         let phases: Vec<PhaseResult> = slots.into_iter().flatten().collect();
@@ -623,6 +655,17 @@ async fn child_phase(
     let store_dir = std::env::temp_dir().join(format!("{}.store", config.amqp.request_queue));
     let mut env: HashMap<String, String> = config.amqp.names_env().into_iter().collect();
     env.insert("AMQP_URL".into(), config.amqp.url.expose().to_owned());
+    let tls = &config.amqp.tls;
+    for (key, value) in [
+        ("CA_FILE", &tls.ca_file),
+        ("CLIENT_CERT_FILE", &tls.client_cert_file),
+        ("CLIENT_KEY_FILE", &tls.client_key_file),
+        ("SERVER_NAME", &tls.server_name),
+    ] {
+        if !value.is_empty() && config.amqp.url.expose().starts_with("amqps://") {
+            env.insert(format!("SWR_STAGE_WORKER__AMQP__TLS__{key}"), value.clone());
+        }
+    }
     env.insert("SWR_ENDPOINT".into(), sim_url.to_owned());
     env.insert("SWR_AUTH_TOKEN".into(), TOKEN.to_owned());
     env.insert(

@@ -95,6 +95,16 @@ enum Command {
         /// Run every phase this many times, interleaved, and report medians.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Also run the store-off worker over TLS (amqps) on the same broker, to compare with
+        /// plain AMQP.
+        #[arg(long)]
+        amqps: bool,
+        /// The broker's TLS address for --amqps.
+        #[arg(long, default_value = "amqps://guest:guest@localhost:5671/%2f")]
+        amqps_url: String,
+        /// PEM file of the CA that signed the broker's certificate, for --amqps.
+        #[arg(long, value_name = "PEM", default_value = "")]
+        amqps_ca: String,
     },
     /// The benchmark's baseline: a bare consume-POST-publish-ack loop (run by `bench`).
     #[command(hide = true)]
@@ -316,6 +326,9 @@ fn main() -> ExitCode {
                 latency,
                 latency_rate,
                 rounds,
+                amqps,
+                amqps_url,
+                amqps_ca,
             } => {
                 let options = bench::BenchOptions {
                     jobs,
@@ -325,6 +338,8 @@ fn main() -> ExitCode {
                     latency,
                     latency_rate,
                     rounds,
+                    amqps: amqps.then_some(amqps_url),
+                    amqps_ca,
                 };
                 match bench::run(config, options).await {
                     Ok(_) => ExitCode::SUCCESS,
