@@ -1155,6 +1155,44 @@ mod tests {
     }
 
     #[test]
+    fn plain_http_to_another_host_is_refused_unless_allowed() {
+        let swr = Config::load(None, env(&[("SWR_ENDPOINT", "http://swr.internal:8080")]))
+            .unwrap_err()
+            .to_string();
+        assert!(swr.contains("`swr.endpoint`"), "{swr}");
+        assert!(swr.contains("http.allow_plain_http"), "{swr}");
+        let iam = Config::load(
+            None,
+            env(&[
+                ("SWR_STAGE_WORKER__SWR__AUTH__KIND", "iam_password"),
+                ("SWR_STAGE_WORKER__SWR__AUTH__USER", "u"),
+                ("SWR_STAGE_WORKER__SWR__AUTH__DOMAIN", "d"),
+                ("SWR_STAGE_WORKER__SWR__AUTH__PROJECT", "p"),
+                (
+                    "SWR_STAGE_WORKER__IAM__ENDPOINT",
+                    "http://user:pw@iam.internal",
+                ),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(iam.contains("`iam.endpoint`"), "{iam}");
+        assert!(!iam.contains(":pw@"), "the password is redacted: {iam}");
+        for allowed in [
+            vec![("SWR_ENDPOINT", "http://127.0.0.1:18080")],
+            vec![("SWR_ENDPOINT", "http://localhost:18080")],
+            vec![("SWR_ENDPOINT", "http://[::1]:18080")],
+            vec![("SWR_ENDPOINT", "https://swr.internal")],
+            vec![
+                ("SWR_ENDPOINT", "http://swr.internal:8080"),
+                ("SWR_STAGE_WORKER__HTTP__ALLOW_PLAIN_HTTP", "true"),
+            ],
+        ] {
+            Config::load(None, env(&allowed)).unwrap_or_else(|e| panic!("{allowed:?}: {e}"));
+        }
+    }
+
+    #[test]
     fn names_after_a_prefix_round_trip_through_the_environment() {
         let mut amqp = Config::load(None, Vec::new()).unwrap().amqp;
         amqp.name_after("t.x");
