@@ -41,7 +41,9 @@ RUN rm -rf target/release/swr-stage-worker target/release/deps/swr_stage_worker-
 # --- run ---------------------------------------------------------------------------------------
 FROM debian:bookworm-slim
 
-# ca-certificates: the worker calls SWR and IAM over HTTPS (rustls reads the system roots).
+# ca-certificates: the system's roots, which every TLS connection trusts (RabbitMQ, SWR, IAM,
+# PostgreSQL; read with rustls-native-certs, so SSL_CERT_FILE / SSL_CERT_DIR work too). A private
+# CA is mounted as a file and named by amqp.tls.ca_file, http.ca_file or sslrootcert.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/*
