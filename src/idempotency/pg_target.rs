@@ -104,19 +104,26 @@ impl Target {
             }
             Ok(true)
         };
-        let rest = match reqwest::Url::parse(url.expose()) {
-            Ok(mut parsed) if matches!(parsed.scheme(), "postgres" | "postgresql") => {
+        let text = url.expose();
+        let rest = match text.split_once("://") {
+            // The query is taken apart by hand, not by a URL parser: libpq's URLs can name
+            // several hosts (`h1:5432,h2:5432`) or none (`postgres://u@/db?host=/run/...`),
+            // which URL parsers refuse, and every parameter that is not ours must reach the
+            // driver exactly as written (a form encoder would turn `%20` into `+`).
+            Some(("postgres" | "postgresql", _)) => {
+                let (base, query) = text.split_once('?').unwrap_or((text, ""));
                 let mut kept = Vec::new();
-                for (name, value) in parsed.query_pairs() {
-                    if !take(&name, &value)? {
-                        kept.push((name.into_owned(), value.into_owned()));
+                for segment in query.split('&').filter(|s| !s.is_empty()) {
+                    let (name, value) = segment.split_once('=').unwrap_or((segment, ""));
+                    if !take(&percent_decode(name), &percent_decode(value))? {
+                        kept.push(segment);
                     }
                 }
-                parsed.set_query(None);
-                if !kept.is_empty() {
-                    parsed.query_pairs_mut().extend_pairs(kept);
+                if kept.is_empty() {
+                    base.to_owned()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
                 }
-                parsed.to_string()
             }
             // libpq's `key=value key=value` form, without quoting.
             _ if !url.expose().contains(['\'', '\\']) => {
@@ -164,6 +171,11 @@ impl Target {
         })
     }
 
+    /// The URL with its password hidden.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
     /// Opens one connection and spawns its driver.
     pub async fn connect(&self) -> Result<Client, ConnectFailure> {
         let failed = |source: tokio_postgres::Error| match tls::Failure::find(&source) {
@@ -198,6 +210,30 @@ impl Target {
     }
 }
 
+/// `%XX` sequences decoded (a path in `sslrootcert` may be written encoded); anything else as is.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
     if let Err(e) = connection.await {
         tracing::warn!(error = %e, "PostgreSQL connection closed");
@@ -213,13 +249,43 @@ fn build_tls(
     key: &str,
 ) -> Result<rustls::ClientConfig, TlsSetupError> {
     let check = mode.check(!rootcert.is_empty());
+    const ROOTCERT: &str = "idempotency.url sslrootcert";
     let roots = match check {
         // No certificate is checked, so no roots are needed (a container may have none).
         Check::EncryptOnly => rustls::RootCertStore::empty(),
-        Check::Full | Check::ChainOnly => tls::roots(tls::CaFile {
-            key: "idempotency.url sslrootcert",
+        Check::Full => tls::roots(tls::CaFile {
+            key: ROOTCERT,
             path: if rootcert == "system" { "" } else { rootcert },
         })?,
+        // Any name is accepted, so the chain must lead to the CA the operator named, never to a
+        // public one: anyone can get a public certificate for a name of their own (libpq refuses
+        // `sslrootcert=system` below verify-full for the same reason).
+        Check::ChainOnly => {
+            if rootcert.is_empty() || rootcert == "system" {
+                return Err(TlsSetupError::Invalid {
+                    key: ROOTCERT,
+                    message: format!(
+                        "sslmode={} checks the chain but not the host name, so it needs \
+                         sslrootcert naming the database's own CA file; with the system's CAs \
+                         use sslmode=verify-full",
+                        if mode == SslMode::Require {
+                            "require"
+                        } else {
+                            "verify-ca"
+                        }
+                    ),
+                });
+            }
+            let mut store = rustls::RootCertStore::empty();
+            for cert in tls::read_certificates(ROOTCERT, rootcert)? {
+                store.add(cert).map_err(|e| TlsSetupError::NoCertificate {
+                    key: ROOTCERT,
+                    path: rootcert.into(),
+                    detail: format!("not a CA certificate rustls accepts: {e}"),
+                })?;
+            }
+            store
+        }
     };
     let identity = (!cert.is_empty()).then_some(tls::ClientIdentity {
         cert_key: "idempotency.url sslcert",
@@ -238,6 +304,12 @@ mod tests {
         Target::parse(&Secret::new(url))
     }
 
+    /// A CA certificate whose key was thrown away: it verifies nothing, but loads.
+    const CA: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/unit-test-ca.pem"
+    );
+
     #[test]
     fn sslmode_defaults_to_prefer_and_reads_every_libpq_level() {
         assert_eq!(target("postgres://u@h/db").unwrap().mode, SslMode::Prefer);
@@ -248,7 +320,7 @@ mod tests {
             ("verify-ca", SslMode::VerifyCa),
             ("verify-full", SslMode::VerifyFull),
         ] {
-            let url = format!("postgres://u@127.0.0.1/db?sslmode={text}&sslrootcert=system");
+            let url = format!("postgres://u@127.0.0.1/db?sslmode={text}&sslrootcert={CA}");
             let parsed = target(&url).unwrap();
             assert_eq!(parsed.mode, mode, "{text}");
             assert_eq!(parsed.tls.is_none(), mode == SslMode::Disable, "{text}");
@@ -262,6 +334,42 @@ mod tests {
         assert_eq!(SslMode::Require.check(true), Check::ChainOnly);
         assert_eq!(SslMode::VerifyCa.check(false), Check::ChainOnly);
         assert_eq!(SslMode::VerifyFull.check(false), Check::Full);
+    }
+
+    #[test]
+    fn a_chain_only_check_needs_a_ca_file_of_its_own() {
+        for url in [
+            "postgres://u@h/db?sslmode=verify-ca",
+            "postgres://u@h/db?sslmode=verify-ca&sslrootcert=system",
+            "postgres://u@h/db?sslmode=require&sslrootcert=system",
+        ] {
+            let error = target(url).err().unwrap();
+            assert!(error.contains("sslrootcert"), "{url}: {error}");
+            assert!(error.contains("verify-full"), "{url}: {error}");
+        }
+    }
+
+    #[test]
+    fn urls_a_url_parser_refuses_keep_their_sslmode() {
+        // Several hosts, and a socket directory given as a parameter.
+        let multi = target("postgres://u:pw@h1:5432,h2:5432/db?sslmode=disable").unwrap();
+        assert_eq!(multi.mode, SslMode::Disable);
+        assert_eq!(multi.config.get_hosts().len(), 2);
+        let socket = target("postgres://u@/db?host=/run/postgresql&sslmode=disable").unwrap();
+        assert_eq!(socket.mode, SslMode::Disable);
+        assert_eq!(socket.config.get_ssl_mode(), WireMode::Disable);
+    }
+
+    #[test]
+    fn other_parameters_reach_the_driver_as_written() {
+        let parsed = target(
+            "postgres://u@127.0.0.1/db?options=-c%20statement_timeout%3D5000&sslmode=disable",
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.config.get_options(),
+            Some("-c statement_timeout=5000")
+        );
     }
 
     #[test]

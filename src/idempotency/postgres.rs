@@ -29,7 +29,7 @@ use tokio_postgres::{Client, Statement};
 
 use super::pg_target::{ConnectFailure, Target};
 use super::{Claim, Store, StoreError};
-use crate::config::{redact_url, IdempotencyConfig};
+use crate::config::IdempotencyConfig;
 use crate::outcome::Outcome;
 
 /// Batchers per lane, each with a connection of its own: one can send while the other collects.
@@ -130,8 +130,6 @@ pub struct PostgresStore {
 struct Shared {
     /// Where to connect and how (libpq's `sslmode` over rustls).
     target: Target,
-    /// The URL with its password hidden, for messages.
-    shown: String,
     /// The fast lane's connections, one per batcher, with `synchronous_commit = off`: a claim
     /// needs atomicity, not durability (a claim lost in a database crash only means the
     /// redelivery claims again).
@@ -213,7 +211,6 @@ impl PostgresStore {
         let target = Target::parse(&config.url).map_err(StoreError)?;
         let shared = Arc::new(Shared {
             target,
-            shown: redact_url(config.url.expose()),
             claims: (0..BATCHERS).map(|_| Mutex::new(None)).collect(),
             durable: (0..BATCHERS).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
@@ -572,7 +569,7 @@ impl Shared {
     }
 
     async fn open_checked(&self) -> Result<Conn, OpenError> {
-        let shown = &self.shown;
+        let shown = self.target.shown();
         let mut client = match tokio::time::timeout(OP_TIMEOUT, self.target.connect()).await {
             Err(_) => {
                 return Err(OpenError::Other(StoreError(format!(
