@@ -157,6 +157,29 @@ async fn amqps_to_a_plain_listener_sends_a_tls_client_hello_never_the_amqp_heade
 }
 
 #[tokio::test]
+async fn an_ipv6_literal_is_dialled_as_written() {
+    let Ok(listener) = tokio::net::TcpListener::bind("[::1]:0").await else {
+        eprintln!("skipped: this host has no IPv6 loopback");
+        return;
+    };
+    let port = listener.local_addr().unwrap().port();
+    let accepted = tokio::spawn(async move { listener.accept().await.map(|_| ()) });
+    let url = Secret::new(format!("amqps://guest:guest@[::1]:{port}/%2f"));
+    let _ = connect(
+        &url,
+        &AmqpTlsConfig::default(),
+        &common::unique("tls_ipv6"),
+        Duration::from_secs(2),
+    )
+    .await;
+    tokio::time::timeout(common::WAIT, accepted)
+        .await
+        .expect("the client connected to [::1], not to localhost's first address")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
 async fn a_client_certificate_is_presented_and_logs_in_with_external() {
     let mut env = TestEnv::without_worker("tls_mutual", &[]).await;
     env.config.amqp.url = Secret::new("amqps://localhost:5671/%2f?auth_mechanism=external");
@@ -275,6 +298,11 @@ async fn swr_over_https_without_the_ca_is_a_transport_failure_and_swr_sees_nothi
         error.message
     );
     assert!(error.message.contains("http.ca_file"), "{}", error.message);
+    assert!(
+        error.message.contains(&env.sim.url()),
+        "names the endpoint: {}",
+        error.message
+    );
     assert_eq!(outcome.http_status, None);
     assert_eq!(outcome.attempts, 2);
     assert!(
@@ -330,6 +358,38 @@ async fn postgres_verify_full_with_the_right_root_connects_over_tls() {
 }
 
 #[tokio::test]
+async fn postgres_verify_ca_accepts_another_name_but_only_from_the_named_ca() {
+    // The server's certificate is for localhost and 127.0.0.1; connect to 127.0.0.1 under
+    // another name, which is what TLS then verifies.
+    let url = |mode: &str, root: &str| {
+        format!(
+            "postgres://postgres@db.example:5432/test?hostaddr=127.0.0.1&sslmode={mode}&sslrootcert={}",
+            tls_file(root)
+        )
+    };
+    PostgresStore::connect(&pg_config(&url("verify-ca", "ca.pem")))
+        .await
+        .expect("verify-ca checks the chain, not the name");
+    let full = PostgresStore::connect(&pg_config(&url("verify-full", "ca.pem")))
+        .await
+        .err()
+        .expect("verify-full checks the name");
+    assert!(full.to_string().contains("name mismatch"), "{full}");
+    for mode in ["verify-ca", "require"] {
+        let wrong = PostgresStore::connect(&pg_config(&url(mode, "other-ca.pem")))
+            .await
+            .err()
+            .unwrap_or_else(|| {
+                panic!("{mode} with a CA that did not sign the server's certificate")
+            });
+        assert!(
+            wrong.to_string().contains("unknown issuer"),
+            "{mode}: {wrong}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn postgres_prefer_tries_tls_first_and_disable_does_not() {
     for (mode, expected) in [("prefer", true), ("disable", false)] {
         let app = common::unique(&format!("pg_{mode}")).replace('.', "_");
@@ -371,6 +431,7 @@ async fn postgres_verify_full_with_a_wrong_root_stops_the_worker_at_start() {
     assert!(!status.success());
     let log = std::fs::read_to_string(&worker.log).unwrap();
     assert!(log.contains("idempotency.url"), "{log}");
+    assert!(log.contains("unknown issuer"), "{log}");
     env.teardown().await;
 }
 

@@ -67,14 +67,21 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<Connection, ConnectError> {
     let shown = || redact_url(url.expose());
+    let invalid = |message: &str| ConnectError::Url {
+        url: shown(),
+        message: message.to_owned(),
+    };
+    // The parser's own message can quote the URL, password included: it is not passed on.
     let uri: AMQPUri = url
         .expose()
         .parse()
-        .map_err(|message: String| ConnectError::Url {
-            url: shown(),
-            // The parser's message can quote the URL; keep only its first words.
-            message: message.split(':').next().unwrap_or_default().to_owned(),
-        })?;
+        .map_err(|_| invalid("expected amqp[s]://user:password@host:port/vhost"))?;
+    // The host as written: lapin's parser reads an IPv6 literal (`[::1]`) as "localhost".
+    let host = reqwest::Url::parse(url.expose())
+        .ok()
+        .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_owned()))
+        .ok_or_else(|| invalid("expected a host name or address"))?;
+    let port = uri.authority.port;
     let tls = match uri.scheme {
         AMQPScheme::AMQP => None,
         AMQPScheme::AMQPS => {
@@ -85,7 +92,7 @@ pub async fn connect(
                     source,
                 })?;
             let name = if tls_config.server_name.is_empty() {
-                uri.authority.host.clone()
+                host.clone()
             } else {
                 tls_config.server_name.clone()
             };
@@ -100,15 +107,22 @@ pub async fn connect(
     let connecting = Connection::connector(
         uri,
         runtime,
-        async move |uri: AMQPUri, runtime| {
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((uri.authority.host.as_str(), uri.authority.port))
+        async move |_uri: AMQPUri, runtime| {
+            // Bounded here too: this runs on lapin's I/O thread, which the caller's timeout
+            // does not stop, so a peer that never answers would hold a thread and a socket.
+            let open = async {
+                let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
                     .await?
                     .collect();
-            let stream = AsyncTcpStream::connect(&runtime, addrs).await?;
-            match &tls {
-                None => Ok(stream),
-                Some((connector, name)) => Ok(stream.into_rustls(connector, name).await?),
+                let stream = AsyncTcpStream::connect(&runtime, addrs).await?;
+                match &tls {
+                    None => Ok(stream),
+                    Some((connector, name)) => stream.into_rustls(connector, name).await,
+                }
+            };
+            match tokio::time::timeout(timeout, open).await {
+                Ok(result) => Ok(result?),
+                Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()),
             }
         },
         properties,
