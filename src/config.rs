@@ -44,7 +44,7 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
     /// A TLS file named by a key cannot be used; the message starts with that key.
     #[error("configuration: {0}")]
-    Tls(String),
+    Tls(#[from] tls::TlsSetupError),
 }
 
 /// A value that must never be printed: tokens, passwords. `Debug` and `Display` redact it.
@@ -696,9 +696,7 @@ impl Config {
         }
         self.check_endpoint("swr.endpoint", &self.swr.endpoint)?;
         if !self.http.ca_file.is_empty() {
-            self.http
-                .client_config()
-                .map_err(|e| ConfigError::Tls(e.to_string()))?;
+            self.http.client_config()?;
         }
         let auth = &self.swr.auth;
         match auth.kind.as_str() {
@@ -952,12 +950,9 @@ impl Config {
             });
         }
         if !tls_keys.server_name.is_empty() {
-            tls::server_name("amqp.tls.server_name", &tls_keys.server_name)
-                .map_err(|e| ConfigError::Tls(e.to_string()))?;
+            tls::server_name("amqp.tls.server_name", &tls_keys.server_name)?;
         }
-        tls_keys
-            .client_config()
-            .map_err(|e| ConfigError::Tls(e.to_string()))?;
+        tls_keys.client_config()?;
         Ok(())
     }
 

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use reqwest::header::{HeaderValue, CONTENT_LENGTH};
 
-use crate::config::{HttpConfig, Secret};
+use crate::config::{redact_url, HttpConfig, Secret};
 use crate::outcome::{capped, MAX_REQUEST_ID_CHARS};
 use crate::request::{Mode, StageRequest, ROLLBACK_SOURCE};
 use crate::retry::parse_retry_after;
@@ -169,7 +169,8 @@ impl SwrClient {
         // A failed handshake sent nothing (no token): a transport failure that says why.
         if let Some(failure) = tls::Failure::find(error) {
             return AttemptError::Transport(format!(
-                "TLS handshake failed: {failure}; {}",
+                "TLS handshake with {} failed: {failure}; {}",
+                redact_url(&self.endpoint),
                 failure.hint("http.ca_file", None, None)
             ));
         }
