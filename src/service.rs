@@ -169,9 +169,10 @@ fn set_broker_error(ctx: &JobContext, error: Option<String>) {
 /// One warning at start for a plain `amqp://` URL to another host: the password and every
 /// message cross the network in clear.
 fn warn_if_plain(url: &crate::config::Secret) {
-    if let Ok(parsed) = url.expose().parse::<lapin::uri::AMQPUri>() {
-        if parsed.scheme == lapin::uri::AMQPScheme::AMQP
-            && !crate::tls::is_loopback_host(&parsed.authority.host)
+    // reqwest's URL keeps an IPv6 literal as written (lapin's parser reads it as "localhost").
+    if let Ok(parsed) = reqwest::Url::parse(url.expose()) {
+        if parsed.scheme() == "amqp"
+            && !crate::tls::is_loopback_host(parsed.host_str().unwrap_or_default())
         {
             tracing::warn!(
                 broker = %redact_url(url.expose()),
