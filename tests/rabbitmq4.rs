@@ -170,7 +170,11 @@ async fn a_request_requeued_past_the_default_delivery_limit_is_dead_lettered_by_
     env.channel
         .queue_declare(
             counted.as_str().into(),
-            Default::default(),
+            // Durable: a transient non-exclusive queue is a deprecated feature on 4.x.
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
             Default::default(),
         )
         .await
