@@ -424,7 +424,8 @@ async fn handle(
                 .unwrap_or_default();
             tracing::error!(
                 panic = %capped(message, 200),
-                redelivered = delivery.redelivered,
+                redelivered = worker::is_redelivery(&delivery),
+                delivery_count = worker::delivery_count(&delivery.properties),
                 "the job panicked; requeueing its request and releasing its key"
             );
             Disposition::Requeue("the job panicked".to_owned())
@@ -437,7 +438,13 @@ async fn handle(
             settle("ack", limit, delivery.acker.ack(BasicAckOptions::default())).await
         }
         Disposition::Requeue(reason) => {
-            tracing::warn!(%reason, "requeueing the request");
+            // The broker's count of earlier returns: on RabbitMQ 4.x a quorum queue
+            // dead-letters the request once it passes the queue's delivery limit (20 by default).
+            tracing::warn!(
+                %reason,
+                delivery_count = worker::delivery_count(&delivery.properties),
+                "requeueing the request"
+            );
             // Only a broken publisher of the current session ends it: one of an earlier session
             // (this job outlived its connection) must not end the healthy one that replaced it.
             ctx.report_broken(|current| Arc::ptr_eq(current, &publisher) && !current.is_usable());

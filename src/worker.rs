@@ -573,7 +573,7 @@ async fn reject_invalid(
         outcome.idempotency_key,
         body_key(&delivery.data)
     );
-    if delivery.redelivered {
+    if is_redelivery(delivery) {
         if let Some(gate) = &ctx.gate {
             match gate.store().finished(&marker).await {
                 Ok(Some(stored)) => return replay(ctx, publisher, envelope, stored).await,
@@ -743,6 +743,34 @@ async fn publish_outcome(
     Ok(())
 }
 
+/// How many times the broker returned this message before this delivery: a quorum queue's
+/// `x-delivery-count` header (absent on the first delivery on 3.x, and on classic queues: 0).
+/// On RabbitMQ 4.x the queue's delivery limit is checked against this count, so it says how
+/// close a request is to being dead-lettered by the broker (docs/contract.md, "RabbitMQ
+/// 3.10–3.13 and 4.x").
+pub fn delivery_count(properties: &BasicProperties) -> u64 {
+    let value = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count"));
+    match value {
+        Some(AMQPValue::ShortShortUInt(n)) => u64::from(*n),
+        Some(AMQPValue::ShortUInt(n)) => u64::from(*n),
+        Some(AMQPValue::LongUInt(n)) => u64::from(*n),
+        Some(AMQPValue::ShortShortInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::ShortInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Whether this delivery may have been handed out before: the `redelivered` flag, or a
+/// delivery count above 0 (which a quorum queue keeps even where the flag is not set).
+pub fn is_redelivery(delivery: &Delivery) -> bool {
+    delivery.redelivered || delivery_count(&delivery.properties) > 0
+}
+
 /// How long to wait before requeueing after a failed publish, so a broken broker path is not
 /// hammered by a hot requeue loop.
 pub const REQUEUE_DELAY: Duration = Duration::from_millis(500);
@@ -750,6 +778,25 @@ pub const REQUEUE_DELAY: Duration = Duration::from_millis(500);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_delivery_count_is_read_in_any_integer_type_and_is_0_when_absent() {
+        let with = |value: AMQPValue| {
+            let mut headers = lapin::types::FieldTable::default();
+            headers.insert("x-delivery-count".into(), value);
+            BasicProperties::default().with_headers(headers)
+        };
+        assert_eq!(delivery_count(&BasicProperties::default()), 0);
+        assert_eq!(delivery_count(&with(AMQPValue::LongLongInt(20))), 20);
+        assert_eq!(delivery_count(&with(AMQPValue::LongInt(3))), 3);
+        assert_eq!(delivery_count(&with(AMQPValue::ShortShortUInt(1))), 1);
+        assert_eq!(delivery_count(&with(AMQPValue::LongLongInt(-1))), 0);
+        assert_eq!(
+            delivery_count(&with(AMQPValue::LongString("7".into()))),
+            0,
+            "not a number"
+        );
+    }
 
     #[test]
     fn the_dlq_copy_keeps_the_original_properties_but_expiration_and_a_foreign_user_id() {

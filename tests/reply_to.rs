@@ -44,7 +44,11 @@ async fn own_queue(env: &TestEnv, name: &str) {
     env.channel
         .queue_declare(
             name.into(),
-            QueueDeclareOptions::default(),
+            // Durable: a transient non-exclusive queue is a deprecated feature on 4.x.
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
             Default::default(),
         )
         .await

@@ -40,18 +40,34 @@ fn with_ca() -> AmqpTlsConfig {
     }
 }
 
+/// Points this test's plain AMQP connections at the node that serves `AMQPS`, for the tests
+/// that watch a TLS worker's outcomes and connections: `SWR_TEST_TLS_AMQP_URL` when set (.ci/run
+/// sets it to the 3.10 node's 5672 while AMQP_URL names the 4.x node), else AMQP_URL as it is.
+/// Every test here sets the same value, so tests sharing a process agree.
+fn on_the_tls_node() {
+    if let Ok(url) = std::env::var("SWR_TEST_TLS_AMQP_URL") {
+        std::env::set_var("AMQP_URL", url);
+    }
+}
+
 /// The broker's view of the connection whose client-provided name is `name`:
-/// (ssl, peer_cert_subject, user).
+/// (ssl, peer_cert_subject, user). Asks the TLS node's `rabbitmqctl`: `SWR_TEST_TLS_RABBITMQCTL`
+/// when set, else the one on PATH.
 async fn broker_view(name: &str) -> Option<(String, String, String)> {
-    let listing = common::rabbitmqctl(&[
-        "list_connections",
-        "client_properties",
-        "ssl",
-        "peer_cert_subject",
-        "user",
-        "--quiet",
-        "--no-table-headers",
-    ])
+    let program =
+        std::env::var("SWR_TEST_TLS_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".to_owned());
+    let listing = common::rabbitmqctl_at(
+        &program,
+        &[
+            "list_connections",
+            "client_properties",
+            "ssl",
+            "peer_cert_subject",
+            "user",
+            "--quiet",
+            "--no-table-headers",
+        ],
+    )
     .await;
     let wanted = format!("{{\"connection_name\",\"{name}\"}}");
     listing.lines().find(|l| l.contains(&wanted)).map(|line| {
@@ -66,6 +82,7 @@ async fn broker_view(name: &str) -> Option<(String, String, String)> {
 
 #[tokio::test]
 async fn amqps_with_the_ca_runs_a_job_over_a_verified_tls_connection() {
+    on_the_tls_node();
     let mut env = TestEnv::without_worker("tls_amqps_job", &[]).await;
     env.config.amqp.url = Secret::new(AMQPS);
     env.config.amqp.tls = with_ca();
@@ -181,6 +198,7 @@ async fn an_ipv6_literal_is_dialled_as_written() {
 
 #[tokio::test]
 async fn a_client_certificate_is_presented_and_logs_in_with_external() {
+    on_the_tls_node();
     let mut env = TestEnv::without_worker("tls_mutual", &[]).await;
     env.config.amqp.url = Secret::new("amqps://localhost:5671/%2f?auth_mechanism=external");
     env.config.amqp.tls = AmqpTlsConfig {

@@ -325,6 +325,8 @@ impl TestEnv {
             .queue_declare(
                 name.as_str().into(),
                 lapin::options::QueueDeclareOptions {
+                    // Durable: a transient non-exclusive queue is a deprecated feature on 4.x.
+                    durable: true,
                     auto_delete: true,
                     ..Default::default()
                 },
@@ -557,9 +559,14 @@ pub async fn bind_watcher(channel: &Channel, exchange: &str, pattern: &str) -> C
 /// Runs `rabbitmqctl` without blocking the test's runtime, which also serves the simulator: a
 /// blocked runtime would stall SWR answers and open the worker's circuit breaker.
 pub async fn rabbitmqctl(args: &[&str]) -> String {
+    rabbitmqctl_at("rabbitmqctl", args).await
+}
+
+/// [`rabbitmqctl`] with the program named (a path, for a node other than the one on PATH).
+pub async fn rabbitmqctl_at(program: &str, args: &[&str]) -> String {
     let out = tokio::time::timeout(
         Duration::from_secs(120),
-        tokio::process::Command::new("rabbitmqctl")
+        tokio::process::Command::new(program)
             .args(args)
             .kill_on_drop(true)
             .output(),
