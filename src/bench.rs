@@ -699,7 +699,9 @@ async fn child_phase(
     );
     // The broker is still writing the jobs just published (and may be cleaning up the phase
     // before): the phase starts once it is quiet, so it pays for its own work only.
-    let broker_pid = local_broker_pid(config.amqp.url.expose());
+    let broker_pid = crate::amqp::broker_urls(&config.amqp.url)
+        .first()
+        .and_then(|url| local_broker_pid(url.expose()));
     if let Some(pid) = broker_pid {
         settle(pid).await;
     }

@@ -111,8 +111,13 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpConfig {
-    /// Broker URL; holds the password, so it is a secret (see [`redact_url`] for logging).
+    /// Broker URL, or several separated by commas (a TOML array in a file): the nodes of a
+    /// cluster. Holds passwords, so it is a secret (see [`crate::amqp::redact_urls`]).
+    #[serde(deserialize_with = "url_list")]
     pub url: Secret,
+    /// The order the worker tries the brokers in: shuffled once per process (a fleet spreads
+    /// over the nodes) or as written.
+    pub failover_order: FailoverOrder,
     /// Queue consumed for requests.
     pub request_queue: String,
     /// Extra exchanges bound to the request queue (routing key = queue name).
@@ -541,6 +546,31 @@ pub struct LogConfig {
 /// The value of `idempotency.lease` that asks for [`Config::auto_lease`].
 const AUTO: &str = "auto";
 
+/// `amqp.failover_order`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailoverOrder {
+    /// A random order, drawn once per process.
+    Shuffle,
+    /// The order written in `amqp.url`.
+    InOrder,
+}
+
+/// `amqp.url` as a string (one URL, or several separated by commas) or an array of URLs; kept
+/// as one comma-separated secret either way.
+fn url_list<'de, D: Deserializer<'de>>(d: D) -> Result<Secret, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Secret::new(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(url) => url,
+        OneOrMany::Many(urls) => urls.join(","),
+    }))
+}
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     parse_duration(&String::deserialize(d)?, "")
 }
@@ -673,9 +703,20 @@ impl Config {
                 message: message.into(),
             })
         }
-        let url = self.amqp.url.expose();
-        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+        let urls = crate::amqp::broker_urls(&self.amqp.url);
+        if urls.is_empty() {
             return invalid("amqp.url", "expected an amqp:// or amqps:// URL");
+        }
+        for url in &urls {
+            if !(url.expose().starts_with("amqp://") || url.expose().starts_with("amqps://")) {
+                return invalid(
+                    "amqp.url",
+                    format!(
+                        "expected amqp:// or amqps:// URLs (several separated by commas), got {}",
+                        redact_url(url.expose())
+                    ),
+                );
+            }
         }
         self.validate_amqp_tls()?;
         for (key, name) in [
@@ -924,8 +965,20 @@ impl Config {
     /// and the files must load (so a typo stops start-up, not the first connect).
     fn validate_amqp_tls(&self) -> Result<(), ConfigError> {
         let tls_keys = &self.amqp.tls;
-        let amqps = self.amqp.url.expose().starts_with("amqps://");
-        if !amqps {
+        let urls = crate::amqp::broker_urls(&self.amqp.url);
+        let plain = urls
+            .iter()
+            .filter(|u| u.expose().starts_with("amqp://"))
+            .count();
+        if plain != 0 && plain != urls.len() {
+            return Err(ConfigError::Invalid {
+                key: "amqp.url",
+                message: "mixes amqp:// and amqps:// brokers: a failover must not fall back to \
+                          plain AMQP; use amqps:// for every node"
+                    .into(),
+            });
+        }
+        if plain != 0 {
             if tls_keys.is_set() {
                 return Err(ConfigError::Invalid {
                     key: "amqp.url",
@@ -1147,6 +1200,52 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn amqp_url_takes_a_list_of_brokers_from_a_file_or_the_environment() {
+        let dir = std::env::temp_dir().join(format!("swr-cfg-list-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("brokers.toml");
+        std::fs::write(
+            &file,
+            "[amqp]\nurl = [\"amqp://u:p@a:5681/%2f\", \"amqp://u:p@b:5682/%2f\"]\nfailover_order = \"in_order\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), env(&[])).unwrap();
+        assert_eq!(
+            c.amqp.url.expose(),
+            "amqp://u:p@a:5681/%2f,amqp://u:p@b:5682/%2f"
+        );
+        assert_eq!(c.amqp.failover_order, FailoverOrder::InOrder);
+        let c = Config::load(
+            Some(&file),
+            env(&[("AMQP_URL", "amqp://u:p@c:5683/%2f,amqp://u:p@d:5684/%2f")]),
+        )
+        .unwrap();
+        assert_eq!(crate::amqp::broker_urls(&c.amqp.url).len(), 2);
+        assert_eq!(
+            Config::load(None, env(&[])).unwrap().amqp.failover_order,
+            FailoverOrder::Shuffle
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        for (url, expected) in [
+            (
+                "amqp://u:p@a/%2f,amqps://u:p@b/%2f",
+                "mixes amqp:// and amqps://",
+            ),
+            (
+                "amqp://u:p@a/%2f,http://u:secret@b/",
+                "expected amqp:// or amqps:// URLs",
+            ),
+            (",", "expected an amqp:// or amqps:// URL"),
+        ] {
+            let error = Config::load(None, env(&[("AMQP_URL", url)]))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(expected), "{url}: {error}");
+            assert!(!error.contains("secret"), "{error}");
+        }
     }
 
     #[test]

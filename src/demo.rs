@@ -18,7 +18,7 @@ use crate::campaign;
 use crate::campaign::input::{self, InputFormat, InputSource};
 use crate::campaign::progress::ProgressMode;
 use crate::campaign::submit::{self, SubmitPlan};
-use crate::config::{redact_url, Config, Secret};
+use crate::config::{Config, Secret};
 use crate::service;
 use crate::sim::{FaultRule, SimConfig, SimHandle};
 
@@ -78,7 +78,7 @@ pub async fn run(base: Config, count: usize) -> Result<(), DemoError> {
     )
     .await
     .map_err(|e| DemoError::NoBroker {
-        url: redact_url(url.expose()),
+        url: crate::amqp::redact_urls(&url),
         reason: e
             .to_string()
             .rsplit(": ")

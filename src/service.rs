@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::amqp::publisher::Publisher;
 use crate::amqp::topology::{self, TopologyError};
-use crate::amqp::{connect, ConnectError};
+use crate::amqp::{connect_from, ConnectError};
 use crate::config::{redact_url, Config};
 use crate::outcome::capped;
 use crate::worker::{self, ContextError, Disposition, JobContext, REQUEUE_DELAY};
@@ -97,20 +97,28 @@ pub async fn run_with_context(
         swr = %redact_url(&config.swr.endpoint),
         "worker starting"
     );
-    warn_if_plain(&config.amqp.url);
+    let brokers = broker_order(&config);
+    for url in &brokers {
+        warn_if_plain(url);
+    }
+    // Where the next connect starts in `brokers`: after a lost session, the next node, so the
+    // others are tried before the one that was lost.
+    let mut next_broker = 0;
     // The TLS failure last logged at error: the same one again is logged at warn only.
     let mut last_tls: Option<crate::tls::Failure> = None;
     loop {
         let opened = tokio::select! {
-            opened = open_session(&config) => opened,
+            opened = open_session(&config, &brokers, next_broker) => opened,
             () = &mut shutdown => {
                 drain(&mut jobs, config.shutdown.grace).await;
                 return Ok(());
             }
         };
         let end = match opened {
-            Ok(session) => {
+            Ok((session, index)) => {
                 delay = RECONNECT_INITIAL;
+                next_broker = (index + 1) % brokers.len();
+                let node = redact_url(brokers[index].expose());
                 // A "publisher broke" signal stored for the session that just ended must not
                 // end this one: take it once this session's publisher is the current one (a job
                 // signals under the same lock, for the publisher it finds current, so no signal
@@ -119,8 +127,11 @@ pub async fn run_with_context(
                 let _ = ctx.session_broken.notified().now_or_never();
                 ctx.metrics.set_broker_connected(true);
                 set_broker_error(&ctx, None);
+                if let Ok(mut slot) = ctx.broker_node.lock() {
+                    *slot = Some(node.clone());
+                }
                 last_tls = None;
-                tracing::info!(queue = %config.amqp.request_queue, "consuming");
+                tracing::info!(queue = %config.amqp.request_queue, broker = %node, "consuming");
                 consume(&ctx, session, &mut shutdown, &slots, &mut jobs).await
             }
             Err(SessionError::Topology(e @ TopologyError::Mismatch { .. })) => {
@@ -166,6 +177,22 @@ fn set_broker_error(ctx: &JobContext, error: Option<String>) {
     }
 }
 
+/// The brokers of `amqp.url` in the order this process tries them (`amqp.failover_order`).
+fn broker_order(config: &Config) -> Vec<crate::config::Secret> {
+    let mut urls = crate::amqp::broker_urls(&config.amqp.url);
+    if config.amqp.failover_order == crate::config::FailoverOrder::Shuffle {
+        // Fisher-Yates with the 122 random bits of a UUIDv4: plenty for a list of nodes, and no
+        // random-number crate for one shuffle at start.
+        let mut bits = uuid::Uuid::new_v4().as_u128();
+        for i in (1..urls.len()).rev() {
+            let choices = i as u128 + 1;
+            urls.swap(i, (bits % choices) as usize);
+            bits /= choices;
+        }
+    }
+    urls
+}
+
 /// One warning at start for a plain `amqp://` URL to another host: the password and every
 /// message cross the network in clear.
 fn warn_if_plain(url: &crate::config::Secret) {
@@ -198,10 +225,17 @@ enum SessionError {
     Channel(String),
 }
 
-async fn open_session(config: &Config) -> Result<Session, SessionError> {
+/// Connects to the first broker of `brokers` that answers, from `start` on, and opens the
+/// session on it; returns the broker's index with it.
+async fn open_session(
+    config: &Config,
+    brokers: &[crate::config::Secret],
+    start: usize,
+) -> Result<(Session, usize), SessionError> {
     let amqp = &config.amqp;
     let limit = amqp.connect_timeout;
-    let connection = connect(&amqp.url, &amqp.tls, &amqp.connection_name, limit).await?;
+    let (connection, index) =
+        connect_from(brokers, start, &amqp.tls, &amqp.connection_name, limit).await?;
     let bounded = |what: &'static str| {
         move |r: Result<Result<(), lapin::Error>, tokio::time::error::Elapsed>| match r {
             Ok(Ok(())) => Ok(()),
@@ -257,12 +291,13 @@ async fn open_session(config: &Config) -> Result<Session, SessionError> {
     .await
     .map_err(|_| SessionError::Channel(format!("basic.consume: no answer within {limit:?}")))?
     .map_err(|e| SessionError::Channel(format!("basic.consume: {e}")))?;
-    Ok(Session {
+    let session = Session {
         connection,
         consume_channel,
         consumer,
         publisher: Arc::new(publisher),
-    })
+    };
+    Ok((session, index))
 }
 
 async fn consume(
@@ -483,6 +518,46 @@ mod tests {
     /// The size of the future an async fn of five owned arguments returns.
     fn future_size<A, B, C, D, E, F: Future>(_: impl FnOnce(A, B, C, D, E) -> F) -> usize {
         std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn brokers_are_tried_as_written_or_in_an_order_drawn_per_process() {
+        let mut config = Config::load(
+            None,
+            [(
+                "AMQP_URL".to_owned(),
+                "amqp://a/%2f,amqp://b/%2f,amqp://c/%2f,amqp://d/%2f".to_owned(),
+            )],
+        )
+        .unwrap();
+        config.amqp.failover_order = crate::config::FailoverOrder::InOrder;
+        let written: Vec<String> = broker_order(&config)
+            .iter()
+            .map(|u| u.expose().to_owned())
+            .collect();
+        assert_eq!(
+            written,
+            [
+                "amqp://a/%2f",
+                "amqp://b/%2f",
+                "amqp://c/%2f",
+                "amqp://d/%2f"
+            ]
+        );
+        config.amqp.failover_order = crate::config::FailoverOrder::Shuffle;
+        let mut orders = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let order: Vec<String> = broker_order(&config)
+                .iter()
+                .map(|u| u.expose().to_owned())
+                .collect();
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(sorted, written, "a shuffle keeps every broker once");
+            orders.insert(order);
+        }
+        // 24 orders are possible; 200 draws that all fell on a few would be a broken shuffle.
+        assert!(orders.len() > 12, "{} orders in 200 draws", orders.len());
     }
 
     #[test]

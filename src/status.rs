@@ -13,7 +13,7 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ExchangeKind};
 
 use crate::amqp::connect;
-use crate::config::{redact_url, Config};
+use crate::config::Config;
 use crate::swr::client::read_capped;
 
 /// Limit for each look at the broker or the worker.
@@ -52,7 +52,7 @@ pub async fn report(config: &Config, telemetry: Option<&str>) -> Result<String, 
     )
     .await
     .map_err(|e| StatusError(e.to_string()))?;
-    let _ = writeln!(out, "broker {}", redact_url(amqp.url.expose()));
+    let _ = writeln!(out, "broker {}", crate::amqp::redact_urls(&amqp.url));
     let _ = writeln!(
         out,
         "{:<40} {:>10} {:>10}",

@@ -81,6 +81,9 @@ pub struct JobContext {
     /// Why the last attempt to open a broker session failed (cleared once consuming), so
     /// /readyz can say why the worker is not ready.
     pub broker_error: std::sync::Mutex<Option<String>>,
+    /// The broker (of `amqp.url`'s list) of the current or last session, password hidden, for
+    /// /readyz.
+    pub broker_node: std::sync::Mutex<Option<String>>,
     /// The `reply_to` names refused so far, so each is logged once, not once per request.
     pub reply_to_refusals: RefusalLog,
 }
@@ -144,10 +147,11 @@ impl JobContext {
             idempotency::spawn_pruner(&store, config.idempotency.prune_interval);
             Gate::new(store, &worker_id, &config.idempotency)
         });
-        let amqp_user = config
-            .amqp
-            .url
-            .expose()
+        // The user of the first broker: a cluster's nodes share their users.
+        let amqp_user = crate::amqp::broker_urls(&config.amqp.url)
+            .first()
+            .map(|url| url.expose().to_owned())
+            .unwrap_or_default()
             .parse::<lapin::uri::AMQPUri>()
             .map(|uri| uri.authority.userinfo.username)
             .unwrap_or_default();
@@ -163,6 +167,7 @@ impl JobContext {
             publishers: watch::channel(None).0,
             session_broken: Arc::new(Notify::new()),
             broker_error: std::sync::Mutex::new(None),
+            broker_node: std::sync::Mutex::new(None),
             amqp_user,
             reply_to_refusals: RefusalLog::default(),
         })

@@ -21,8 +21,13 @@ use crate::tls;
 /// Why a connection could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot connect to RabbitMQ at {url}: {source}")]
-    Broker { url: String, source: lapin::Error },
+    /// The broker refused or dropped the connection; `reason` is its text with any URL in it
+    /// redacted (a refusal can quote the vhost, and a mistyped URL can put a password there).
+    #[error("cannot connect to RabbitMQ at {url}: {reason}")]
+    Broker { url: String, reason: String },
+    /// Several brokers were tried and none answered: each one's reason.
+    #[error("no broker answered: {}", join_errors(.0))]
+    NoneAnswered(Vec<ConnectError>),
     #[error("cannot connect to RabbitMQ at {url}: no answer within {timeout:?}")]
     Timeout { url: String, timeout: Duration },
     /// The TLS handshake failed: the reason and the key that fixes it.
@@ -43,12 +48,114 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
-    /// The TLS failure behind this error, if the handshake is what failed.
+    /// The TLS failure behind this error, if the handshake is what failed (with several
+    /// brokers, the first one's that failed so).
     pub fn tls_failure(&self) -> Option<&tls::Failure> {
         match self {
             ConnectError::Tls { failure, .. } => Some(failure),
+            ConnectError::NoneAnswered(all) => all.iter().find_map(ConnectError::tls_failure),
             _ => None,
         }
+    }
+}
+
+fn join_errors(errors: &[ConnectError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `text` with the password of every `scheme://user:password@` in it replaced by `***`.
+pub fn redact_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        // The user info ends at the first '@' before any '/', whitespace or quote.
+        let end = tail
+            .find(|c: char| c == '/' || c.is_whitespace() || c == '\'' || c == '"')
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at_sign) => {
+                let userinfo = &tail[..at_sign];
+                match userinfo.split_once(':') {
+                    Some((user, _)) => {
+                        out.push_str(user);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str(userinfo),
+                }
+                rest = &tail[at_sign..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The broker addresses in `amqp.url`: one URL, or several separated by commas (the nodes of a
+/// cluster, `AMQP_URL='amqp://h1/%2f,amqp://h2/%2f'`, or a TOML array). Never handed to the broker
+/// whole: a list read as one URL would become a vhost, password and all.
+pub fn broker_urls(url: &Secret) -> Vec<Secret> {
+    url.expose()
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(Secret::new)
+        .collect()
+}
+
+/// A list of broker URLs with every password hidden, for log lines and messages.
+pub fn redact_urls(url: &Secret) -> String {
+    broker_urls(url)
+        .iter()
+        .map(|u| redact_url(u.expose()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Opens a named connection to the first broker of `amqp.url` that answers, trying them in the
+/// order written (the worker's own sessions rotate with [`connect_from`]).
+pub async fn connect(
+    url: &Secret,
+    tls_config: &AmqpTlsConfig,
+    name: &str,
+    timeout: Duration,
+) -> Result<Connection, ConnectError> {
+    connect_from(&broker_urls(url), 0, tls_config, name, timeout)
+        .await
+        .map(|(connection, _)| connection)
+}
+
+/// Tries `urls` from `start` on, round the list once, each within `timeout`; returns the
+/// connection and the index of the broker that answered. When none does, the error names each
+/// broker's reason (one broker: its error as it is).
+pub async fn connect_from(
+    urls: &[Secret],
+    start: usize,
+    tls_config: &AmqpTlsConfig,
+    name: &str,
+    timeout: Duration,
+) -> Result<(Connection, usize), ConnectError> {
+    let mut failures = Vec::new();
+    for step in 0..urls.len() {
+        let index = (start + step) % urls.len();
+        match connect_one(&urls[index], tls_config, name, timeout).await {
+            Ok(connection) => return Ok((connection, index)),
+            Err(e) => failures.push(e),
+        }
+    }
+    match failures.len() {
+        0 => Err(ConnectError::Url {
+            url: String::new(),
+            message: "no broker URL given".into(),
+        }),
+        1 => Err(failures.remove(0)),
+        _ => Err(ConnectError::NoneAnswered(failures)),
     }
 }
 
@@ -60,7 +167,7 @@ impl ConnectError {
 /// is sent before the handshake succeeded. The connector is ours rather than lapin's so that
 /// the roots, the client certificate and the verified name (`tls.server_name`) are the
 /// configuration's, and a failed handshake can be told apart from a refused connection.
-pub async fn connect(
+async fn connect_one(
     url: &Secret,
     tls_config: &AmqpTlsConfig,
     name: &str,
@@ -101,7 +208,7 @@ pub async fn connect(
     };
     let runtime = lapin::runtime::default_runtime().map_err(|source| ConnectError::Broker {
         url: shown(),
-        source,
+        reason: source.to_string(),
     })?;
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let connecting = Connection::connector(
@@ -141,7 +248,7 @@ pub async fn connect(
             }),
             None => Err(ConnectError::Broker {
                 url: shown(),
-                source,
+                reason: redact_text(&source.to_string()),
             }),
         },
         Err(_) => Err(ConnectError::Timeout {
@@ -202,4 +309,35 @@ pub fn copied_properties(
         copy = copy.with_timestamp(*timestamp);
     }
     copy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_list_of_brokers_is_split_never_taken_as_one_url() {
+        let urls = broker_urls(&Secret::new(
+            "amqp://guest:pw@h:5681/%2f, amqp://guest:pw@h:5682/%2f,",
+        ));
+        let urls: Vec<&str> = urls.iter().map(Secret::expose).collect();
+        assert_eq!(
+            urls,
+            ["amqp://guest:pw@h:5681/%2f", "amqp://guest:pw@h:5682/%2f"]
+        );
+        assert_eq!(
+            redact_urls(&Secret::new("amqp://u:pw@a/%2f,amqps://u:pw@b/%2f")),
+            "amqp://u:***@a/%2f,amqps://u:***@b/%2f"
+        );
+    }
+
+    #[test]
+    fn urls_inside_a_brokers_reply_lose_their_password() {
+        let reply = "NOT_ALLOWED - vhost /,amqp://guest:hunter2@h:5682// not found";
+        let shown = redact_text(reply);
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("amqp://guest:***@h:5682//"), "{shown}");
+        assert_eq!(redact_text("no url here"), "no url here");
+        assert_eq!(redact_text("amqp://h/%2f"), "amqp://h/%2f");
+    }
 }

@@ -90,6 +90,7 @@ async fn readyz(State(ctx): State<Arc<JobContext>>) -> impl IntoResponse {
         "ready": ready,
         "broker": if broker { "consuming" } else { "disconnected" },
         "broker_error": broker_error,
+        "broker_node": ctx.broker_node.lock().ok().and_then(|node| node.clone()),
         "store": match &store { Ok(state) => (*state).to_owned(), Err(e) => format!("unreachable: {e}") },
         "breaker": breaker,
     });
