@@ -818,7 +818,7 @@ fn local_broker_pid(amqp_url: &str) -> Option<u32> {
     ) {
         return None;
     }
-    let mut servers = std::fs::read_dir("/proc")
+    let servers = std::fs::read_dir("/proc")
         .ok()?
         .flatten()
         .filter_map(|entry| {
@@ -831,8 +831,56 @@ fn local_broker_pid(amqp_url: &str) -> Option<u32> {
                 .any(|w| w == [&b"-s"[..], &b"rabbit"[..], &b"boot"[..]]);
             (comm.trim_end() == "beam.smp" && server).then_some(pid)
         });
-    let pid = servers.next()?;
-    servers.next().is_none().then_some(pid)
+    let servers: Vec<u32> = servers.collect();
+    match servers[..] {
+        [pid] => Some(pid),
+        // Several nodes on this machine (a second one for RabbitMQ 4.x, say): the one that
+        // listens on the URL's port.
+        _ => {
+            let sockets = listening_sockets(uri.authority.port);
+            servers
+                .into_iter()
+                .find(|pid| owns_any_socket(*pid, &sockets))
+        }
+    }
+}
+
+/// The inodes of the TCP sockets listening on `port` (IPv4 and IPv6), from /proc/net.
+fn listening_sockets(port: u16) -> Vec<String> {
+    const LISTEN: &str = "0A";
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = fields.get(1)?.rsplit(':').next()?;
+                    let listening = *fields.get(3)? == LISTEN;
+                    (listening && u16::from_str_radix(local_port, 16).ok()? == port)
+                        .then(|| fields.get(9).map(|inode| (*inode).to_owned()))
+                        .flatten()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Whether process `pid` holds one of the socket `inodes`.
+fn owns_any_socket(pid: u32, inodes: &[String]) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|target| {
+            let target = target.to_string_lossy();
+            inodes
+                .iter()
+                .any(|inode| target == format!("socket:[{inode}]"))
+        })
+    })
 }
 
 /// The lowest and highest ratio of phase `i` to phase `base` within one round: how far a
@@ -978,6 +1026,17 @@ mod tests {
             jobs_per_sec,
             ..PhaseResult::default()
         }
+    }
+
+    #[test]
+    fn the_local_broker_is_the_node_that_listens_on_the_urls_port() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sockets = listening_sockets(port);
+        assert_eq!(sockets.len(), 1, "this process listens on {port}");
+        assert!(owns_any_socket(std::process::id(), &sockets));
+        assert!(!owns_any_socket(std::process::id(), &["0".to_owned()]));
+        drop(listener);
     }
 
     #[test]
