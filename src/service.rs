@@ -114,6 +114,7 @@ pub async fn run_with_context(
                 return Ok(());
             }
         };
+        ctx.metrics.broker_connect(opened.is_ok());
         let end = match opened {
             Ok((session, index)) => {
                 delay = RECONNECT_INITIAL;

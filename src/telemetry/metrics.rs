@@ -87,6 +87,9 @@ pub struct Metrics {
     replayed: AtomicU64,
     /// 1 while a broker session is consuming.
     broker_connected: AtomicI64,
+    /// Attempts to open a broker session (each tries the nodes of `amqp.url` in turn), by
+    /// result ("ok", "failed").
+    broker_connects: Mutex<BTreeMap<&'static str, u64>>,
     /// 1 while the circuit breaker holds deliveries back.
     circuit_open: AtomicI64,
     /// Token refreshes by result ("ok", "error").
@@ -143,6 +146,20 @@ impl Metrics {
 
     pub fn broker_connected(&self) -> bool {
         self.broker_connected.load(Ordering::Relaxed) == 1
+    }
+
+    /// One attempt to open a broker session ended: consuming (`ok`) or not.
+    pub fn broker_connect(&self, ok: bool) {
+        bump(&self.broker_connects, if ok { "ok" } else { "failed" });
+    }
+
+    /// Attempts to open a broker session so far, whatever their result.
+    pub fn broker_connects(&self) -> u64 {
+        self.broker_connects
+            .lock()
+            .expect("metrics lock")
+            .values()
+            .sum()
     }
 
     pub fn set_circuit_open(&self, open: bool) {
@@ -235,6 +252,13 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
+        let _ = writeln!(out, "# HELP swr_stage_broker_connects_total Attempts to open a broker session (each tries the nodes of amqp.url in turn), by result.\n# TYPE swr_stage_broker_connects_total counter");
+        for (result, n) in self.broker_connects.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "swr_stage_broker_connects_total{{result=\"{result}\"}} {n}"
+            );
+        }
         let _ = writeln!(out, "# HELP swr_stage_token_refresh_total Token refreshes by result.\n# TYPE swr_stage_token_refresh_total counter");
         for (result, n) in self.token_refresh.lock().expect("metrics lock").iter() {
             let _ = writeln!(
@@ -269,10 +293,14 @@ mod tests {
         m.replayed();
         m.in_flight(1);
         m.set_broker_connected(true);
+        m.broker_connect(false);
+        m.broker_connect(false);
+        m.broker_connect(true);
         m.token_refresh(true);
         m.job_panicked();
         m.reply_to_refused(Refusal::OwnTopology);
         m.reply_to_refused(Refusal::OwnTopology);
+        assert_eq!(m.broker_connects(), 3);
         let text = m.render();
         for line in [
             "swr_stage_jobs_total{mode=\"retry\",status=\"succeeded\"} 1",
@@ -286,6 +314,8 @@ mod tests {
             "swr_stage_in_flight 1",
             "swr_stage_replayed_total 1",
             "swr_stage_broker_connected 1",
+            "swr_stage_broker_connects_total{result=\"failed\"} 2",
+            "swr_stage_broker_connects_total{result=\"ok\"} 1",
             "swr_stage_circuit_open 0",
             "swr_stage_token_refresh_total{result=\"ok\"} 1",
             "swr_stage_job_panics_total 1",
