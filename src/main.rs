@@ -106,6 +106,39 @@ enum Command {
         #[arg(long, value_name = "PEM", default_value = "")]
         amqps_ca: String,
     },
+    /// Measure how a fleet scales out: 1, 2, 3 … worker processes against an SWR that answers
+    /// slowly, per idempotency backend; with --single-url, also one worker at full speed on
+    /// amqp.url (a cluster) against one node alone. Needs RabbitMQ; build with --release.
+    BenchFleet {
+        /// Jobs per scale-out phase.
+        #[arg(long, default_value_t = 3_000)]
+        jobs: usize,
+        /// Jobs in flight per worker (prefetch and worker.concurrency).
+        #[arg(long, default_value_t = 64)]
+        concurrency: u32,
+        /// Fleet sizes (comma-separated); the first is the baseline of the ratios.
+        #[arg(long, default_value = "1,2,3", value_delimiter = ',')]
+        workers: Vec<usize>,
+        /// Idempotency backends (comma-separated: off, embedded, postgres); postgres is shared
+        /// by the fleet, embedded is a file per worker.
+        #[arg(long, default_value = "embedded,postgres", value_delimiter = ',')]
+        stores: Vec<String>,
+        /// How long the simulator takes to answer in the scale-out phases.
+        #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+        swr_delay: std::time::Duration,
+        /// PostgreSQL for the postgres backend.
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+        postgres_url: String,
+        /// Run every phase this many times and report medians.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// One broker node to compare amqp.url with: one worker at full speed on each.
+        #[arg(long, value_name = "AMQP_URL")]
+        single_url: Option<String>,
+        /// Jobs per full-speed phase (with --single-url).
+        #[arg(long, default_value_t = 20_000)]
+        full_speed_jobs: usize,
+    },
     /// The benchmark's baseline: a bare consume-POST-publish-ack loop (run by `bench`).
     #[command(hide = true)]
     BenchBareLoop {
@@ -253,8 +286,10 @@ fn main() -> ExitCode {
             return ExitCode::from(if cli.command.is_campaign() { 1 } else { 2 });
         }
     };
-    let quiet = matches!(cli.command, Command::Demo { .. } | Command::Bench { .. })
-        || cli.command.is_campaign();
+    let quiet = matches!(
+        cli.command,
+        Command::Demo { .. } | Command::Bench { .. } | Command::BenchFleet { .. }
+    ) || cli.command.is_campaign();
     if quiet && std::env::var_os("RUST_LOG").is_none() {
         // These commands print their own progress and summary; log lines would bury them.
         let mut quiet = config.log.clone();
@@ -342,6 +377,36 @@ fn main() -> ExitCode {
                     amqps_ca,
                 };
                 match bench::run(config, options).await {
+                    Ok(_) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("swr-stage-worker {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Command::BenchFleet {
+                jobs,
+                concurrency,
+                workers,
+                stores,
+                swr_delay,
+                postgres_url,
+                rounds,
+                single_url,
+                full_speed_jobs,
+            } => {
+                let options = bench::fleet::FleetOptions {
+                    jobs,
+                    concurrency,
+                    workers,
+                    stores,
+                    swr_delay,
+                    postgres_url,
+                    rounds,
+                    single_url,
+                    full_speed_jobs,
+                };
+                match bench::fleet::run(config, options).await {
                     Ok(_) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("swr-stage-worker {e}");
