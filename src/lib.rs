@@ -54,4 +54,5 @@ pub mod status;
 pub mod swr;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 pub mod worker;

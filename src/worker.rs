@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use lapin::message::Delivery;
-use lapin::types::{AMQPValue, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 use time::OffsetDateTime;
 use tokio::sync::{watch, Notify};
@@ -31,6 +31,7 @@ use crate::swr::client::SwrClient;
 use crate::swr::iam::{IamClient, IamCredentials, IamToken};
 use crate::swr::{execute, Guards};
 use crate::telemetry::metrics::Metrics;
+use crate::trace::{JobTrace, TRACEPARENT, TRACESTATE};
 
 /// Header added to a dead-lettered request: the one-line reason.
 pub const ERROR_HEADER: &str = "x-swr-error";
@@ -182,6 +183,8 @@ struct Envelope<'a> {
     correlation_id: Option<&'a str>,
     /// Where a copy of the outcome goes; `None` once [`apply_reply_to_policy`] refused it.
     reply_to: Option<&'a str>,
+    /// The job's place in a trace: continued from the `traceparent` header, or new.
+    trace: JobTrace,
 }
 
 impl<'a> Envelope<'a> {
@@ -191,10 +194,22 @@ impl<'a> Envelope<'a> {
                 .map(ShortString::as_str)
                 .filter(|s| !s.is_empty())
         };
+        let header = |name: &str| {
+            properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(name))
+                .and_then(|value| match value {
+                    AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+                    AMQPValue::ShortString(s) => Some(s.as_str()),
+                    _ => None,
+                })
+        };
         Envelope {
             message_id: text(properties.message_id()),
             correlation_id: text(properties.correlation_id()),
             reply_to: text(properties.reply_to()),
+            trace: JobTrace::from_headers(header(TRACEPARENT), header(TRACESTATE)),
         }
     }
 }
@@ -215,7 +230,8 @@ pub async fn process(
                 envelope.message_id,
                 &delivery.data,
             );
-            let span = tracing::info_span!("job", key = %key, pipeline_id = ?invalid.pipeline_id, stage_index = ?invalid.stage_index, mode = ?invalid.mode.map(|m| m.as_str()));
+            let trace = &envelope.trace;
+            let span = tracing::info_span!("job", key = %key, pipeline_id = ?invalid.pipeline_id, stage_index = ?invalid.stage_index, mode = ?invalid.mode.map(|m| m.as_str()), trace_id = %trace.job.trace_id_hex(), span_id = %trace.job.span_id_hex(), parent_span_id = %trace.parent_span_id_hex());
             warn_unusable_message_id(&span, &envelope, invalid.idempotency_key.as_deref());
             apply_reply_to_policy(ctx, &span, &mut envelope);
             // The rare paths are boxed (here and below): a job's state machine is as large as
@@ -232,7 +248,8 @@ pub async fn process(
                 envelope.message_id,
                 &delivery.data,
             );
-            let span = tracing::info_span!("job", key = %key, pipeline_id = request.pipeline_id, stage_index = request.stage_index, mode = request.mode.as_str());
+            let trace = &envelope.trace;
+            let span = tracing::info_span!("job", key = %key, pipeline_id = request.pipeline_id, stage_index = request.stage_index, mode = request.mode.as_str(), trace_id = %trace.job.trace_id_hex(), span_id = %trace.job.span_id_hex(), parent_span_id = %trace.parent_span_id_hex());
             warn_unusable_message_id(&span, &envelope, request.idempotency_key.as_deref());
             apply_reply_to_policy(ctx, &span, &mut envelope);
             let job = Job {
@@ -425,6 +442,7 @@ async fn run_request(
                 guards,
                 &request,
                 &outcome.idempotency_key,
+                &envelope.trace.job,
             ))
             .await;
             outcome.status = execution.status;
@@ -707,7 +725,21 @@ async fn publish_outcome(
 ) -> Result<(), PublishError> {
     let body = body.as_bytes();
     let correlation = envelope.correlation_id.unwrap_or(&outcome.idempotency_key);
+    // The job's span, so the outcome's consumer continues the trace (the body is unchanged).
+    let mut headers = FieldTable::default();
+    let job = &envelope.trace.job;
+    headers.insert(
+        TRACEPARENT.into(),
+        AMQPValue::LongString(LongString::from(job.traceparent())),
+    );
+    if let Some(state) = &job.state {
+        headers.insert(
+            TRACESTATE.into(),
+            AMQPValue::LongString(LongString::from(state.as_str())),
+        );
+    }
     let properties = BasicProperties::default()
+        .with_headers(headers)
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
         .with_type(OUTCOME_TYPE.into())

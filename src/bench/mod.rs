@@ -595,12 +595,14 @@ pub async fn bare_loop(config: Config, jobs: usize) -> Result<(), BenchError> {
             // A connection the endpoint closed as a request left (keep-alive race) is tried
             // again, as the worker's retry would; the loop must not die of a rare reset.
             let key = format!("bare-{i}");
-            let mut reply = client.attempt(&url, &key, &token).await;
+            // The same headers as the worker's attempts send.
+            let trace = crate::trace::TraceContext::root();
+            let mut reply = client.attempt(&url, &key, &token, &trace).await;
             for _ in 0..2 {
                 if reply.is_ok() {
                     break;
                 }
-                reply = client.attempt(&url, &key, &token).await;
+                reply = client.attempt(&url, &key, &token, &trace).await;
             }
             let reply = reply.map_err(fail)?;
             if reply.status != 201 {

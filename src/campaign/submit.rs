@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::Confirmation;
 use lapin::{BasicProperties, Channel};
 
@@ -22,6 +23,7 @@ use super::watch::{self, CampaignSummary, OutcomeFilter, Watcher};
 use super::{open_channel, CampaignError, Failures};
 use crate::config::Config;
 use crate::ratelimit::RateLimiter;
+use crate::trace::{TraceContext, TRACEPARENT};
 
 /// Default number of publishes awaiting their confirm at once: large enough to keep the
 /// connection and the quorum queue busy (on the 2-core reference machine 1024 gave about 21,000
@@ -38,6 +40,9 @@ pub struct PublishOptions {
     pub rate: Option<f64>,
     /// Longest wait for one publish or confirm (`amqp.confirm_timeout`).
     pub confirm_timeout: Duration,
+    /// The campaign's trace: each request gets a child span's `traceparent` header, so the
+    /// worker's jobs (and their SWR calls and outcomes) join one trace per campaign.
+    pub trace: Option<TraceContext>,
 }
 
 /// What a finished publish run did.
@@ -166,7 +171,13 @@ pub async fn publish_requests(
             let oldest = in_flight.next().await.expect("the window is full");
             settle(oldest)?;
         }
-        in_flight.push_back(publish_one(channel, queue, request, limit));
+        in_flight.push_back(publish_one(
+            channel,
+            queue,
+            request,
+            options.trace.as_ref(),
+            limit,
+        ));
         // Poll once now: that hands this message's frames to the connection at its scheduled
         // time (and in input order), instead of when the window next fills.
         if let Some(Some(done)) = in_flight.next().now_or_never() {
@@ -191,9 +202,19 @@ async fn publish_one(
     channel: &Channel,
     queue: &str,
     request: &CampaignRequest,
+    trace: Option<&TraceContext>,
     limit: Duration,
 ) -> (usize, Result<(), Refused>) {
-    let properties = BasicProperties::default()
+    let mut properties = BasicProperties::default();
+    if let Some(campaign) = trace {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            TRACEPARENT.into(),
+            AMQPValue::LongString(LongString::from(campaign.child().traceparent())),
+        );
+        properties = properties.with_headers(headers);
+    }
+    let properties = properties
         .with_content_type("application/json".into())
         // Persistent: a broker restart must not lose a campaign.
         .with_delivery_mode(2)
@@ -389,10 +410,12 @@ pub async fn submit_parsed(
     .await?;
     let total = result.input.requests.len();
     let meter = Meter::new(mode, "submitted", &["submitted"], Some(total as u64));
+    let trace = TraceContext::root();
     let options = PublishOptions {
         window: plan.window,
         rate: plan.rate,
         confirm_timeout: config.amqp.confirm_timeout,
+        trace: Some(trace.clone()),
     };
     let originals: HashMap<String, (usize, String)> = result
         .input
@@ -424,11 +447,12 @@ pub async fn submit_parsed(
         if let Some(Ok(report)) = &published {
             // Said here, before the outcome count shows itself.
             eprintln!(
-                "submitted {} request(s) to queue '{}' for campaign {} ({:.0}/s, all confirmed)",
+                "submitted {} request(s) to queue '{}' for campaign {} ({:.0}/s, all confirmed; trace {})",
                 report.confirmed,
                 config.amqp.request_queue,
                 result.campaign,
-                report.per_second()
+                report.per_second(),
+                trace.trace_id_hex()
             );
         }
         // Tells the outcome count to show itself and start --timeout, or to stop.

@@ -32,6 +32,7 @@ const MAX_IAM_BODY: usize = 64 * 1024;
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_AUTH_TOKEN: HeaderName = HeaderName::from_static("x-auth-token");
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const TRACEPARENT: HeaderName = HeaderName::from_static(crate::trace::TRACEPARENT);
 const X_SUBJECT_TOKEN: HeaderName = HeaderName::from_static("x-subject-token");
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
@@ -92,6 +93,7 @@ async fn api(State(sim): State<Arc<Sim>>, req: Request) -> Response {
         query: parts.uri.query(),
         token: header(&X_AUTH_TOKEN),
         idempotency_key: header(&IDEMPOTENCY_KEY),
+        traceparent: header(&TRACEPARENT),
     });
     let plan = sim.admit(&call);
     if let Some(delay) = plan.delay {

@@ -152,6 +152,10 @@ pub struct RecordedCall {
     pub source: Option<String>,
     /// The `Idempotency-Key` header as sent.
     pub idempotency_key: Option<String>,
+    /// The `traceparent` header as sent (W3C Trace Context), so a test can check that the
+    /// caller propagated its trace.
+    #[serde(default)]
+    pub traceparent: Option<String>,
     /// Whether `X-Auth-Token` was accepted.
     pub token_valid: bool,
     /// Status answered; `None` when the connection was dropped on purpose.

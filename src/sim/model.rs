@@ -65,6 +65,8 @@ pub(crate) struct ApiRequest<'a> {
     pub token: Option<&'a str>,
     /// `Idempotency-Key`; a non-text header is passed as `""` (refused).
     pub idempotency_key: Option<&'a str>,
+    /// `traceparent` (W3C Trace Context), recorded as sent; a non-text header is passed as `""`.
+    pub traceparent: Option<&'a str>,
 }
 
 /// `mode` and `source` after percent-decoding.
@@ -733,6 +735,7 @@ impl Sim {
             mode: call.mode_raw().map(str::to_owned),
             source: call.source_raw().map(str::to_owned),
             idempotency_key: call.req.idempotency_key.map(str::to_owned),
+            traceparent: call.req.traceparent.map(str::to_owned),
             token_valid: call.token_valid,
             status,
             executed: false,
@@ -1039,6 +1042,7 @@ mod tests {
             query,
             token: Some("T"),
             idempotency_key: None,
+            traceparent: None,
         }
     }
 
@@ -1246,6 +1250,7 @@ mod tests {
                 &sim,
                 ApiRequest {
                     idempotency_key: Some(key),
+                    traceparent: None,
                     ..post(RETRY)
                 },
             );
@@ -1258,6 +1263,7 @@ mod tests {
         let sim = sim();
         let with_key = |key| ApiRequest {
             idempotency_key: Some(key),
+            traceparent: None,
             ..post(RETRY)
         };
         let first = answer(&sim, with_key("k1"));
@@ -1295,6 +1301,7 @@ mod tests {
                             &sim,
                             ApiRequest {
                                 idempotency_key: Some("shared"),
+                                traceparent: None,
                                 ..post(RETRY)
                             },
                         );
@@ -1315,6 +1322,7 @@ mod tests {
             &sim,
             ApiRequest {
                 idempotency_key: Some("k"),
+                traceparent: None,
                 ..post(RETRY)
             },
         );
@@ -1323,6 +1331,7 @@ mod tests {
             &sim,
             ApiRequest {
                 idempotency_key: Some("k"),
+                traceparent: None,
                 ..post(ROLLBACK)
             },
         );
@@ -1342,6 +1351,7 @@ mod tests {
         });
         let req = ApiRequest {
             idempotency_key: Some("k"),
+            traceparent: None,
             ..post(RETRY)
         };
         for _ in 0..2 {
@@ -1534,6 +1544,7 @@ mod tests {
                 ApiRequest {
                     token: Some("t"),
                     idempotency_key: Some("k"),
+                    traceparent: None,
                     ..post(RETRY)
                 },
             );
@@ -1559,6 +1570,7 @@ mod tests {
             &sim,
             ApiRequest {
                 idempotency_key: Some("k"),
+                traceparent: None,
                 ..post(RETRY)
             },
         );
@@ -1575,6 +1587,7 @@ mod tests {
             &sim,
             ApiRequest {
                 idempotency_key: Some("k"),
+                traceparent: None,
                 ..post(RETRY)
             },
         );

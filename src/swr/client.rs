@@ -11,6 +11,7 @@ use crate::request::{Mode, StageRequest, ROLLBACK_SOURCE};
 use crate::retry::parse_retry_after;
 use crate::swr::classify::parse_error_body;
 use crate::tls;
+use crate::trace::{TraceContext, TRACEPARENT, TRACESTATE};
 
 /// What SWR answered to one attempt.
 #[derive(Clone, Debug, PartialEq)]
@@ -105,15 +106,23 @@ impl SwrClient {
         url: &str,
         key: &str,
         token: &Secret,
+        trace: &TraceContext,
     ) -> Result<Reply, AttemptError> {
         let mut token_header = HeaderValue::from_str(token.expose())
             .map_err(|_| AttemptError::Transport("the token is not a valid header value".into()))?;
         token_header.set_sensitive(true);
-        let response = self
+        let request = self
             .http
             .post(url)
             .header("X-Auth-Token", token_header)
             .header("Idempotency-Key", key)
+            .header(TRACEPARENT, trace.traceparent());
+        // Only a state that parsed as printable ASCII is kept, so it is a valid header value.
+        let request = match &trace.state {
+            Some(state) => request.header(TRACESTATE, state.as_str()),
+            None => request,
+        };
+        let response = request
             .header(CONTENT_LENGTH, "0")
             .body(reqwest::Body::from(Vec::new()))
             .send()
@@ -258,7 +267,12 @@ mod tests {
         let client = SwrClient::new(&endpoint, &http, http.client_config().unwrap()).unwrap();
         let started = std::time::Instant::now();
         let error = client
-            .attempt(&format!("{endpoint}/v3/x"), "k", &Secret::new("t"))
+            .attempt(
+                &format!("{endpoint}/v3/x"),
+                "k",
+                &Secret::new("t"),
+                &TraceContext::root(),
+            )
             .await
             .unwrap_err();
         assert!(
@@ -275,7 +289,12 @@ mod tests {
         // A refused connect is a connect error too.
         drop((listener, _held));
         let error = client
-            .attempt(&format!("{endpoint}/v3/x"), "k", &Secret::new("t"))
+            .attempt(
+                &format!("{endpoint}/v3/x"),
+                "k",
+                &Secret::new("t"),
+                &TraceContext::root(),
+            )
             .await
             .unwrap_err();
         assert!(
@@ -326,7 +345,12 @@ mod tests {
         )
         .await;
         let reply = client_for(&endpoint)
-            .attempt(&format!("{endpoint}/v3/x"), "k", &Secret::new("t"))
+            .attempt(
+                &format!("{endpoint}/v3/x"),
+                "k",
+                &Secret::new("t"),
+                &TraceContext::root(),
+            )
             .await
             .expect("any 2xx is success, whatever its body");
         assert_eq!(reply.status, 201);
@@ -336,7 +360,12 @@ mod tests {
         let endpoint =
             answer_once("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 100\r\n\r\n{}").await;
         let error = client_for(&endpoint)
-            .attempt(&format!("{endpoint}/v3/x"), "k", &Secret::new("t"))
+            .attempt(
+                &format!("{endpoint}/v3/x"),
+                "k",
+                &Secret::new("t"),
+                &TraceContext::root(),
+            )
             .await
             .unwrap_err();
         assert!(matches!(error, AttemptError::Transport(_)), "{error:?}");
@@ -352,7 +381,12 @@ mod tests {
         );
         let endpoint = answer_once(Box::leak(answer.into_boxed_str())).await;
         let reply = client_for(&endpoint)
-            .attempt(&format!("{endpoint}/v3/x"), "k", &Secret::new("t"))
+            .attempt(
+                &format!("{endpoint}/v3/x"),
+                "k",
+                &Secret::new("t"),
+                &TraceContext::root(),
+            )
             .await
             .unwrap();
         let count = |s: &Option<String>| s.as_deref().map(|s| s.chars().count());
@@ -376,7 +410,12 @@ mod tests {
         let client = SwrClient::new(&endpoint, &http, http.client_config().unwrap()).unwrap();
         let started = std::time::Instant::now();
         let reply = client
-            .attempt(&format!("{endpoint}/v3/x"), "k", &Secret::new("t"))
+            .attempt(
+                &format!("{endpoint}/v3/x"),
+                "k",
+                &Secret::new("t"),
+                &TraceContext::root(),
+            )
             .await
             .expect("any 2xx is success");
         assert_eq!(reply.status, 201);
@@ -394,7 +433,12 @@ mod tests {
         drop(listener);
         let endpoint = format!("http://swr-user:hunter2@127.0.0.1:{port}");
         let error = client_for(&endpoint)
-            .attempt(&format!("{endpoint}/v3/x"), "k", &Secret::new("t"))
+            .attempt(
+                &format!("{endpoint}/v3/x"),
+                "k",
+                &Secret::new("t"),
+                &TraceContext::root(),
+            )
             .await
             .unwrap_err();
         let text = error.to_string();

@@ -16,6 +16,7 @@ use crate::ratelimit::RateLimiter;
 use crate::request::StageRequest;
 use crate::retry::{GiveUp, RetrySchedule};
 use crate::telemetry::metrics::Metrics;
+use crate::trace::TraceContext;
 use auth::{AuthError, TokenSource};
 use classify::{classify, Class};
 use client::{AttemptError, SwrClient};
@@ -64,6 +65,7 @@ pub async fn execute(
     guards: Guards<'_>,
     request: &StageRequest,
     key: &str,
+    trace: &TraceContext,
 ) -> Execution {
     let mut probe = guards.probe;
     let url = client.url(request);
@@ -118,9 +120,11 @@ pub async fn execute(
         sent += 1;
         guards.pace.until_ready().await;
         let sent_at = std::time::Instant::now();
+        // Each attempt is a child span of the job; SWR gets its `traceparent`.
+        let attempt_trace = trace.child();
         let attempt = client
-            .attempt(&url, key, &token)
-            .instrument(tracing::debug_span!("attempt", attempt = sent))
+            .attempt(&url, key, &token, &attempt_trace)
+            .instrument(tracing::debug_span!("attempt", attempt = sent, span_id = %attempt_trace.span_id_hex()))
             .await;
         let code = match &attempt {
             Ok(reply) => reply.status.to_string(),
@@ -379,7 +383,16 @@ mod tests {
             metrics: &metrics,
             probe: false,
         };
-        let execution = execute(&client, tokens, &config.retry, guards, &request, "k").await;
+        let execution = execute(
+            &client,
+            tokens,
+            &config.retry,
+            guards,
+            &request,
+            "k",
+            &TraceContext::root(),
+        )
+        .await;
         sim.shutdown().await;
         execution
     }
