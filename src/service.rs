@@ -82,9 +82,14 @@ pub async fn run_with_context(
     let config = ctx.config.clone();
     if !config.telemetry.listen.is_empty() {
         let telemetry = &config.telemetry;
-        crate::telemetry::http::serve(&telemetry.listen, telemetry.listen_is_default, ctx.clone())
-            .await
-            .map_err(|e| RunError::Telemetry(config.telemetry.listen.clone(), e))?;
+        let addr = crate::telemetry::http::serve(
+            &telemetry.listen,
+            telemetry.listen_is_default,
+            ctx.clone(),
+        )
+        .await
+        .map_err(|e| RunError::Telemetry(config.telemetry.listen.clone(), e))?;
+        let _ = ctx.telemetry_addr.set(addr);
     }
     let slots = Arc::new(Semaphore::new(config.worker.concurrency as usize));
     let mut jobs: JoinSet<()> = JoinSet::new();

@@ -85,6 +85,9 @@ pub struct JobContext {
     /// The broker (of `amqp.url`'s list) of the current or last session, password hidden, for
     /// /readyz.
     pub broker_node: std::sync::Mutex<Option<String>>,
+    /// Where the telemetry server listens, once it does (`telemetry.listen` may name port 0,
+    /// or fall back to a free port).
+    pub telemetry_addr: std::sync::OnceLock<std::net::SocketAddr>,
     /// The `reply_to` names refused so far, so each is logged once, not once per request.
     pub reply_to_refusals: RefusalLog,
 }
@@ -169,6 +172,7 @@ impl JobContext {
             session_broken: Arc::new(Notify::new()),
             broker_error: std::sync::Mutex::new(None),
             broker_node: std::sync::Mutex::new(None),
+            telemetry_addr: std::sync::OnceLock::new(),
             amqp_user,
             reply_to_refusals: RefusalLog::default(),
         })

@@ -203,6 +203,8 @@ async fn scenario(fault: Fault) -> Figures {
     let mut rejected_invalid = 0;
     let mut fault_done = false;
     let mut rss_early = 0u64;
+    // The task that ends the SWR outage (Fault::SwrOutage).
+    let mut outage_end: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
     while answered.len() < unique || rejected_invalid < malformed_count {
         let (o, _) = env.next_outcome().await;
         if o.status == Status::Rejected
@@ -249,21 +251,34 @@ async fn scenario(fault: Fault) -> Figures {
                         times: Some(50),
                         ..FaultRule::default()
                     });
-                    // Ended through the simulator's control API, so the test keeps reading outcomes.
+                    // Ended through the simulator's control API, so the test keeps reading
+                    // outcomes meanwhile; awaited after the run, so a failure to end it fails
+                    // the test. The 10 s are the outage's length, not a wait for something.
                     let end = format!("{}/_sim/rules/{outage}", env.sim.url());
-                    tokio::spawn(async move {
+                    outage_end = Some(tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_secs(10)).await;
-                        let ended = reqwest::Client::new()
-                            .delete(end)
-                            .send()
-                            .await
-                            .expect("control API");
-                        assert!(ended.status().is_success());
-                    });
+                        let ended = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            reqwest::Client::new().delete(end).send(),
+                        )
+                        .await
+                        .map_err(|_| "no answer within 10 s".to_owned())
+                        .and_then(|sent| sent.map_err(|e| e.to_string()))?;
+                        if ended.status().is_success() {
+                            Ok(())
+                        } else {
+                            Err(format!("the control API answered {}", ended.status()))
+                        }
+                    }));
                 }
                 Fault::Malformed | Fault::Fleet(_) => {}
             }
         }
+    }
+    if let Some(task) = outage_end {
+        task.await
+            .expect("the outage task")
+            .unwrap_or_else(|e| panic!("{name}: ending the SWR outage failed: {e}"));
     }
     let rss_late: u64 = workers
         .iter()

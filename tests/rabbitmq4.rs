@@ -60,13 +60,11 @@ async fn skip_on_3x(test: &str) -> bool {
     false
 }
 
-/// A PostgreSQL URL on a loopback port where nothing listens: every claim fails at once, so
-/// the worker requeues each delivery after its pause (docs/contract.md: the store unreachable).
+/// A PostgreSQL URL on a loopback port where nothing listens (port 1, which no service here
+/// uses and no test binds): every claim fails at once, so the worker requeues each delivery
+/// after its pause (docs/contract.md: the store unreachable).
 fn unreachable_store() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
-    format!("postgres://postgres@127.0.0.1:{port}/test")
+    "postgres://postgres@127.0.0.1:1/test".to_owned()
 }
 
 /// The worker binary with this test's names and an unreachable idempotency store.

@@ -92,19 +92,9 @@ async fn outcomes_by_key(env: &mut TestEnv, n: usize) -> Vec<(String, Status, bo
 
 #[tokio::test]
 async fn by_default_the_workers_own_queues_are_refused_and_an_ordinary_queue_is_honoured() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut env = TestEnv::without_worker(
-        "reply-safe",
-        &[("SWR_STAGE_WORKER__TELEMETRY__LISTEN", &listen)],
-    )
-    .await;
+    let mut env = TestEnv::without_worker("reply-safe", &[]).await;
     assert_eq!(env.config.amqp.reply_to, ReplyToPolicy::Safe);
-    env.start_worker();
+    let base = env.start_worker_with_telemetry().await;
     let replies = env.reply_queue().await;
     let (requests, dead) = (
         env.config.amqp.request_queue.clone(),
@@ -122,7 +112,7 @@ async fn by_default_the_workers_own_queues_are_refused_and_an_ordinary_queue_is_
             ("k-to-requests".into(), Status::Succeeded, false),
         ]
     );
-    let metrics = reqwest::get(format!("http://{listen}/metrics"))
+    let metrics = reqwest::get(format!("{base}/metrics"))
         .await
         .unwrap()
         .text()

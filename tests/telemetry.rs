@@ -11,13 +11,11 @@ use lapin::BasicProperties;
 use serde_json::{json, Value};
 use swr_stage_worker::sim::FaultRule;
 
-/// A port nobody listens on right now (tests in parallel each take their own).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A worker whose telemetry server listens on a port the system picks, and its base URL.
+async fn start_with_telemetry(test: &str) -> (TestEnv, String) {
+    let mut env = TestEnv::without_worker(test, &[]).await;
+    let base = env.start_worker_with_telemetry().await;
+    (env, base)
 }
 
 /// Scrapes /metrics into "name{labels}" → value.
@@ -58,13 +56,7 @@ async fn wait_ready(base: &str, ready: bool) -> Value {
 
 #[tokio::test]
 async fn metrics_move_as_jobs_run_and_the_health_endpoints_answer() {
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut env = TestEnv::start_with(
-        "metrics",
-        &[("SWR_STAGE_WORKER__TELEMETRY__LISTEN", &listen)],
-    )
-    .await;
-    let base = format!("http://{listen}");
+    let (mut env, base) = start_with_telemetry("metrics").await;
     let ready = wait_ready(&base, true).await;
     assert_eq!(
         reqwest::get(format!("{base}/healthz"))
@@ -145,7 +137,7 @@ async fn metrics_move_as_jobs_run_and_the_health_endpoints_answer() {
 
     // The status command shows the topology and this worker.
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_swr-stage-worker"))
-        .args(["status", "--telemetry", &listen])
+        .args(["status", "--telemetry", base.trim_start_matches("http://")])
         .env_clear()
         .envs(common::test_env(&env.prefix, &env.sim.url(), &[]))
         .output()
@@ -204,13 +196,7 @@ async fn json_logs_parse_line_by_line_and_carry_the_job_span() {
 #[tokio::test]
 #[ignore = "stops and starts the broker: runs in the serial step (--run-ignored only --test-threads 1)"]
 async fn readiness_follows_the_broker_connection() {
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut env = TestEnv::start_with(
-        "readyz",
-        &[("SWR_STAGE_WORKER__TELEMETRY__LISTEN", &listen)],
-    )
-    .await;
-    let base = format!("http://{listen}");
+    let (mut env, base) = start_with_telemetry("readyz").await;
     wait_ready(&base, true).await;
     common::rabbitmqctl(&["stop_app"]).await;
     let down = wait_ready(&base, false).await;

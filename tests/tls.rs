@@ -455,17 +455,12 @@ async fn postgres_verify_full_with_a_wrong_root_stops_the_worker_at_start() {
 
 #[tokio::test]
 async fn readyz_says_why_the_broker_is_not_ready_after_a_failed_handshake() {
-    let listen = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().to_string()
-    };
     let mut env = TestEnv::without_worker("tls_readyz", &[]).await;
     env.config.amqp.url = Secret::new(AMQPS);
-    env.config.telemetry.listen = listen.clone();
-    env.start_worker();
+    let base = env.start_worker_with_telemetry().await;
     let deadline = tokio::time::Instant::now() + common::WAIT;
     let body: Value = loop {
-        if let Ok(answer) = reqwest::get(format!("http://{listen}/readyz")).await {
+        if let Ok(answer) = reqwest::get(format!("{base}/readyz")).await {
             let body: Value = serde_json::from_str(&answer.text().await.unwrap()).unwrap();
             if body["broker_error"].is_string() {
                 break body;

@@ -274,6 +274,29 @@ impl TestEnv {
         self.worker = Some((stop, handle));
     }
 
+    /// Starts the worker with its telemetry server on a port the system picks (no other test
+    /// can take it between choosing and binding); returns the server's base URL.
+    pub async fn start_worker_with_telemetry(&mut self) -> String {
+        self.config.telemetry.listen = "127.0.0.1:0".into();
+        let ctx = Arc::new(
+            JobContext::new(Arc::new(self.config.clone()))
+                .await
+                .expect("job context"),
+        );
+        self.start_worker_with(ctx.clone());
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(addr) = ctx.telemetry_addr.get() {
+                return format!("http://{addr}");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the telemetry server did not start within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Asks the worker to stop and returns how `run` ended.
     pub async fn stop_worker(&mut self) -> Result<(), RunError> {
         let (stop, handle) = self.worker.take().expect("worker running");
@@ -479,6 +502,28 @@ impl TestEnv {
         }
         let _ = self.conn.close(200, "test done".into()).await;
         self.sim.shutdown().await;
+        remove_store_files(&self.prefix);
+    }
+}
+
+/// Removes the embedded-store file of a test (`store_path`) and its companions (`-wal`,
+/// `-shm`, ...), once its worker has stopped.
+pub fn remove_store_files(prefix: &str) {
+    let path = std::path::PathBuf::from(store_path(prefix));
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|f| f.starts_with(name))
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
