@@ -190,6 +190,13 @@ async fn json_logs_parse_line_by_line_and_carry_the_job_span() {
     assert_eq!(finished["span"]["pipeline_id"], 5150);
     assert_eq!(finished["span"]["stage_index"], 1);
     assert_eq!(finished["span"]["mode"], "retry");
+    // The job's trace (a new one: the request carried no traceparent).
+    let trace_id = finished["span"]["trace_id"].as_str().expect("trace_id");
+    assert!(
+        trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{trace_id}"
+    );
+    assert_eq!(finished["span"]["parent_span_id"], "");
     env.teardown().await;
 }
 
