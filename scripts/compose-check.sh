@@ -435,6 +435,12 @@ on_exit() {
 build() {
   # The project's image, as `docker compose up` would build it (both services use the one image).
   compose build worker
+  # Under vfs every layer is a full copy of its tree (the builder's are 1-2 GB each), and each
+  # source change leaves the last build's layers behind, untagged. The current builder stage
+  # gets a tag (a cache hit, seconds), so that its dependency layer stays cached; then the
+  # untagged images of earlier builds and of replaced stand-ins go.
+  docker build -q --target builder -t swr-stage-worker:builder-cache . >/dev/null
+  docker image prune -f >/dev/null
   docker run --rm --read-only swr-stage-worker:local --version | grep -q '^swr-stage-worker ' \
     || die "swr-stage-worker --version does not answer in the image"
   log "image swr-stage-worker:local: $(docker run --rm --read-only swr-stage-worker:local --version), $(docker image inspect -f '{{.Size}}' swr-stage-worker:local | numfmt --to=si)B"
