@@ -460,6 +460,15 @@ healthy() { # healthy: every service's container is running and its health check
 
 up() {
   down
+  # A port that something else on the machine already listens on would fail `up` with a
+  # userland-proxy error; say which variable moves it instead.
+  local var
+  for var in SWR_COMPOSE_AMQP_PORT SWR_COMPOSE_MANAGEMENT_PORT SWR_COMPOSE_POSTGRES_PORT \
+    SWR_COMPOSE_SIM_PORT SWR_COMPOSE_TELEMETRY_PORT; do
+    if timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/${!var}" 2>/dev/null; then
+      die "127.0.0.1:${!var} is taken by another program; set $var to a free port"
+    fi
+  done
   stack_up=1
   compose up -d --no-build
   wait_for 240 "every service healthy" healthy || { compose ps; die "the stack did not become healthy"; }
