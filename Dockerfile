@@ -36,7 +36,10 @@ RUN rm -rf target/release/swr-stage-worker target/release/deps/swr_stage_worker-
         target/release/deps/libswr_stage_worker-* target/release/.fingerprint/swr-stage-worker-* \
     && touch src/main.rs src/lib.rs \
     && cargo build --release --locked --bin swr-stage-worker \
-    && ./target/release/swr-stage-worker --version | grep -q "^swr-stage-worker "
+    && ./target/release/swr-stage-worker --version | grep -q "^swr-stage-worker " \
+    && strip --strip-debug target/release/swr-stage-worker
+# strip --strip-debug: the release profile's line tables are 3/4 of the binary (about 74 of 93 MB).
+# The symbol table stays, so a panic's backtrace still names its functions.
 
 # --- run ---------------------------------------------------------------------------------------
 FROM debian:bookworm-slim

@@ -52,30 +52,11 @@ in_chroot() {
     exec chroot "$dir" "$@"' sh "$dir" "${node_env[@]}" "$@"
 }
 
-# The first Debian mirror in the host's apt sources (one-line and deb822 formats), never a
-# security or third-party repository.
+# The first Debian mirror in the host's apt sources (scripts/debian-mirror.sh).
 mirror() {
   if [ -n "${RABBITMQ4_MIRROR:-}" ]; then echo "$RABBITMQ4_MIRROR"; return; fi
-  local found
-  found=$({
-    cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
-      | sed -E 's/\[[^]]*\]//' | awk '$1 == "deb" && $3 !~ /security/ {print $2}'
-    for f in /etc/apt/sources.list.d/*.sources; do
-      [ -e "$f" ] || continue
-      awk 'BEGIN {RS = ""; FS = "\n"}
-        {
-          deb = 0; sec = 0; uris = ""
-          for (i = 1; i <= NF; i++) {
-            if ($i ~ /^Types:/ && $i ~ /(^|[ \t])deb([ \t]|$)/) deb = 1
-            if ($i ~ /^Suites:/ && $i ~ /security/) sec = 1
-            if ($i ~ /^URIs:/) { uris = $i; sub(/^URIs:[ \t]*/, "", uris) }
-          }
-          if (deb && !sec && uris != "") { split(uris, u, /[ \t]+/); print u[1] }
-        }' "$f"
-    done
-  } | grep -E '/debian/?$' | head -n 1)
-  [ -n "$found" ] || die "no Debian mirror in /etc/apt/sources*; set RABBITMQ4_MIRROR"
-  echo "${found%/}"
+  bash "$(dirname "${BASH_SOURCE[0]}")/debian-mirror.sh" \
+    || die "no Debian mirror in /etc/apt/sources*; set RABBITMQ4_MIRROR"
 }
 
 answers() {

@@ -20,7 +20,6 @@ use serde_json::json;
 use swr_stage_worker::outcome::{ErrorKind, Outcome, Status};
 use swr_stage_worker::sim::FaultRule;
 
-const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 /// Valid messages per scenario (10% of them repeat an earlier key).
 const JOBS: usize = 5_000;
 
@@ -99,6 +98,7 @@ async fn scenario(fault: Fault) -> Figures {
     let started = Instant::now();
     let name = format!("{fault:?}").to_lowercase().replace(['(', ')'], "");
     // Fast take-over after a kill; enough patience to ride out a 10 s outage.
+    let pg_url = common::pg_url();
     let mut extra: Vec<(&str, &str)> = vec![
         ("SWR_STAGE_WORKER__RETRY__MAX_ATTEMPTS", "60"),
         ("SWR_STAGE_WORKER__RETRY__MAX_INTERVAL", "1s"),
@@ -122,7 +122,7 @@ async fn scenario(fault: Fault) -> Figures {
     };
     if workers_wanted > 1 {
         extra.push(("SWR_STAGE_WORKER__IDEMPOTENCY__BACKEND", "postgres"));
-        extra.push(("SWR_STAGE_WORKER__IDEMPOTENCY__URL", PG_URL));
+        extra.push(("SWR_STAGE_WORKER__IDEMPOTENCY__URL", pg_url.as_str()));
     }
     let mut env = TestEnv::without_worker(&format!("faults-{name}"), &extra).await;
 

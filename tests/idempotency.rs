@@ -13,8 +13,6 @@ use serde_json::json;
 use swr_stage_worker::outcome::{ErrorKind, Outcome, Status};
 use swr_stage_worker::sim::FaultRule;
 
-const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
 #[tokio::test]
 async fn same_key_twice_in_sequence_calls_swr_once_and_replays() {
     let mut env = TestEnv::start("seq-dup").await;
@@ -182,9 +180,10 @@ async fn two_worker_processes_sharing_postgres_run_each_key_once() {
     }
     // The loop guard's counts live in the shared PostgreSQL table and outlast a test run; these
     // pipeline ids repeat from run to run, so the guard (tested on its own) is off here.
+    let pg_url = common::pg_url();
     let pg = [
         ("SWR_STAGE_WORKER__IDEMPOTENCY__BACKEND", "postgres"),
-        ("SWR_STAGE_WORKER__IDEMPOTENCY__URL", PG_URL),
+        ("SWR_STAGE_WORKER__IDEMPOTENCY__URL", pg_url.as_str()),
         ("SWR_STAGE_WORKER__GUARD__MAX_EXECUTIONS", "0"),
     ];
     let mut workers = Vec::new();

@@ -33,6 +33,14 @@ pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
+/// The PostgreSQL database the tests that use the postgres idempotency backend share: the host's
+/// (127.0.0.1:5432, database `test`) unless IDEMPOTENCY_TEST_URL names another, e.g. the
+/// docker-compose stack's (docs/docker.md).
+pub fn pg_url() -> String {
+    std::env::var("IDEMPOTENCY_TEST_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
 /// Connects to the test broker or fails with the fix.
 pub async fn broker(name: &str) -> Connection {
     let url = Secret::new(amqp_url());
