@@ -200,19 +200,22 @@ async fn scenario(fault: Fault) -> Figures {
 
     let mut outcomes: Vec<Outcome> = Vec::with_capacity(mixed.len());
     let mut answered: HashSet<String> = HashSet::new();
-    let mut rejected_invalid = 0;
+    // Malformed messages answered, by key (each body is different, so each has its own key):
+    // a rejected outcome published twice (a confirm lost with a connection) must not end the
+    // run while another malformed message is still unanswered.
+    let mut rejected_invalid: HashSet<String> = HashSet::new();
     let mut fault_done = false;
     let mut rss_early = 0u64;
     // The task that ends the SWR outage (Fault::SwrOutage).
     let mut outage_end: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
-    while answered.len() < unique || rejected_invalid < malformed_count {
+    while answered.len() < unique || rejected_invalid.len() < malformed_count {
         let (o, _) = env.next_outcome().await;
         if o.status == Status::Rejected
             && o.error
                 .as_ref()
                 .is_some_and(|e| e.kind == ErrorKind::InvalidRequest)
         {
-            rejected_invalid += 1;
+            rejected_invalid.insert(o.idempotency_key.clone());
         } else {
             answered.insert(o.idempotency_key.clone());
         }

@@ -215,6 +215,9 @@ pub struct TestEnv {
     pub conn: Connection,
     pub channel: Channel,
     outcomes: Consumer,
+    /// Hashes of the outcome bodies read, so one the broker redelivers to the test (its ack
+    /// was lost with the test's connection, e.g. in a broker restart) is not counted twice.
+    seen: std::collections::HashSet<u64>,
     worker: Option<RunningWorker>,
 }
 
@@ -261,6 +264,7 @@ impl TestEnv {
             conn,
             channel,
             outcomes,
+            seen: std::collections::HashSet::new(),
             worker: None,
         }
     }
@@ -409,16 +413,26 @@ impl TestEnv {
 
     /// The next outcome published to the results exchange, with its AMQP delivery.
     pub async fn next_outcome(&mut self) -> (Outcome, lapin::message::Delivery) {
-        let delivery = tokio::time::timeout(WAIT, self.outcomes.next())
-            .await
-            .expect("an outcome within 30 s")
-            .expect("outcome stream open")
-            .expect("outcome delivery");
-        // Acked only once read: what the test never saw stays in the queue across a reconnect.
-        delivery.ack(Default::default()).await.expect("ack outcome");
-        let outcome: Outcome =
-            serde_json::from_slice(&delivery.data).expect("outcome is contract JSON");
-        (outcome, delivery)
+        loop {
+            let delivery = tokio::time::timeout(WAIT, self.outcomes.next())
+                .await
+                .expect("an outcome within 30 s")
+                .expect("outcome stream open")
+                .expect("outcome delivery");
+            // Acked only once read: what the test never saw stays in the queue across a
+            // reconnect.
+            delivery.ack(Default::default()).await.expect("ack outcome");
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            std::hash::Hash::hash(&delivery.data, &mut hasher);
+            // A redelivery of a body the test has read is the test's own lost ack, not a second
+            // outcome from the worker (which is published anew, never redelivered).
+            if !self.seen.insert(std::hash::Hasher::finish(&hasher)) && delivery.redelivered {
+                continue;
+            }
+            let outcome: Outcome =
+                serde_json::from_slice(&delivery.data).expect("outcome is contract JSON");
+            return (outcome, delivery);
+        }
     }
 
     /// Collects `n` outcomes.
