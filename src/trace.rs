@@ -8,8 +8,6 @@
 //! refused for its tracing. The ids appear in the job's log lines (`trace_id`, `span_id`,
 //! `parent_span_id`), so logs and traces meet.
 
-use std::fmt::Write as _;
-
 /// The `traceparent` header (AMQP headers, HTTP headers).
 pub const TRACEPARENT: &str = "traceparent";
 /// The `tracestate` header, passed on unchanged.
@@ -114,18 +112,18 @@ impl TraceContext {
     pub fn traceparent(&self) -> String {
         format!(
             "00-{}-{}-{:02x}",
-            self.trace_id_hex(),
-            self.span_id_hex(),
+            Hex(&self.trace_id),
+            Hex(&self.span_id),
             self.flags
         )
     }
 
     pub fn trace_id_hex(&self) -> String {
-        to_hex(&self.trace_id)
+        Hex(&self.trace_id).to_string()
     }
 
     pub fn span_id_hex(&self) -> String {
-        to_hex(&self.span_id)
+        Hex(&self.span_id).to_string()
     }
 }
 
@@ -166,9 +164,12 @@ impl JobTrace {
 
     /// The sender's span id in hex, or "" for a new trace.
     pub fn parent_span_id_hex(&self) -> String {
-        self.parent_span_id
-            .map(|id| to_hex(&id))
-            .unwrap_or_default()
+        self.parent().to_string()
+    }
+
+    /// The sender's span id for a log field: hex, or nothing for a new trace.
+    pub fn parent(&self) -> Hex<'_> {
+        Hex(self.parent_span_id.as_ref().map_or(&[], |id| id.as_slice()))
     }
 }
 
@@ -178,27 +179,55 @@ impl Default for JobTrace {
     }
 }
 
-/// A random id, never all zero: the 122 random bits of a UUIDv4 (no random-number crate for ids
-/// that need to be unique, not secret).
+thread_local! {
+    /// Each thread's id generator: SplitMix64, seeded once from the operating system's random
+    /// source (a UUIDv4). Ids must be unique, not secret, and a system call per id was a
+    /// measurable part of a job's cost.
+    static IDS: std::cell::Cell<u64> = std::cell::Cell::new({
+        let seed = uuid::Uuid::new_v4().as_u128();
+        (seed as u64) ^ ((seed >> 64) as u64)
+    });
+}
+
+fn next_u64() -> u64 {
+    IDS.with(|state| {
+        let mut z = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        state.set(z);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
+/// A random id, never all zero.
 fn random_id<const N: usize>() -> [u8; N] {
     loop {
-        let bytes = uuid::Uuid::new_v4().into_bytes();
         let mut id = [0u8; N];
-        // Skip the version and variant nibbles' bytes (6 and 8) for the 8-byte span ids.
-        let random: Vec<u8> = if N == 16 {
-            bytes.to_vec()
-        } else {
-            bytes
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != 6 && *i != 8)
-                .map(|(_, b)| *b)
-                .collect()
-        };
-        id.copy_from_slice(&random[..N]);
+        for chunk in id.chunks_mut(8) {
+            let bytes = next_u64().to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
         if id != [0u8; N] {
             return id;
         }
+    }
+}
+
+/// Bytes written as lowercase hex by `Display`, without an allocation (for log fields, which
+/// are formatted only when a line is written).
+pub struct Hex<'a>(pub &'a [u8]);
+
+impl std::fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 64];
+        let mut len = 0;
+        for &b in self.0.iter().take(32) {
+            out[len] = DIGITS[usize::from(b >> 4)];
+            out[len + 1] = DIGITS[usize::from(b & 0x0f)];
+            len += 2;
+        }
+        f.write_str(std::str::from_utf8(&out[..len]).map_err(|_| std::fmt::Error)?)
     }
 }
 
@@ -218,15 +247,6 @@ fn hex<const N: usize>(text: &str) -> Option<[u8; N]> {
         out[i] = value(pair[0])? << 4 | value(pair[1])?;
     }
     Some(out)
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 #[cfg(test)]
@@ -346,5 +366,24 @@ mod tests {
             assert!(TraceContext::parse(&trace.job.traceparent(), None).is_ok());
         }
         assert_ne!(JobTrace::new().job.trace_id, JobTrace::new().job.trace_id);
+    }
+
+    #[test]
+    fn ids_do_not_repeat_within_a_thread_or_across_threads() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            assert!(seen.insert(random_id::<8>()));
+        }
+        let other =
+            std::thread::spawn(|| (0..10_000).map(|_| random_id::<8>()).collect::<Vec<_>>())
+                .join()
+                .unwrap();
+        for id in other {
+            assert!(
+                seen.insert(id),
+                "a span id of another thread repeated one of this thread's"
+            );
+        }
+        assert_eq!(Hex(&[0x00, 0x0f, 0xa5, 0xff]).to_string(), "000fa5ff");
     }
 }

@@ -31,7 +31,7 @@ use crate::swr::client::SwrClient;
 use crate::swr::iam::{IamClient, IamCredentials, IamToken};
 use crate::swr::{execute, Guards};
 use crate::telemetry::metrics::Metrics;
-use crate::trace::{JobTrace, TRACEPARENT, TRACESTATE};
+use crate::trace::{Hex, JobTrace, TRACEPARENT, TRACESTATE};
 
 /// Header added to a dead-lettered request: the one-line reason.
 pub const ERROR_HEADER: &str = "x-swr-error";
@@ -235,7 +235,7 @@ pub async fn process(
                 &delivery.data,
             );
             let trace = &envelope.trace;
-            let span = tracing::info_span!("job", key = %key, pipeline_id = ?invalid.pipeline_id, stage_index = ?invalid.stage_index, mode = ?invalid.mode.map(|m| m.as_str()), trace_id = %trace.job.trace_id_hex(), span_id = %trace.job.span_id_hex(), parent_span_id = %trace.parent_span_id_hex());
+            let span = tracing::info_span!("job", key = %key, pipeline_id = ?invalid.pipeline_id, stage_index = ?invalid.stage_index, mode = ?invalid.mode.map(|m| m.as_str()), trace_id = %Hex(&trace.job.trace_id), span_id = %Hex(&trace.job.span_id), parent_span_id = %trace.parent());
             warn_unusable_message_id(&span, &envelope, invalid.idempotency_key.as_deref());
             apply_reply_to_policy(ctx, &span, &mut envelope);
             // The rare paths are boxed (here and below): a job's state machine is as large as
@@ -253,7 +253,7 @@ pub async fn process(
                 &delivery.data,
             );
             let trace = &envelope.trace;
-            let span = tracing::info_span!("job", key = %key, pipeline_id = request.pipeline_id, stage_index = request.stage_index, mode = request.mode.as_str(), trace_id = %trace.job.trace_id_hex(), span_id = %trace.job.span_id_hex(), parent_span_id = %trace.parent_span_id_hex());
+            let span = tracing::info_span!("job", key = %key, pipeline_id = request.pipeline_id, stage_index = request.stage_index, mode = request.mode.as_str(), trace_id = %Hex(&trace.job.trace_id), span_id = %Hex(&trace.job.span_id), parent_span_id = %trace.parent());
             warn_unusable_message_id(&span, &envelope, request.idempotency_key.as_deref());
             apply_reply_to_policy(ctx, &span, &mut envelope);
             let job = Job {

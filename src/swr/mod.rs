@@ -124,7 +124,7 @@ pub async fn execute(
         let attempt_trace = trace.child();
         let attempt = client
             .attempt(&url, key, &token, &attempt_trace)
-            .instrument(tracing::debug_span!("attempt", attempt = sent, span_id = %attempt_trace.span_id_hex()))
+            .instrument(tracing::debug_span!("attempt", attempt = sent, span_id = %crate::trace::Hex(&attempt_trace.span_id)))
             .await;
         let code = match &attempt {
             Ok(reply) => reply.status.to_string(),
