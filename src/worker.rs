@@ -19,7 +19,7 @@ use crate::amqp::copied_properties;
 use crate::amqp::publisher::{PublishError, Publisher, Routed};
 use crate::amqp::reply_to::{self, Decision, RefusalLog, Sighting};
 use crate::breaker::Breaker;
-use crate::config::{redact_url, AmqpConfig, Config, ConfigError};
+use crate::config::{redact_url, AmqpConfig, AuthKind, Config, ConfigError};
 use crate::idempotency::{self, fingerprint, Admission, Gate, StoreError};
 use crate::outcome::{timestamp, ErrorKind, Outcome, OutcomeError, Status, OUTCOME_TYPE};
 use crate::ratelimit::RateLimiter;
@@ -128,8 +128,8 @@ impl JobContext {
         let tls = config.http.client_config()?;
         let swr = SwrClient::new(&config.swr.endpoint, &config.http, tls.clone())?;
         let auth = &config.swr.auth;
-        let tokens: Arc<dyn TokenSource> = match auth.kind.as_str() {
-            "iam_password" => {
+        let tokens: Arc<dyn TokenSource> = match auth.kind {
+            AuthKind::IamPassword => {
                 let credentials = IamCredentials::from_config(auth)?;
                 tracing::info!(
                     endpoint = %redact_url(&config.iam.endpoint),
@@ -143,8 +143,7 @@ impl JobContext {
                         .map_err(ContextError::IamClient)?;
                 Arc::new(IamToken::new(client, auth.refresh_ahead).with_metrics(metrics.clone()))
             }
-            // Config::validate admits only the two kinds.
-            _ => Arc::new(StaticToken::new(auth.token.clone())),
+            AuthKind::Static => Arc::new(StaticToken::new(auth.token.clone())),
         };
         let worker_id = config.worker_id();
         let gate = idempotency::open(&config).await?.map(|store| {

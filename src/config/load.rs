@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use toml::{Table, Value};
 
-use super::schema::{AmqpConfig, Config, AUTO, REPLY_TO_WORDS};
+use super::schema::{AmqpConfig, AuthKind, Config, AUTO, REPLY_TO_WORDS};
 use super::{ConfigError, DEFAULT_TOML};
 use crate::secret::Secret;
 
@@ -41,7 +41,7 @@ impl Config {
             serde_path_to_error::deserialize(Value::Table(table)).map_err(|e| {
                 ConfigError::Shape(format!("key `{}`: {}", e.path(), e.inner().message()))
             })?;
-        if config.swr.auth.kind == "iam_password" {
+        if config.swr.auth.kind == AuthKind::IamPassword {
             let wanted = &config.swr.auth.password_env;
             if let Some((_, value)) = env.iter().find(|(name, _)| name == wanted) {
                 config.swr.auth.password_from_env = Secret::new(value.as_str());

@@ -20,9 +20,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use schema::{
-    AmqpConfig, AmqpTlsConfig, AuthConfig, BreakerConfig, Config, FailoverOrder, GuardConfig,
-    HttpConfig, IamConfig, IdempotencyConfig, LimitsConfig, LogConfig, ReplyToPolicy, RetryConfig,
-    ShutdownConfig, SwrConfig, TelemetryConfig, WorkerConfig, MAX_DURATION,
+    AmqpConfig, AmqpTlsConfig, AuthConfig, AuthKind, BreakerConfig, Config, FailoverOrder,
+    GuardConfig, HttpConfig, IamConfig, IdempotencyBackend, IdempotencyConfig, LimitsConfig,
+    LogConfig, LogFormat, ReplyToPolicy, RetryConfig, ShutdownConfig, SwrConfig, TelemetryConfig,
+    WorkerConfig, MAX_DURATION,
 };
 pub use validate::MIN_RATE;
 // Where they lived before they had a module of their own; both paths name the same items.

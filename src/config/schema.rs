@@ -250,8 +250,8 @@ pub struct SwrConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
-    /// Which token source to use: "static" or "iam_password".
-    pub kind: String,
+    /// Which token source to use.
+    pub kind: AuthKind,
     /// The static token.
     pub token: Secret,
     /// IAM user the worker signs in as (iam_password).
@@ -414,8 +414,8 @@ pub struct GuardConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdempotencyConfig {
-    /// "embedded", "postgres" or "off".
-    pub backend: String,
+    /// Which store keeps the claims and outcomes, if any.
+    pub backend: IdempotencyBackend,
     /// SQLite file for the embedded backend.
     pub path: String,
     /// PostgreSQL URL (may hold a password).
@@ -459,8 +459,49 @@ pub struct TelemetryConfig {
 pub struct LogConfig {
     /// Default filter when RUST_LOG is unset.
     pub level: String,
-    /// "text" or "json".
-    pub format: String,
+    /// How log lines are written.
+    pub format: LogFormat,
+}
+
+/// `swr.auth.kind`: where the worker's SWR tokens come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthKind {
+    /// `"static"`: `swr.auth.token`, used as it is.
+    Static,
+    /// `"iam_password"`: signed in to IAM with a password, renewed before expiry.
+    IamPassword,
+}
+
+/// `idempotency.backend`: where claims and stored outcomes live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdempotencyBackend {
+    /// `"embedded"`: a SQLite file of this worker's own (`idempotency.path`).
+    Embedded,
+    /// `"postgres"`: a database shared by a fleet (`idempotency.url`).
+    Postgres,
+    /// `"off"`: no store; every delivery runs.
+    Off,
+}
+
+/// `log.format`: log lines for people or for log stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// `"text"`: one human-readable line per event.
+    Text,
+    /// `"json"`: one JSON object per line.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = serde::de::value::Error;
+
+    /// The same words as in a file or the environment (`--log-format` takes them too).
+    fn from_str(word: &str) -> Result<Self, Self::Err> {
+        LogFormat::deserialize(serde::de::IntoDeserializer::into_deserializer(word))
+    }
 }
 
 /// The value of `idempotency.lease` that asks for [`Config::auto_lease`].
@@ -656,12 +697,13 @@ mod tests {
     #[test]
     fn iam_password_is_opt_in_with_documented_defaults() {
         let c = Config::load(None, env(&[])).unwrap();
-        assert_eq!(c.swr.auth.kind, "static");
+        assert_eq!(c.swr.auth.kind, AuthKind::Static);
         assert_eq!(c.swr.auth.password_env, "SWR_IAM_PASSWORD");
         assert_eq!(c.swr.auth.refresh_ahead, Duration::from_secs(3600));
         assert_eq!(c.iam.timeout, Duration::from_secs(10));
         assert!(c.swr.auth.password_from_env.is_empty());
         let c = Config::load(None, iam_env(&[])).unwrap();
+        assert_eq!(c.swr.auth.kind, AuthKind::IamPassword);
         c.validate_for_worker().unwrap();
         assert_eq!(c.swr.auth.iam_password().unwrap().expose(), "hunter2-iam");
     }
@@ -674,5 +716,53 @@ mod tests {
         assert!(!printed.contains("hunter2-iam"), "{printed}");
         let printed = format!("{:?}", c.swr.auth.iam_password().unwrap());
         assert!(!printed.contains("hunter2-iam"), "{printed}");
+    }
+
+    #[test]
+    fn closed_sets_take_exactly_their_words_and_a_bad_one_names_the_key_and_the_words() {
+        let c = |pairs: &[(&str, &str)]| Config::load(None, env(pairs));
+        let loaded = c(&[
+            ("SWR_STAGE_WORKER__IDEMPOTENCY__BACKEND", "postgres"),
+            ("SWR_STAGE_WORKER__IDEMPOTENCY__URL", "postgres://db/idem"),
+            ("SWR_STAGE_WORKER__LOG__FORMAT", "json"),
+        ])
+        .unwrap();
+        assert_eq!(loaded.idempotency.backend, IdempotencyBackend::Postgres);
+        assert_eq!(loaded.log.format, LogFormat::Json);
+        let defaults = c(&[]).unwrap();
+        assert_eq!(defaults.idempotency.backend, IdempotencyBackend::Embedded);
+        assert_eq!(defaults.log.format, LogFormat::Text);
+        let off = c(&[("SWR_STAGE_WORKER__IDEMPOTENCY__BACKEND", "off")]).unwrap();
+        assert_eq!(off.idempotency.backend, IdempotencyBackend::Off);
+        for (var, word, key, words) in [
+            (
+                "SWR_STAGE_WORKER__SWR__AUTH__KIND",
+                "Static",
+                "swr.auth.kind",
+                "`static` or `iam_password`",
+            ),
+            (
+                "SWR_STAGE_WORKER__IDEMPOTENCY__BACKEND",
+                "sqlite",
+                "idempotency.backend",
+                "`embedded`, `postgres`, `off`",
+            ),
+            (
+                "SWR_STAGE_WORKER__LOG__FORMAT",
+                "JSON",
+                "log.format",
+                "`text` or `json`",
+            ),
+        ] {
+            let err = c(&[(var, word)]).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("key `{key}`"))
+                    && err.contains(&format!("`{word}`"))
+                    && err.contains(words),
+                "{var}={word}: {err}"
+            );
+        }
+        assert_eq!("json".parse::<LogFormat>().unwrap(), LogFormat::Json);
+        assert!("Json".parse::<LogFormat>().is_err());
     }
 }

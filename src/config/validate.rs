@@ -2,7 +2,7 @@
 //! is allowed. The order of the sections is the order a person reads `config/default.toml` in, so
 //! a file with several mistakes is corrected top to bottom.
 
-use super::schema::Config;
+use super::schema::{AuthKind, Config, IdempotencyBackend};
 use super::ConfigError;
 use crate::secret::redact_url;
 use crate::tls;
@@ -121,9 +121,9 @@ impl Config {
             self.http.client_config()?;
         }
         let auth = &self.swr.auth;
-        match auth.kind.as_str() {
-            "static" => Ok(()),
-            "iam_password" => {
+        match auth.kind {
+            AuthKind::Static => Ok(()),
+            AuthKind::IamPassword => {
                 for (key, value) in [
                     ("swr.auth.user", &auth.user),
                     ("swr.auth.domain", &auth.domain),
@@ -144,10 +144,6 @@ impl Config {
                 }
                 self.check_endpoint("iam.endpoint", &self.iam.endpoint)
             }
-            other => invalid(
-                "swr.auth.kind",
-                format!("expected \"static\" or \"iam_password\", got {other:?}"),
-            ),
         }
     }
 
@@ -257,16 +253,16 @@ impl Config {
     /// the broker's consumer timeout.
     fn validate_idempotency(&self) -> Result<(), ConfigError> {
         let idem = &self.idempotency;
-        match idem.backend.as_str() {
-            "off" => {}
-            "embedded" if idem.path.is_empty() => {
+        match idem.backend {
+            IdempotencyBackend::Off => {}
+            IdempotencyBackend::Embedded if idem.path.is_empty() => {
                 return invalid(
                     "idempotency.path",
                     "expected a file path for the embedded store",
                 )
             }
-            "embedded" => {}
-            "postgres"
+            IdempotencyBackend::Embedded => {}
+            IdempotencyBackend::Postgres
                 if !idem.url.expose().starts_with("postgres://")
                     && !idem.url.expose().starts_with("postgresql://") =>
             {
@@ -275,13 +271,7 @@ impl Config {
                     "expected a postgres:// URL when idempotency.backend = \"postgres\"",
                 )
             }
-            "postgres" => {}
-            other => {
-                return invalid(
-                    "idempotency.backend",
-                    format!("expected \"embedded\", \"postgres\" or \"off\", got {other:?}"),
-                )
-            }
+            IdempotencyBackend::Postgres => {}
         }
         let longest_job = self.retry.max_elapsed.saturating_add(self.http.timeout);
         if idem.lease <= longest_job {
@@ -354,14 +344,8 @@ impl Config {
         Ok(())
     }
 
-    /// `[log]`: a format, and a filter that means what it says.
+    /// `[log]`: a filter that means what it says.
     fn validate_log(&self) -> Result<(), ConfigError> {
-        if !matches!(self.log.format.as_str(), "text" | "json") {
-            return invalid(
-                "log.format",
-                format!("expected \"text\" or \"json\", got {:?}", self.log.format),
-            );
-        }
         if !valid_log_filter(&self.log.level) {
             return invalid(
                 "log.level",
@@ -377,13 +361,13 @@ impl Config {
     /// The checks that only matter when the worker will call SWR (not for `sim` or `submit`):
     /// the token, or the IAM password, is there.
     pub fn validate_for_worker(&self) -> Result<(), ConfigError> {
-        match self.swr.auth.kind.as_str() {
-            "static" if self.swr.auth.token.is_empty() => invalid(
+        match self.swr.auth.kind {
+            AuthKind::Static if self.swr.auth.token.is_empty() => invalid(
                 "swr.auth.token",
                 "expected a token: set SWR_AUTH_TOKEN (or swr.auth.token)",
             ),
-            "iam_password" => self.swr.auth.iam_password().map(drop),
-            _ => Ok(()),
+            AuthKind::Static => Ok(()),
+            AuthKind::IamPassword => self.swr.auth.iam_password().map(drop),
         }
     }
 }
