@@ -276,7 +276,10 @@ fn main() -> ExitCode {
             return ExitCode::from(usage_error_code());
         }
     };
-    let config = match Config::from_process(cli.config.as_deref()) {
+    // The log filter's syntax is the subscriber's: checked here, reported as the config error it is.
+    let loaded = Config::from_process(cli.config.as_deref())
+        .and_then(|config| telemetry::check_level(&config.log).map(|()| config));
+    let config = match loaded {
         Ok(mut config) => {
             if let Some(format) = cli.log_format {
                 config.log.format = format;

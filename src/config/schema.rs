@@ -457,7 +457,8 @@ pub struct TelemetryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
-    /// Default filter when RUST_LOG is unset.
+    /// Default filter when RUST_LOG is unset; its syntax is the log subscriber's, checked at
+    /// start-up by [`crate::telemetry::check_level`], not here.
     pub level: String,
     /// How log lines are written.
     pub format: LogFormat,

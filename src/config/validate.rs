@@ -1,6 +1,10 @@
 //! The checks a type cannot express, one function per section; each error names the key and what
 //! is allowed. The order of the sections is the order a person reads `config/default.toml` in, so
 //! a file with several mistakes is corrected top to bottom.
+//!
+//! `log.level` is not checked here: its syntax is the log subscriber's, and
+//! [`crate::telemetry::check_level`] checks it at start-up, so configuration does not depend on
+//! the subscriber.
 
 use super::schema::{AuthKind, Config, IdempotencyBackend};
 use super::ConfigError;
@@ -29,8 +33,7 @@ impl Config {
         self.validate_idempotency()?;
         self.validate_rate()?;
         self.validate_breaker_and_guard()?;
-        self.validate_telemetry()?;
-        self.validate_log()
+        self.validate_telemetry()
     }
 
     /// `[amqp]`: broker URLs, their TLS settings, and the topology names.
@@ -344,20 +347,6 @@ impl Config {
         Ok(())
     }
 
-    /// `[log]`: a filter that means what it says.
-    fn validate_log(&self) -> Result<(), ConfigError> {
-        if !valid_log_filter(&self.log.level) {
-            return invalid(
-                "log.level",
-                format!(
-                    "expected a level (trace, debug, info, warn, error, off) or filter directives such as \"info,swr_stage_worker=debug\", got {:?}",
-                    self.log.level
-                ),
-            );
-        }
-        Ok(())
-    }
-
     /// The checks that only matter when the worker will call SWR (not for `sim` or `submit`):
     /// the token, or the IAM password, is there.
     pub fn validate_for_worker(&self) -> Result<(), ConfigError> {
@@ -372,63 +361,12 @@ impl Config {
     }
 }
 
-/// A `log.level` that means what it says: every comma-separated directive is a level (a name or
-/// 0..=5), or names a target with a level or a path (`target=level`, `a::b`, `[span]`). A bare
-/// word such as "verbose", a typo such as "lapin:debug" or a stray space ("info ") would
-/// otherwise be read as a target name and silently hide every other log line.
-fn valid_log_filter(filter: &str) -> bool {
-    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-    let mut directives = filter.split(',').filter(|d| !d.is_empty()).peekable();
-    let directives_ok = directives.peek().is_some()
-        && directives.all(|directive| {
-            let level = LEVELS.iter().any(|l| directive.eq_ignore_ascii_case(l))
-                || matches!(directive, "0" | "1" | "2" | "3" | "4" | "5");
-            let target = (directive.contains(['=', '[']) || directive.contains("::"))
-                && !directive.starts_with('=')
-                && !directive.replace("::", "").contains(':');
-            directive.trim() == directive && (level || target)
-        });
-    directives_ok && tracing_subscriber::EnvFilter::try_new(filter).is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::super::test_env::{env, iam_env};
     use super::*;
-
-    #[test]
-    fn log_levels_and_directives_are_accepted_bare_words_are_not() {
-        for good in [
-            "info",
-            "WARN",
-            "info,swr_stage_worker=debug",
-            "swr_stage_worker::worker=trace",
-            "warn,lapin=off",
-            "info,",
-            "3",
-            "swr_stage_worker::worker",
-            "[job]=debug",
-        ] {
-            assert!(valid_log_filter(good), "{good:?} should be accepted");
-        }
-        for bad in [
-            "verbose",
-            "",
-            " ",
-            ",",
-            "info,loud",
-            "lapin=loud",
-            "=debug",
-            "info ",
-            "warn, info",
-            "lapin:debug",
-            "swr_stage_worker",
-        ] {
-            assert!(!valid_log_filter(bad), "{bad:?} should be refused");
-        }
-    }
 
     #[test]
     fn plain_http_to_another_host_is_refused_unless_allowed() {
@@ -502,18 +440,10 @@ mod tests {
             ("SWR_ENDPOINT", "ftp://x", "swr.endpoint"),
             ("AMQP_URL", "http://x", "amqp.url"),
             ("SWR_STAGE_WORKER__LOG__FORMAT", "xml", "log.format"),
-            ("SWR_STAGE_WORKER__LOG__LEVEL", "verbose", "log.level"),
             (
                 "SWR_STAGE_WORKER__SWR__MAX_REQUESTS_PER_SECOND",
                 "1e-300",
                 "swr.max_requests_per_second",
-            ),
-            ("SWR_STAGE_WORKER__LOG__LEVEL", "", "log.level"),
-            ("SWR_STAGE_WORKER__LOG__LEVEL", "info,=debug", "log.level"),
-            (
-                "SWR_STAGE_WORKER__LOG__LEVEL",
-                "swr_stage_worker=loud",
-                "log.level",
             ),
             (
                 "SWR_STAGE_WORKER__TELEMETRY__LISTEN",

@@ -2,8 +2,11 @@
 //! JSON (one object a line) for log stores. Secrets never reach it: they are `Secret`s, whose
 //! `Debug` redacts, and no code path formats one.
 
+mod filter;
 pub mod http;
 pub mod metrics;
+
+pub use filter::check_level;
 
 use std::io::IsTerminal;
 
