@@ -8,9 +8,9 @@
 //!
 //! Every key exists in `config/default.toml`; that file is the single list of keys and defaults, so
 //! an environment variable or file key that is not there is an error naming it, never ignored.
-//! Configuration knows no log subscriber, broker or HTTP client: the modules that use a section
-//! depend on it, never the other way round (apart from reading a broker list and a TLS file to
-//! check them).
+//! Configuration knows no log subscriber (telemetry checks `log.level`) and opens no connection:
+//! the modules that use a section depend on it. Validation only splits the broker list
+//! (`amqp::broker_urls`) and loads the TLS files keys name, so that a typo stops start-up.
 
 mod load;
 mod schema;
