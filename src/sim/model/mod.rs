@@ -1,56 +1,29 @@
-//! The simulator's logic without HTTP: auth, request validation, the
-//! pipeline model, fault-rule matching, the idempotent answer store and the
-//! call log. The HTTP layer only translates to and from [`ApiRequest`] and
-//! [`Outcome`], so everything here is unit-testable with plain values.
+//! The simulator's logic without HTTP: one call's flow (auth, fault rules, request validation,
+//! execution or replay). The HTTP layer only translates to and from [`ApiRequest`] and
+//! [`Outcome`], so everything here is unit-testable with plain values. Its parts: `wire` (the
+//! path, the query and Huawei's error bodies), `rules` (fault rules) and `state` (what the
+//! simulator remembers: rules, answers, the call log, counters).
+
+mod rules;
+mod state;
+mod wire;
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use serde::Serialize;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use super::iam::{Iam, Issued};
-use super::{FaultRule, RecordedCall, RuleEntry, SimConfig, SimStats};
-
-/// Largest accepted path parameter: SWR ids are signed 32-bit.
-pub(crate) const MAX_PARAM: i64 = 2_147_483_647;
-/// The only value of `source` SWR accepts, and only for rollbacks.
-pub(crate) const ROLLBACK_SOURCE: &str = "rollback::true";
-/// Keys longer than this are refused rather than stored without limit.
-pub(crate) const MAX_KEY_LEN: usize = 256;
-/// Upper bound on a rule's delay, so a typo can't wedge a test for hours.
-pub(crate) const MAX_DELAY_MS: u64 = 600_000;
-
-const PATH_PREFIX: &str = "/v3/manage/pipelines/";
-const PATH_MIDDLE: &str = "/stages/";
-
-/// What the step call asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Mode {
-    /// Run a failed step again.
-    Retry,
-    /// Undo a deploy step.
-    Rollback,
-}
-
-impl Mode {
-    fn parse(s: &str) -> Option<Mode> {
-        match s {
-            "retry" => Some(Mode::Retry),
-            "rollback" => Some(Mode::Rollback),
-            _ => None,
-        }
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Mode::Retry => "retry",
-            Mode::Rollback => "rollback",
-        }
-    }
-}
+use rules::fault_answer;
+pub use rules::RuleError;
+pub(super) use state::lock;
+use state::{now_unix_ms, Book, KeyEntry, Rules};
+pub(crate) use wire::not_found;
+use wire::{
+    gateway_error, parse_query, split_path, swr_error, valid_key, Mode, QueryParams, MAX_KEY_LEN,
+    MAX_PARAM, ROLLBACK_SOURCE,
+};
 
 /// Borrowed view of one HTTP request to the SWR route.
 #[derive(Clone, Copy, Debug)]
@@ -67,15 +40,6 @@ pub(crate) struct ApiRequest<'a> {
     pub idempotency_key: Option<&'a str>,
     /// `traceparent` (W3C Trace Context), recorded as sent; a non-text header is passed as `""`.
     pub traceparent: Option<&'a str>,
-}
-
-/// `mode` and `source` after percent-decoding.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct QueryParams<'a> {
-    /// Raw (decoded) `mode`, kept even if invalid so it can be recorded.
-    mode: Option<Cow<'a, str>>,
-    /// Raw (decoded) `source`.
-    source: Option<Cow<'a, str>>,
 }
 
 /// A request after the cheap parsing every later stage needs.
@@ -187,197 +151,6 @@ struct Valid<'a> {
     key: Option<&'a str>,
 }
 
-/// What an idempotency key is bound to once it has executed.
-#[derive(Debug)]
-struct KeyEntry {
-    /// Times this key executed the step: 1, since later uses replay instead.
-    executions: u32,
-    /// The request the key was first used for; reuse for another is a 409.
-    target: (i64, i64, Mode),
-    /// The answer to replay.
-    answer: Answer,
-}
-
-/// Installed rules, in insertion order.
-#[derive(Debug, Default)]
-struct Rules {
-    /// Never reused, so a stale id can't delete a newer rule after a reset.
-    next_id: u64,
-    /// Checked in order; the first applicable wins.
-    entries: Vec<RuleEntry>,
-}
-
-/// Everything recorded about executions and calls (record mode only).
-#[derive(Debug, Default)]
-struct Book {
-    /// Idempotency store and per-key execution counts.
-    keys: HashMap<String, KeyEntry>,
-    /// Call log, oldest first, bounded by `max_recorded`.
-    calls: VecDeque<RecordedCall>,
-}
-
-/// Why a fault rule (or its JSON) was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("field `{field}`: {message}")]
-pub struct RuleError {
-    /// The offending field, so the caller knows what to fix.
-    pub field: String,
-    /// What was expected instead.
-    pub message: String,
-}
-
-impl RuleError {
-    fn new(field: &str, message: impl Into<String>) -> RuleError {
-        RuleError {
-            field: field.to_owned(),
-            message: message.into(),
-        }
-    }
-}
-
-/// Fields a rule object may contain, listed in errors about unknown fields.
-const RULE_FIELDS: &str = "pipeline_id, pipeline_range, stage_index, mode, status, error_code, \
-                           retry_after, delay_ms, drop_connection, times";
-
-impl FaultRule {
-    /// Checks that the rule can be applied as written.
-    pub fn validate(&self) -> Result<(), RuleError> {
-        if let Some(status) = self.status {
-            if !(200..=599).contains(&status) {
-                return Err(RuleError::new(
-                    "status",
-                    format!("expected an HTTP status in 200..=599, got {status}"),
-                ));
-            }
-        }
-        if let Some([lo, hi]) = self.pipeline_range {
-            if lo > hi {
-                return Err(RuleError::new(
-                    "pipeline_range",
-                    format!("expected [lo, hi] with lo <= hi, got [{lo}, {hi}]"),
-                ));
-            }
-        }
-        if let Some(mode) = &self.mode {
-            if Mode::parse(mode).is_none() {
-                return Err(RuleError::new(
-                    "mode",
-                    format!("expected \"retry\" or \"rollback\", got {mode:?}"),
-                ));
-            }
-        }
-        if let Some(code) = &self.error_code {
-            if self.status.is_none() {
-                return Err(RuleError::new("error_code", "needs `status` to be set"));
-            }
-            if code.is_empty() {
-                return Err(RuleError::new("error_code", "expected a non-empty string"));
-            }
-        }
-        if let Some(value) = &self.retry_after {
-            if self.status.is_none() {
-                return Err(RuleError::new("retry_after", "needs `status` to be set"));
-            }
-            // It must survive being put in a header verbatim.
-            if value
-                .bytes()
-                .any(|b| !(b == b' ' || b == b'\t' || b.is_ascii_graphic()))
-            {
-                return Err(RuleError::new(
-                    "retry_after",
-                    format!("expected printable ASCII (a header value), got {value:?}"),
-                ));
-            }
-        }
-        if let Some(ms) = self.delay_ms {
-            if ms > MAX_DELAY_MS {
-                return Err(RuleError::new(
-                    "delay_ms",
-                    format!("expected at most {MAX_DELAY_MS}, got {ms}"),
-                ));
-            }
-        }
-        if self.drop_connection && self.status.is_some() {
-            return Err(RuleError::new(
-                "drop_connection",
-                "cannot be combined with `status` (a dropped connection has no status)",
-            ));
-        }
-        if self.status.is_none() && !self.drop_connection && self.delay_ms.is_none() {
-            return Err(RuleError::new(
-                "status",
-                "the rule does nothing: set `status`, `drop_connection` or `delay_ms`",
-            ));
-        }
-        Ok(())
-    }
-
-    /// Parses and validates a rule from JSON, naming the offending field in
-    /// errors (serde's own messages don't always say which field).
-    pub fn from_json(body: &[u8]) -> Result<FaultRule, RuleError> {
-        fn field<T: serde::de::DeserializeOwned>(
-            name: &str,
-            value: serde_json::Value,
-            expected: &str,
-        ) -> Result<T, RuleError> {
-            serde_json::from_value(value)
-                .map_err(|e| RuleError::new(name, format!("expected {expected}: {e}")))
-        }
-
-        let value: serde_json::Value = serde_json::from_slice(body)
-            .map_err(|e| RuleError::new("body", format!("expected a JSON object: {e}")))?;
-        let serde_json::Value::Object(map) = value else {
-            return Err(RuleError::new("body", "expected a JSON object"));
-        };
-        let mut rule = FaultRule::default();
-        for (name, value) in map {
-            match name.as_str() {
-                "pipeline_id" => rule.pipeline_id = field(&name, value, "an integer or null")?,
-                "pipeline_range" => {
-                    rule.pipeline_range = field(&name, value, "[lo, hi] (two integers) or null")?
-                }
-                "stage_index" => rule.stage_index = field(&name, value, "an integer or null")?,
-                "mode" => rule.mode = field(&name, value, "\"retry\", \"rollback\" or null")?,
-                "status" => rule.status = field(&name, value, "an HTTP status or null")?,
-                "error_code" => rule.error_code = field(&name, value, "a string or null")?,
-                "retry_after" => rule.retry_after = field(&name, value, "a string or null")?,
-                "delay_ms" => {
-                    rule.delay_ms = field(&name, value, "milliseconds (an integer) or null")?
-                }
-                "drop_connection" => rule.drop_connection = field(&name, value, "true or false")?,
-                "times" => rule.times = field(&name, value, "a non-negative integer or null")?,
-                _ => {
-                    return Err(RuleError::new(
-                        &name,
-                        format!("unknown field; expected one of {RULE_FIELDS}"),
-                    ))
-                }
-            }
-        }
-        rule.validate()?;
-        Ok(rule)
-    }
-
-    /// Whether the rule's matchers accept these (possibly unparseable)
-    /// request fields; a matcher on a field the request lacks never matches.
-    pub(crate) fn matches(
-        &self,
-        pipeline_id: Option<i64>,
-        stage_index: Option<i64>,
-        mode: Option<&str>,
-    ) -> bool {
-        self.pipeline_id
-            .is_none_or(|want| pipeline_id == Some(want))
-            && self
-                .pipeline_range
-                .is_none_or(|[lo, hi]| pipeline_id.is_some_and(|p| lo <= p && p <= hi))
-            && self
-                .stage_index
-                .is_none_or(|want| stage_index == Some(want))
-            && self.mode.as_deref().is_none_or(|want| mode == Some(want))
-    }
-}
-
 /// The simulator's whole state, shared by the HTTP layer and [`super::SimHandle`].
 #[derive(Debug)]
 pub(crate) struct Sim {
@@ -403,51 +176,7 @@ pub(crate) struct Sim {
     iam: Iam,
 }
 
-/// A poisoned lock only means a panic elsewhere (e.g. a failing test
-/// thread); the data is still consistent because no critical section here
-/// can panic halfway, so keep serving.
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Sim {
-    pub(crate) fn new(config: SimConfig) -> std::io::Result<Sim> {
-        if config.stages == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "simulator needs at least 1 stage per pipeline (the deploy step)",
-            ));
-        }
-        Ok(Sim {
-            tokens: config.tokens.into_iter().collect(),
-            stages: config.stages,
-            record: config.record,
-            max_recorded: config.max_recorded,
-            requests: AtomicU64::new(0),
-            executions: AtomicU64::new(0),
-            overflow: AtomicU64::new(0),
-            rules: Mutex::new(Rules {
-                next_id: 1,
-                entries: Vec::new(),
-            }),
-            book: Mutex::new(Book::default()),
-            iam: Iam::new(&config.iam_users, config.token_ttl),
-        })
-    }
-
-    /// The IAM token endpoint, for the HTTP layer and the handle.
-    pub(crate) fn iam(&self) -> &Iam {
-        &self.iam
-    }
-
-    pub(crate) fn stages(&self) -> u32 {
-        self.stages
-    }
-
-    pub(crate) fn recording(&self) -> bool {
-        self.record
-    }
-
     /// Counts the request and does the parsing every later stage shares.
     pub(crate) fn begin<'a>(&self, req: ApiRequest<'a>) -> Call<'a> {
         let seq = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
@@ -533,25 +262,6 @@ impl Sim {
             rule_id: Some(rule_id),
             action,
         }
-    }
-
-    /// First applicable rule, consuming one of its `times`.
-    fn pick_rule(
-        &self,
-        pipeline_id: Option<i64>,
-        stage_index: Option<i64>,
-        mode: Option<&str>,
-    ) -> Option<(u64, FaultRule)> {
-        let mut rules = lock(&self.rules);
-        let entry = rules
-            .entries
-            .iter_mut()
-            .find(|e| e.remaining != Some(0) && e.rule.matches(pipeline_id, stage_index, mode))?;
-        if let Some(left) = entry.remaining.as_mut() {
-            *left -= 1;
-        }
-        entry.applied += 1;
-        Some((entry.id, entry.rule.clone()))
     }
 
     /// Carries out the plan (after its delay) and records the call.
@@ -716,309 +426,15 @@ impl Sim {
             key,
         })
     }
-
-    fn record_of(
-        &self,
-        call: &Call<'_>,
-        status: Option<u16>,
-        rule_id: Option<u64>,
-    ) -> RecordedCall {
-        RecordedCall {
-            seq: call.seq,
-            at_unix_ms: call.at_unix_ms,
-            request_id: call.request_id.clone(),
-            method: call.req.method.to_owned(),
-            path: call.req.path.to_owned(),
-            query: call.req.query.map(str::to_owned),
-            pipeline_id: call.pipeline_id,
-            stage_index: call.stage_index,
-            mode: call.mode_raw().map(str::to_owned),
-            source: call.source_raw().map(str::to_owned),
-            idempotency_key: call.req.idempotency_key.map(str::to_owned),
-            traceparent: call.req.traceparent.map(str::to_owned),
-            token_valid: call.token_valid,
-            status,
-            executed: false,
-            replayed: false,
-            fault_rule: rule_id,
-        }
-    }
-
-    /// Appends to the bounded log, evicting the oldest entry when full: the
-    /// latest calls are the ones a failing test or a live run needs.
-    fn push_record(&self, book: &mut Book, record: RecordedCall) {
-        if self.max_recorded == 0 {
-            self.overflow.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        if book.calls.len() >= self.max_recorded {
-            book.calls.pop_front();
-            self.overflow.fetch_add(1, Ordering::Relaxed);
-        }
-        book.calls.push_back(record);
-    }
-
-    pub(crate) fn add_rule(&self, rule: FaultRule) -> u64 {
-        let mut rules = lock(&self.rules);
-        let id = rules.next_id;
-        rules.next_id += 1;
-        rules.entries.push(RuleEntry {
-            id,
-            remaining: rule.times,
-            rule,
-            applied: 0,
-        });
-        id
-    }
-
-    pub(crate) fn remove_rule(&self, id: u64) -> bool {
-        let mut rules = lock(&self.rules);
-        let before = rules.entries.len();
-        rules.entries.retain(|e| e.id != id);
-        rules.entries.len() != before
-    }
-
-    /// Returns how many rules were removed.
-    pub(crate) fn clear_rules(&self) -> usize {
-        let mut rules = lock(&self.rules);
-        let n = rules.entries.len();
-        rules.entries.clear();
-        n
-    }
-
-    pub(crate) fn rules(&self) -> Vec<RuleEntry> {
-        lock(&self.rules).entries.clone()
-    }
-
-    pub(crate) fn calls(&self) -> Vec<RecordedCall> {
-        lock(&self.book).calls.iter().cloned().collect()
-    }
-
-    pub(crate) fn executions(&self) -> HashMap<String, u32> {
-        lock(&self.book)
-            .keys
-            .iter()
-            .map(|(k, e)| (k.clone(), e.executions))
-            .collect()
-    }
-
-    pub(crate) fn stats(&self) -> SimStats {
-        SimStats {
-            requests: self.requests.load(Ordering::Relaxed),
-            executions: self.executions.load(Ordering::Relaxed),
-            recorded_overflow: self.overflow.load(Ordering::Relaxed),
-            iam_requests: self.iam.requests(),
-            tokens_issued: self.iam.tokens_issued(),
-        }
-    }
-
-    pub(crate) fn reset(&self) {
-        lock(&self.rules).entries.clear();
-        let mut book = lock(&self.book);
-        book.keys.clear();
-        book.calls.clear();
-        self.requests.store(0, Ordering::Relaxed);
-        self.executions.store(0, Ordering::Relaxed);
-        self.overflow.store(0, Ordering::Relaxed);
-        self.iam.reset_counters();
-    }
-}
-
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// `(pipeline_id, stage_index)` segments of an SWR step path.
-fn split_path(path: &str) -> Option<(&str, &str)> {
-    path.strip_prefix(PATH_PREFIX)?.split_once(PATH_MIDDLE)
-}
-
-fn valid_key(key: &str) -> bool {
-    (1..=MAX_KEY_LEN).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
-}
-
-/// Decodes `mode` and `source`; other parameters are ignored like SWR does.
-fn parse_query(query: &str) -> Result<QueryParams<'_>, String> {
-    let mut params = QueryParams::default();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let name = percent_decode(name)?;
-        let slot = match &*name {
-            "mode" => &mut params.mode,
-            "source" => &mut params.source,
-            _ => continue,
-        };
-        if slot.is_some() {
-            return Err(format!(
-                "Invalid query parameter {name}: expected it once, got it more than once"
-            ));
-        }
-        *slot = Some(percent_decode(value)?);
-    }
-    Ok(params)
-}
-
-/// Form-style decoding (`+` is a space); borrows when nothing is encoded,
-/// which is the common case.
-fn percent_decode(s: &str) -> Result<Cow<'_, str>, String> {
-    if !s.bytes().any(|b| b == b'%' || b == b'+') {
-        return Ok(Cow::Borrowed(s));
-    }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let digit = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
-                let (Some(hi), Some(lo)) = (digit(i + 1), digit(i + 2)) else {
-                    return Err(format!("Invalid query string: bad percent-escape in {s:?}"));
-                };
-                // Two hex digits always fit in a byte.
-                out.push((hi * 16 + lo) as u8);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out)
-        .map(Cow::Owned)
-        .map_err(|_| format!("Invalid query string: {s:?} is not UTF-8 once decoded"))
-}
-
-#[derive(Serialize)]
-struct SwrErrorBody<'a> {
-    /// `SVCSTG.SWR.*`, what clients branch on.
-    error_code: &'a str,
-    /// Human-readable reason.
-    error_msg: &'a str,
-    /// SWR's per-error details, sent for validation failures.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    errors: Option<[ErrorDetail<'a>; 1]>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ErrorDetail<'a> {
-    /// Same code as the top level (SWR repeats it).
-    error_code: &'a str,
-    /// Same message as the top level.
-    error_message: &'a str,
-}
-
-#[derive(Serialize)]
-struct GatewayErrorBody<'a> {
-    /// `APIG.*`, what clients branch on.
-    error_code: &'a str,
-    /// Human-readable reason.
-    error_msg: &'a str,
-    /// The gateway echoes the request id in the body.
-    request_id: &'a str,
-}
-
-fn to_json(body: &impl Serialize) -> String {
-    // Serializing plain string fields can't fail.
-    serde_json::to_string(body).unwrap_or_else(|_| "{}".to_owned())
-}
-
-/// SWR's own error shape; `detail` adds the `errors` array SWR sends for
-/// validation failures so the worker's parser sees both variants.
-pub(crate) fn swr_error(status: u16, code: &str, msg: &str, detail: bool) -> Answer {
-    let body = SwrErrorBody {
-        error_code: code,
-        error_msg: msg,
-        errors: detail.then_some([ErrorDetail {
-            error_code: code,
-            error_message: msg,
-        }]),
-    };
-    Answer::new(status, to_json(&body))
-}
-
-/// The API gateway's error shape (auth and throttling).
-pub(crate) fn gateway_error(status: u16, code: &str, msg: &str, request_id: &str) -> Answer {
-    Answer::new(
-        status,
-        to_json(&GatewayErrorBody {
-            error_code: code,
-            error_msg: msg,
-            request_id,
-        }),
-    )
-}
-
-/// The error code SWR (or its gateway) uses for a status.
-pub(crate) fn default_code(status: u16) -> Cow<'static, str> {
-    match status {
-        400 => "SVCSTG.SWR.4000001".into(),
-        401 => "APIG.0301".into(),
-        403 => "SVCSTG.SWR.4030001".into(),
-        404 => "SVCSTG.SWR.4040001".into(),
-        409 => "SVCSTG.SWR.4090001".into(),
-        429 => "APIG.0308".into(),
-        500 => "SVCSTG.SWR.5000001".into(),
-        503 => "SVCSTG.SWR.5030001".into(),
-        other => format!("SVCSTG.SWR.{other}0001").into(),
-    }
-}
-
-fn default_message(status: u16) -> &'static str {
-    match status {
-        400 => "Bad request",
-        401 => "Incorrect IAM authentication information: token expired",
-        403 => "Forbidden: the token has no permission for this pipeline",
-        404 => "The pipeline or step does not exist",
-        409 => "The pipeline is busy: another operation on it is in progress",
-        429 => "The throttling threshold has been reached: policy user over ratelimit",
-        500 => "Internal server error",
-        502 => "Bad gateway",
-        503 => "Service unavailable, please try again later",
-        504 => "Gateway timeout",
-        _ => "Request failed",
-    }
-}
-
-/// An injected answer: `{}` for non-errors, otherwise the Huawei shape that
-/// goes with the status (or with a custom `APIG.` code).
-fn fault_answer(rule_id: u64, status: u16, rule: &FaultRule, request_id: &str) -> Answer {
-    let mut answer = if status < 400 {
-        Answer::new(status, "{}")
-    } else {
-        let code = rule
-            .error_code
-            .as_deref()
-            .map_or_else(|| default_code(status), Cow::Borrowed);
-        let msg = format!(
-            "{} (simulated by fault rule {rule_id})",
-            default_message(status)
-        );
-        if status == 401 || status == 429 || code.starts_with("APIG.") {
-            gateway_error(status, &code, &msg, request_id)
-        } else {
-            swr_error(status, &code, &msg, false)
-        }
-    };
-    answer.retry_after = rule.retry_after.clone();
-    answer
-}
-
-/// A 404 in SWR's shape for paths that aren't part of the API.
-pub(crate) fn not_found(method: &str, path: &str) -> Answer {
-    swr_error(
-        404,
-        "SVCSTG.SWR.4040001",
-        &format!("No such API: {method} {path}"),
-        false,
-    )
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    use super::rules::MAX_DELAY_MS;
     use super::*;
+    use crate::sim::{FaultRule, SimConfig, SimStats};
 
     fn sim_with(config: SimConfig) -> Sim {
         Sim::new(config).unwrap()
