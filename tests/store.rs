@@ -428,16 +428,22 @@ async fn an_unreachable_postgres_fails_each_call_with_a_clear_error_and_no_passw
     let store = PostgresStore::connect(&cfg)
         .await
         .expect("a database that is down is not fatal at start");
-    let err = store
-        .claim("k", "1:0:retry", "a")
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = store.claim("k", "1:0:retry", "a").await.unwrap_err();
+    let err = error.to_string();
     assert!(
         err.contains("cannot connect to PostgreSQL at postgres://nobody:***@127.0.0.1:1/none"),
         "{err}"
     );
     assert!(!err.contains("hunter2"));
+    // The driver's error is kept as a source, and no link of the chain shows the password.
+    let mut chain = std::error::Error::source(&error);
+    let mut driver = None;
+    while let Some(link) = chain {
+        assert!(!link.to_string().contains("hunter2"), "{link}");
+        driver = driver.or(link.downcast_ref::<tokio_postgres::Error>());
+        chain = link.source();
+    }
+    assert!(driver.is_some(), "the tokio-postgres error is in the chain");
     cfg.url = Secret::new("mysql://x");
     assert!(
         PostgresStore::connect(&cfg).await.is_err(),
@@ -651,14 +657,22 @@ async fn embedded_file_belongs_to_one_process_and_its_claims_die_with_it() {
         store.claim(&k, "1:0:retry", "a").await.unwrap(),
         Claim::Acquired { takeover: false }
     );
-    // A second worker on the same file is refused with a message that says what to do.
-    let err = EmbeddedStore::open(&cfg)
+    // A second worker on the same file is refused with a message that says what to do, and
+    // SQLite's own error as its source.
+    let refused = EmbeddedStore::open(&cfg)
         .err()
-        .expect("a second opener is refused")
-        .to_string();
+        .expect("a second opener is refused");
+    let err = refused.to_string();
     assert!(
         err.contains("in use by another process") && err.contains("postgres"),
         "{err}"
+    );
+    let cause = std::error::Error::source(&refused)
+        .and_then(|e| e.downcast_ref::<rusqlite::Error>())
+        .expect("the SQLite error is the source");
+    assert_eq!(
+        cause.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy)
     );
     // The owner dies mid-job (no complete, no release): the next process may run the key at
     // once, without waiting for the 10-minute lease.

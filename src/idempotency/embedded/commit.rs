@@ -27,7 +27,7 @@ impl Db {
             self.conn
                 .prepare_cached("BEGIN IMMEDIATE")
                 .and_then(|mut st| st.execute([]))
-                .map_err(|e| StoreError(format!("cannot start a transaction: {e}")))?;
+                .map_err(|e| StoreError::caused_by("cannot start a transaction", e))?;
             self.open = Some(watch::channel(None).0);
             // A full slot means the committer has been told already.
             let _ = opened.try_send(());
@@ -45,7 +45,7 @@ impl Db {
             .map(drop)
             .map_err(|e| {
                 let _ = self.conn.execute_batch("ROLLBACK");
-                let error = StoreError(format!("commit failed: {e}"));
+                let error = StoreError::caused_by("commit failed", e);
                 tracing::error!(%error, "idempotency store commit failed");
                 error
             });
@@ -63,8 +63,8 @@ impl Db {
     pub(super) fn after_error(&mut self) {
         if self.open.is_some() && self.conn.is_autocommit() {
             if let Some(done) = self.open.take() {
-                done.send_replace(Some(Err(StoreError(
-                    "the transaction was rolled back".into(),
+                done.send_replace(Some(Err(StoreError::new(
+                    "the transaction was rolled back",
                 ))));
             }
             self.rolled_back();
@@ -94,7 +94,7 @@ impl EmbeddedStore {
             Ok(db) => Ok(db),
             Err(_) => tokio::time::timeout(OP_TIMEOUT, self.shared.db.lock())
                 .await
-                .map_err(|_| StoreError(format!("the store stayed busy for {OP_TIMEOUT:?}"))),
+                .map_err(|_| StoreError::new(format!("the store stayed busy for {OP_TIMEOUT:?}"))),
         }
     }
 
@@ -116,7 +116,7 @@ impl EmbeddedStore {
         if result.is_err() {
             db.after_error();
         }
-        result.map_err(|e| StoreError(e.to_string()))
+        result.map_err(|e| StoreError::caused_by("SQLite", e))
     }
 
     /// Runs `f` in the open transaction and answers once that transaction is committed.
@@ -129,19 +129,19 @@ impl EmbeddedStore {
             let now = (self.shared.clock)();
             if let Err(e) = f(&mut db, now, &self.shared) {
                 db.after_error();
-                return Err(StoreError(e.to_string()));
+                return Err(StoreError::caused_by("SQLite", e));
             }
             match &db.open {
                 Some(open) => open.subscribe(),
-                None => return Err(StoreError("the transaction was rolled back".into())),
+                None => return Err(StoreError::new("the transaction was rolled back")),
             }
         };
         let answer = tokio::time::timeout(OP_TIMEOUT, committed.wait_for(Option::is_some))
             .await
-            .map_err(|_| StoreError(format!("no commit within {OP_TIMEOUT:?}")))?
-            .map_err(|_| StoreError("the store closed before the commit".into()))?
+            .map_err(|_| StoreError::new(format!("no commit within {OP_TIMEOUT:?}")))?
+            .map_err(|_| StoreError::new("the store closed before the commit"))?
             .clone();
-        answer.unwrap_or_else(|| Err(StoreError("internal: no commit result".into())))
+        answer.unwrap_or_else(|| Err(StoreError::new("internal: no commit result")))
     }
 }
 

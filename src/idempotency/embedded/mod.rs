@@ -124,11 +124,12 @@ impl EmbeddedStore {
     ) -> Result<EmbeddedStore, StoreError> {
         let path = Path::new(&config.path);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::caused_by(format!("cannot create {}", dir.display()), e)
+            })?;
         }
         let conn = Connection::open(path)
-            .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
+            .map_err(|e| StoreError::caused_by(format!("cannot open {}", path.display()), e))?;
         let migrated = schema::migrate(&conn).and_then(|orphans| {
             let mut guard = guard::load_guard(&conn)?;
             // Windows forgotten for the cap are still in the log until they end.
@@ -136,13 +137,16 @@ impl EmbeddedStore {
             Ok((orphans, guard, KeyIndex::load(&conn)?))
         });
         let (orphans, guard, keys) = migrated.map_err(|e| match e {
-            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DatabaseBusy => {
-                StoreError(format!(
-                    "{} is in use by another process (idempotency.path): each worker needs its own file; several workers share idempotency.backend = \"postgres\"",
-                    path.display()
-                ))
+            e if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
+                StoreError::caused_by(
+                    format!(
+                        "{} is in use by another process (idempotency.path; each worker needs its own file, several workers share idempotency.backend = \"postgres\")",
+                        path.display()
+                    ),
+                    e,
+                )
             }
-            e => StoreError(format!("{}: {e}", path.display())),
+            e => StoreError::caused_by(path.display().to_string(), e),
         })?;
         tracing::info!(
             outcomes = keys.len(),
@@ -177,7 +181,7 @@ impl EmbeddedStore {
         std::thread::Builder::new()
             .name("idempotency-commit".into())
             .spawn(move || committer(weak, wakeups))
-            .map_err(|e| StoreError(format!("cannot start the commit thread: {e}")))?;
+            .map_err(|e| StoreError::caused_by("cannot start the commit thread", e))?;
         Ok(EmbeddedStore { shared })
     }
 }
@@ -401,7 +405,7 @@ impl Store for EmbeddedStore {
             let db = self.locked().await?;
             db.conn
                 .query_row("SELECT 1", [], |_| Ok(()))
-                .map_err(|e| StoreError(e.to_string()))
+                .map_err(|e| StoreError::caused_by("SQLite", e))
         })
     }
 }

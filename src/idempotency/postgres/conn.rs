@@ -81,24 +81,24 @@ impl Shared {
         let shown = self.target.shown();
         let mut client = match tokio::time::timeout(OP_TIMEOUT, self.target.connect()).await {
             Err(_) => {
-                return Err(OpenError::Other(StoreError(format!(
+                return Err(OpenError::Other(StoreError::new(format!(
                     "cannot connect to PostgreSQL at {shown}: no answer within {OP_TIMEOUT:?}"
                 ))))
             }
             Ok(Err(e @ ConnectFailure::Tls { .. })) => {
-                return Err(OpenError::Tls(StoreError(e.to_string())))
+                return Err(OpenError::Tls(StoreError::from_cause(e)))
             }
-            Ok(Err(e)) => return Err(OpenError::Other(StoreError(e.to_string()))),
+            Ok(Err(e)) => return Err(OpenError::Other(StoreError::from_cause(e))),
             Ok(Ok(client)) => client,
         };
         tokio::time::timeout(OP_TIMEOUT, migrate(&mut client))
             .await
             .map_err(|_| {
-                StoreError(format!(
+                StoreError::new(format!(
                     "migrating {shown}: no answer within {OP_TIMEOUT:?}"
                 ))
             })?
-            .map_err(|e| StoreError(format!("migrating {shown}: {e}")))?;
+            .map_err(|e| StoreError::caused_by(format!("migrating {shown}"), e))?;
         let prepare = async {
             Ok::<_, tokio_postgres::Error>(Conn {
                 claim: client.prepare(CLAIM_SQL).await?,
@@ -113,11 +113,13 @@ impl Shared {
         tokio::time::timeout(OP_TIMEOUT, prepare)
             .await
             .map_err(|_| {
-                StoreError(format!(
+                StoreError::new(format!(
                     "preparing statements on {shown}: no answer within {OP_TIMEOUT:?}"
                 ))
             })?
-            .map_err(|e| StoreError(format!("preparing statements on {shown}: {e}")).into())
+            .map_err(|e| {
+                StoreError::caused_by(format!("preparing statements on {shown}"), e).into()
+            })
     }
 
     /// The live connection of a lane's `slot`, re-opened first if it broke (one reconnect at
@@ -151,10 +153,10 @@ impl Conn {
         fut: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(OP_TIMEOUT, fut).await {
-            Ok(result) => result.map_err(|e| StoreError(format!("PostgreSQL: {e}"))),
+            Ok(result) => result.map_err(|e| StoreError::caused_by("PostgreSQL", e)),
             Err(_) => {
                 self.stalled.store(true, Ordering::Relaxed);
-                Err(StoreError(format!(
+                Err(StoreError::new(format!(
                     "PostgreSQL gave no answer within {OP_TIMEOUT:?}"
                 )))
             }

@@ -174,7 +174,7 @@ impl PostgresStore {
     /// that is down at start is not fatal: the worker starts, every claim fails (so deliveries are
     /// requeued and SWR is not called unguarded), and the next call after it returns connects.
     pub async fn connect(config: &IdempotencyConfig) -> Result<PostgresStore, StoreError> {
-        let target = Target::parse(&config.url).map_err(StoreError)?;
+        let target = Target::parse(&config.url).map_err(StoreError::new)?;
         let shared = Arc::new(Shared {
             target,
             claims: (0..BATCHERS).map(|_| Mutex::new(None)).collect(),
@@ -217,16 +217,18 @@ impl PostgresStore {
         let work = async {
             lane.send(call(reply))
                 .await
-                .map_err(|_| StoreError("the PostgreSQL store has shut down".into()))?;
+                .map_err(|_| StoreError::new("the PostgreSQL store has shut down"))?;
             answer
                 .await
-                .map_err(|_| StoreError("the PostgreSQL store dropped the call".into()))?
+                .map_err(|_| StoreError::new("the PostgreSQL store dropped the call"))?
         };
         // A call is a few statements, each bounded by OP_TIMEOUT, behind the calls queued
         // before it.
         tokio::time::timeout(CALL_TIMEOUT, work)
             .await
-            .map_err(|_| StoreError(format!("PostgreSQL gave no answer within {CALL_TIMEOUT:?}")))?
+            .map_err(|_| {
+                StoreError::new(format!("PostgreSQL gave no answer within {CALL_TIMEOUT:?}"))
+            })?
     }
 
     /// A connection for a call that is not batched.
@@ -328,7 +330,7 @@ async fn run_claims(shared: &Shared, conn: &Conn, mut pending: Vec<ClaimCall>) {
     }
     fail_all(
         pending,
-        &StoreError("the key changed state five times during one claim".into()),
+        &StoreError::new("the key changed state five times during one claim"),
     );
 }
 
@@ -412,7 +414,7 @@ async fn claim_pass(
         let answer = match (state.as_str(), outcome) {
             ("finished", Some(json)) => serde_json::from_str::<Outcome>(json)
                 .map(|o| Claim::Finished(Box::new(o)))
-                .map_err(|e| StoreError(format!("stored outcome for this key is unreadable: {e}"))),
+                .map_err(|e| StoreError::caused_by("stored outcome for this key is unreadable", e)),
             _ => Ok(Claim::InFlight {
                 owner: holder.clone(),
             }),
