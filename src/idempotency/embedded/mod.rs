@@ -419,18 +419,30 @@ mod tests {
     const MINUTE: i64 = 60_000;
     const HOUR: Duration = Duration::from_secs(3600);
 
-    fn store(dir: &str) -> (EmbeddedStore, Arc<AtomicI64>) {
+    /// A test's own directory for its store file, removed when the test ends (passed or
+    /// failed). Declared before the store, so the store closes first.
+    struct TestDir(std::path::PathBuf);
+
+    impl TestDir {
+        fn new(name: &str) -> TestDir {
+            TestDir(std::env::temp_dir().join(format!(
+                "swr-stage-worker-unit-{name}-{}",
+                uuid::Uuid::new_v4()
+            )))
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn store(dir: &TestDir) -> (EmbeddedStore, Arc<AtomicI64>) {
         let mut config = crate::config::Config::load(None, [])
             .expect("default configuration")
             .idempotency;
-        config.path = std::env::temp_dir()
-            .join(format!(
-                "swr-stage-worker-unit-{dir}-{}",
-                uuid::Uuid::new_v4()
-            ))
-            .join("idempotency.db")
-            .display()
-            .to_string();
+        config.path = dir.0.join("idempotency.db").display().to_string();
         let now = Arc::new(AtomicI64::new(1_800_000_000_000));
         let clock = now.clone();
         let store =
@@ -449,7 +461,8 @@ mod tests {
     #[tokio::test]
     async fn a_duplicate_holding_as_long_as_a_duration_holds_waits_for_the_running_copy() {
         use super::super::{Admission, Gate};
-        let (store, _now) = store("longest-hold");
+        let dir = TestDir::new("longest-hold");
+        let (store, _now) = store(&dir);
         let mut config = crate::config::Config::load(None, [])
             .expect("default configuration")
             .idempotency;
@@ -477,7 +490,8 @@ mod tests {
     #[tokio::test]
     async fn a_stale_ticket_never_releases_a_newer_claim() {
         use super::super::{Admission, Gate};
-        let (store, now) = store("stale-ticket");
+        let dir = TestDir::new("stale-ticket");
+        let (store, now) = store(&dir);
         let mut config = crate::config::Config::load(None, [])
             .expect("default configuration")
             .idempotency;
@@ -510,7 +524,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_loop_guard_forgets_ended_windows_first() {
-        let (store, now) = store("guard-ended");
+        let dir = TestDir::new("guard-ended");
+        let (store, now) = store(&dir);
         for i in 1..=10 {
             assert!(store.count_execution(&step(i), HOUR, 1).await.unwrap());
         }
@@ -522,7 +537,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_loop_guard_forgets_the_oldest_windows_and_keeps_the_rest() {
-        let (store, now) = store("guard-full");
+        let dir = TestDir::new("guard-full");
+        let (store, now) = store(&dir);
         for i in 1..=10 {
             assert!(store.count_execution(&step(i), HOUR, 1).await.unwrap());
             now.fetch_add(MINUTE, Ordering::SeqCst);
@@ -558,7 +574,8 @@ mod tests {
     /// completion, pruning and a re-run after expiry.
     #[tokio::test]
     async fn keys_that_share_a_hash_are_kept_apart() {
-        let (store, now) = store("collide");
+        let dir = TestDir::new("collide");
+        let (store, now) = store(&dir);
         store.shared.db.try_lock().unwrap().keys.mask = 0;
         let keys = ["key-a", "key-b", "key-c"];
         let finish = |k: &'static str, p: i64| {
@@ -611,7 +628,8 @@ mod tests {
     /// key is still held (a duplicate waits) rather than free to run again.
     #[tokio::test]
     async fn a_failed_commit_gives_a_completed_claim_back() {
-        let (store, now) = store("failed-commit-claim");
+        let dir = TestDir::new("failed-commit-claim");
+        let (store, now) = store(&dir);
         let key = "key-running";
         assert!(matches!(
             store.claim(key, &step(1), "w#1").await.unwrap(),
@@ -640,7 +658,8 @@ mod tests {
     /// when that transaction rolls back.
     #[tokio::test]
     async fn a_rollback_does_not_bring_back_a_released_claim() {
-        let (store, now) = store("failed-commit-released");
+        let dir = TestDir::new("failed-commit-released");
+        let (store, now) = store(&dir);
         let key = "key-released";
         store.claim(key, &step(1), "w#1").await.unwrap();
         let outcome = serde_json::to_string(&done(key, 1)).unwrap();
@@ -662,7 +681,8 @@ mod tests {
     /// `Db::commit`, not only the undo log).
     #[tokio::test]
     async fn a_failed_commit_takes_the_index_changes_back() {
-        let (store, _) = store("failed-commit");
+        let dir = TestDir::new("failed-commit");
+        let (store, _) = store(&dir);
         let finished = "key-kept";
         store.claim(finished, &step(1), "w#1").await.unwrap();
         store.complete(finished, &done(finished, 1)).await.unwrap();
