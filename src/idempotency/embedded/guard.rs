@@ -94,8 +94,9 @@ pub(super) fn load_guard(db: &Connection) -> rusqlite::Result<HashMap<u64, Guard
     Ok(guard)
 }
 
-/// A step's fingerprint (`pipeline:stage:mode`, see [`super::fingerprint`]) packed exactly into
-/// 63 bits; anything else is hashed, with the top bit set so the two never meet.
+/// A step's fingerprint (`pipeline:stage:mode`, see [`crate::idempotency::fingerprint`])
+/// packed exactly into 63 bits; anything else is hashed, with the top bit set so the two never
+/// meet.
 fn guard_key(fingerprint: &str) -> u64 {
     let mut parts = fingerprint.split(':');
     let packed = match (parts.next(), parts.next(), parts.next(), parts.next()) {

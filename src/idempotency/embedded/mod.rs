@@ -1,8 +1,8 @@
 //! The embedded store: one SQLite file in WAL mode, owned by one worker process.
 //!
 //! Statements run inline on the caller's task under an async mutex (a few microseconds each, no
-//! thread hop), inside a transaction that stays open for [`COMMIT_WINDOW`]; a committer thread
-//! then commits it, so one commit serves every job of that window (group commit). Claims and
+//! thread hop), inside a transaction that stays open for [`commit::COMMIT_WINDOW`]; a committer
+//! thread then commits it, so one commit serves every job of that window (group commit). Claims and
 //! loop-guard counts are answered as soon as their statement ran: the mutex makes them atomic,
 //! and losing one in a crash only means the redelivery claims again. Completions and releases
 //! are answered after the commit, because the ack that follows must find them on disk.
@@ -93,8 +93,8 @@ struct Db {
     completed: Vec<(String, Running)>,
     /// Where each stored outcome's row is, by key.
     keys: KeyIndex,
-    /// Loop-guard windows by step (see [`guard_key`]); every allowed execution is also appended
-    /// to `guard_log`, from which this map is rebuilt on open.
+    /// Loop-guard windows by step (see [`guard::guard_key`]); every allowed execution is also
+    /// appended to `guard_log`, from which this map is rebuilt on open.
     guard: HashMap<u64, GuardWindow>,
     /// The loop-guard window last asked for, in milliseconds: what pruning keeps. Until one is
     /// asked for, the guard is not pruned.

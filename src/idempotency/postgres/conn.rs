@@ -1,6 +1,6 @@
-//! One connection of the PostgreSQL store: opening it (TLS through [`Target`]), bringing the
-//! schema up to date, preparing the statements every call uses, and bounding each statement in
-//! time.
+//! One connection of the PostgreSQL store: opening it (TLS through
+//! [`Target`](crate::idempotency::pg_target::Target)), bringing the schema up to date, preparing
+//! the statements every call uses, and bounding each statement in time.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
