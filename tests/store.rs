@@ -16,14 +16,38 @@ fn pg_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-fn config(lease: Duration, ttl: Duration) -> IdempotencyConfig {
-    let dir = std::env::temp_dir().join("swr-stage-worker-tests");
+/// A test's embedded-store file, removed with its `-wal` and `-shm` companions when the test
+/// ends, passed or failed (a failing test drops it while it unwinds). Declare it before the
+/// store, so the store closes first.
+struct StoreFile {
+    path: String,
+}
+
+impl StoreFile {
+    fn new() -> StoreFile {
+        let dir = std::env::temp_dir().join("swr-stage-worker-tests");
+        StoreFile {
+            path: dir
+                .join(format!("store-{}.db", uuid::Uuid::new_v4()))
+                .display()
+                .to_string(),
+        }
+    }
+}
+
+impl Drop for StoreFile {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            // Most tests never make some of them (and PostgreSQL tests none at all).
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.path));
+        }
+    }
+}
+
+fn config(file: &StoreFile, lease: Duration, ttl: Duration) -> IdempotencyConfig {
     IdempotencyConfig {
         backend: IdempotencyBackend::Embedded,
-        path: dir
-            .join(format!("store-{}.db", uuid::Uuid::new_v4()))
-            .display()
-            .to_string(),
+        path: file.path.clone(),
         url: Secret::new(pg_url()),
         ttl,
         lease,
@@ -33,11 +57,11 @@ fn config(lease: Duration, ttl: Duration) -> IdempotencyConfig {
 }
 
 /// An embedded store whose clock the test moves.
-fn embedded(lease: Duration, ttl: Duration) -> (EmbeddedStore, Arc<AtomicI64>) {
+fn embedded(file: &StoreFile, lease: Duration, ttl: Duration) -> (EmbeddedStore, Arc<AtomicI64>) {
     let now = Arc::new(AtomicI64::new(1_800_000_000_000));
     let clock = now.clone();
     let store = EmbeddedStore::open_with_clock(
-        &config(lease, ttl),
+        &config(file, lease, ttl),
         Arc::new(move || clock.load(Ordering::SeqCst)),
     )
     .unwrap();
@@ -45,7 +69,9 @@ fn embedded(lease: Duration, ttl: Duration) -> (EmbeddedStore, Arc<AtomicI64>) {
 }
 
 async fn postgres(lease: Duration, ttl: Duration) -> PostgresStore {
-    match PostgresStore::connect(&config(lease, ttl)).await {
+    // The configuration names a file; the PostgreSQL store never makes it.
+    let file = StoreFile::new();
+    match PostgresStore::connect(&config(&file, lease, ttl)).await {
         Ok(store) => store,
         Err(e) => panic!(
             "these tests need PostgreSQL at {}: {e}. Start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, or set IDEMPOTENCY_TEST_URL",
@@ -147,7 +173,8 @@ async fn concurrent_claims_have_one_winner(store: Arc<dyn Store>) {
 
 #[tokio::test]
 async fn embedded_claim_lifecycle() {
-    let (store, _) = embedded(Duration::from_secs(60), Duration::from_secs(3600));
+    let file = StoreFile::new();
+    let (store, _) = embedded(&file, Duration::from_secs(60), Duration::from_secs(3600));
     claim_lifecycle(&store).await;
     release_frees_the_key(&store).await;
     concurrent_claims_have_one_winner(Arc::new(store)).await;
@@ -163,7 +190,8 @@ async fn postgres_claim_lifecycle() {
 
 #[tokio::test]
 async fn embedded_expired_lease_is_taken_over() {
-    let (store, now) = embedded(Duration::from_secs(60), Duration::from_secs(3600));
+    let file = StoreFile::new();
+    let (store, now) = embedded(&file, Duration::from_secs(60), Duration::from_secs(3600));
     let k = key("lease");
     assert_eq!(
         store.claim(&k, "1:0:retry", "dead").await.unwrap(),
@@ -234,7 +262,8 @@ async fn postgres_expired_lease_is_taken_over() {
 
 #[tokio::test]
 async fn embedded_records_expire_after_ttl_and_are_pruned() {
-    let (store, now) = embedded(Duration::from_secs(60), Duration::from_secs(3600));
+    let file = StoreFile::new();
+    let (store, now) = embedded(&file, Duration::from_secs(60), Duration::from_secs(3600));
     let k = key("ttl");
     store.claim(&k, "1:0:retry", "a").await.unwrap();
     store
@@ -253,7 +282,8 @@ async fn embedded_records_expire_after_ttl_and_are_pruned() {
 
 #[tokio::test]
 async fn embedded_pruning_goes_oldest_first_past_one_batch_and_keeps_live_records() {
-    let (store, now) = embedded(Duration::from_secs(60), Duration::from_secs(3600));
+    let file = StoreFile::new();
+    let (store, now) = embedded(&file, Duration::from_secs(60), Duration::from_secs(3600));
     let start = now.load(Ordering::SeqCst);
     let complete = |keys: Vec<String>| {
         let store = &store;
@@ -299,7 +329,8 @@ async fn embedded_pruning_goes_oldest_first_past_one_batch_and_keeps_live_record
 
 #[tokio::test]
 async fn embedded_expired_record_is_not_replayed_even_before_pruning() {
-    let (store, now) = embedded(Duration::from_secs(60), Duration::from_secs(3600));
+    let file = StoreFile::new();
+    let (store, now) = embedded(&file, Duration::from_secs(60), Duration::from_secs(3600));
     let k = key("stale");
     store.claim(&k, "1:0:retry", "a").await.unwrap();
     store
@@ -350,7 +381,8 @@ async fn a_short_ttl_frees_finished_keys_but_not_running_ones(
 
 #[tokio::test]
 async fn embedded_short_ttl_frees_finished_keys_but_not_running_ones() {
-    let (store, now) = embedded(Duration::from_secs(600), Duration::from_secs(1));
+    let file = StoreFile::new();
+    let (store, now) = embedded(&file, Duration::from_secs(600), Duration::from_secs(1));
     a_short_ttl_frees_finished_keys_but_not_running_ones(&store, async || {
         now.fetch_add(2_000, Ordering::SeqCst);
     })
@@ -404,7 +436,8 @@ async fn postgres_records_expire_after_ttl_and_are_pruned() {
 
 #[tokio::test]
 async fn embedded_completed_records_survive_a_reopen() {
-    let cfg = config(Duration::from_secs(60), Duration::from_secs(3600));
+    let file = StoreFile::new();
+    let cfg = config(&file, Duration::from_secs(60), Duration::from_secs(3600));
     let k = key("durable");
     {
         let store = EmbeddedStore::open(&cfg).unwrap();
@@ -423,21 +456,28 @@ async fn embedded_completed_records_survive_a_reopen() {
 
 #[tokio::test]
 async fn an_unreachable_postgres_fails_each_call_with_a_clear_error_and_no_password() {
-    let mut cfg = config(Duration::from_secs(60), Duration::from_secs(3600));
+    let file = StoreFile::new();
+    let mut cfg = config(&file, Duration::from_secs(60), Duration::from_secs(3600));
     cfg.url = Secret::new("postgres://nobody:hunter2@127.0.0.1:1/none");
     let store = PostgresStore::connect(&cfg)
         .await
         .expect("a database that is down is not fatal at start");
-    let err = store
-        .claim("k", "1:0:retry", "a")
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = store.claim("k", "1:0:retry", "a").await.unwrap_err();
+    let err = error.to_string();
     assert!(
         err.contains("cannot connect to PostgreSQL at postgres://nobody:***@127.0.0.1:1/none"),
         "{err}"
     );
     assert!(!err.contains("hunter2"));
+    // The driver's error is kept as a source, and no link of the chain shows the password.
+    let mut chain = std::error::Error::source(&error);
+    let mut driver = None;
+    while let Some(link) = chain {
+        assert!(!link.to_string().contains("hunter2"), "{link}");
+        driver = driver.or(link.downcast_ref::<tokio_postgres::Error>());
+        chain = link.source();
+    }
+    assert!(driver.is_some(), "the tokio-postgres error is in the chain");
     cfg.url = Secret::new("mysql://x");
     assert!(
         PostgresStore::connect(&cfg).await.is_err(),
@@ -447,7 +487,8 @@ async fn an_unreachable_postgres_fails_each_call_with_a_clear_error_and_no_passw
 
 #[tokio::test]
 async fn embedded_loop_guard_counts_per_window() {
-    let (store, now) = embedded(Duration::from_secs(60), Duration::from_secs(3600));
+    let file = StoreFile::new();
+    let (store, now) = embedded(&file, Duration::from_secs(60), Duration::from_secs(3600));
     let fp = key("guard");
     let hour = Duration::from_secs(3600);
     for _ in 0..3 {
@@ -470,7 +511,8 @@ async fn embedded_loop_guard_counts_per_window() {
 
 #[tokio::test]
 async fn embedded_loop_guard_counts_survive_a_restart_and_ended_windows_are_pruned() {
-    let cfg = config(Duration::from_secs(60), Duration::from_secs(3600));
+    let file = StoreFile::new();
+    let cfg = config(&file, Duration::from_secs(60), Duration::from_secs(3600));
     let now = Arc::new(AtomicI64::new(1_800_000_000_000));
     let open = || {
         let clock = now.clone();
@@ -644,21 +686,30 @@ async fn postgres_a_claim_whose_caller_gave_up_does_not_hold_the_key() {
 
 #[tokio::test]
 async fn embedded_file_belongs_to_one_process_and_its_claims_die_with_it() {
-    let cfg = config(Duration::from_secs(600), Duration::from_secs(3600));
+    let file = StoreFile::new();
+    let cfg = config(&file, Duration::from_secs(600), Duration::from_secs(3600));
     let k = key("orphan");
     let store = EmbeddedStore::open(&cfg).unwrap();
     assert_eq!(
         store.claim(&k, "1:0:retry", "a").await.unwrap(),
         Claim::Acquired { takeover: false }
     );
-    // A second worker on the same file is refused with a message that says what to do.
-    let err = EmbeddedStore::open(&cfg)
+    // A second worker on the same file is refused with a message that says what to do, and
+    // SQLite's own error as its source.
+    let refused = EmbeddedStore::open(&cfg)
         .err()
-        .expect("a second opener is refused")
-        .to_string();
+        .expect("a second opener is refused");
+    let err = refused.to_string();
     assert!(
         err.contains("in use by another process") && err.contains("postgres"),
         "{err}"
+    );
+    let cause = std::error::Error::source(&refused)
+        .and_then(|e| e.downcast_ref::<rusqlite::Error>())
+        .expect("the SQLite error is the source");
+    assert_eq!(
+        cause.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy)
     );
     // The owner dies mid-job (no complete, no release): the next process may run the key at
     // once, without waiting for the 10-minute lease.
@@ -682,7 +733,8 @@ async fn embedded_files_of_earlier_layouts_are_migrated_with_their_outcomes() {
 /// into log rows.
 #[tokio::test]
 async fn embedded_files_of_version_3_keep_outcomes_and_loop_guard_counts() {
-    let cfg = config(Duration::from_secs(600), Duration::from_secs(3600));
+    let file = StoreFile::new();
+    let cfg = config(&file, Duration::from_secs(600), Duration::from_secs(3600));
     let (done, now) = (key("done"), 1_800_000_000_000i64);
     {
         std::fs::create_dir_all(std::path::Path::new(&cfg.path).parent().unwrap()).unwrap();
@@ -749,7 +801,8 @@ fn indexes(path: &str) -> Vec<String> {
 /// through the in-memory index) and drops the index with a rebuilt table.
 #[tokio::test]
 async fn embedded_files_of_version_4_keep_outcomes_and_lose_the_key_index() {
-    let cfg = config(Duration::from_secs(600), Duration::from_secs(3600));
+    let file = StoreFile::new();
+    let cfg = config(&file, Duration::from_secs(600), Duration::from_secs(3600));
     let now = 1_800_000_000_000i64;
     let keys: Vec<String> = (0..3).map(|_| key("v4")).collect();
     {
@@ -816,7 +869,8 @@ async fn embedded_files_of_version_4_keep_outcomes_and_lose_the_key_index() {
 /// version 1; version 2 added the loop-guard table), holding a finished key, a finished key past
 /// its TTL and a claim that was running when that process died.
 async fn migrates_from(version: u32) {
-    let cfg = config(Duration::from_secs(600), Duration::from_secs(3600));
+    let file = StoreFile::new();
+    let cfg = config(&file, Duration::from_secs(600), Duration::from_secs(3600));
     let (done, old, orphan) = (key("done"), key("old"), key("orphan"));
     let now = 1_800_000_000_000i64;
     {
@@ -919,7 +973,8 @@ async fn migrates_from(version: u32) {
 /// A file written by a newer release is refused, naming both versions, and left as it was.
 #[tokio::test]
 async fn embedded_files_of_a_newer_layout_are_refused() {
-    let cfg = config(Duration::from_secs(600), Duration::from_secs(3600));
+    let file = StoreFile::new();
+    let cfg = config(&file, Duration::from_secs(600), Duration::from_secs(3600));
     std::fs::create_dir_all(std::path::Path::new(&cfg.path).parent().unwrap()).unwrap();
     rusqlite::Connection::open(&cfg.path)
         .unwrap()

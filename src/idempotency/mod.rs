@@ -11,6 +11,8 @@ pub mod pg_target;
 pub mod postgres;
 
 use std::collections::HashMap;
+use std::error::Error;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,10 +34,66 @@ pub enum Claim {
     InFlight { owner: String },
 }
 
-/// The store could not be used (unreachable, corrupt, timed out).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("idempotency store: {0}")]
-pub struct StoreError(pub String);
+/// The store could not be used (unreachable, corrupt, timed out): what failed, and the error
+/// behind it (rusqlite's, tokio-postgres's, an io error) when there is one.
+///
+/// The text names both, because logs print the error alone; [`source`](Error::source) gives
+/// the cause itself to code that looks into it. It is written by hand rather than derived:
+/// the cause is shared (one failed statement or commit answers every call that waited on it),
+/// and `source` must hand out the cause, not the `Arc` around it, so that it can be downcast.
+#[derive(Debug, Clone)]
+pub struct StoreError {
+    /// What failed, for a person: which file or server, which step. Empty when the cause says
+    /// it all.
+    context: String,
+    /// The underlying error, if any.
+    cause: Option<Arc<dyn Error + Send + Sync>>,
+}
+
+impl StoreError {
+    /// A failure with no underlying error (a timeout, a store shutting down, a refused setting).
+    pub fn new(context: impl Into<String>) -> StoreError {
+        StoreError {
+            context: context.into(),
+            cause: None,
+        }
+    }
+
+    /// `context` failed because of `cause`.
+    pub fn caused_by(
+        context: impl Into<String>,
+        cause: impl Error + Send + Sync + 'static,
+    ) -> StoreError {
+        StoreError {
+            context: context.into(),
+            cause: Some(Arc::new(cause)),
+        }
+    }
+
+    /// A failure whose cause's own text says what failed.
+    pub fn from_cause(cause: impl Error + Send + Sync + 'static) -> StoreError {
+        StoreError::caused_by("", cause)
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("idempotency store: ")?;
+        match &self.cause {
+            None => f.write_str(&self.context),
+            Some(cause) if self.context.is_empty() => write!(f, "{cause}"),
+            Some(cause) => write!(f, "{}: {cause}", self.context),
+        }
+    }
+}
+
+impl Error for StoreError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        self.cause
+            .as_deref()
+            .map(|cause| cause as &(dyn Error + 'static))
+    }
+}
 
 /// A key-value store of claims and finished outcomes. Implementations must make `claim`
 /// atomic: two callers can never both get `Acquired` for a key with a live lease.
@@ -99,7 +157,7 @@ pub async fn open(config: &Config) -> Result<Option<Arc<dyn Store>>, StoreError>
             let idem = idem.clone();
             let store = tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(&idem))
                 .await
-                .map_err(|e| StoreError(format!("opening the embedded store failed: {e}")))??;
+                .map_err(|e| StoreError::caused_by("opening the embedded store failed", e))??;
             Some(Arc::new(store))
         }
         IdempotencyBackend::Postgres => {
@@ -321,4 +379,49 @@ pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+    use std::io;
+
+    use super::StoreError;
+
+    #[test]
+    fn a_store_error_names_what_failed_and_keeps_its_cause_as_the_source() {
+        let error = StoreError::caused_by(
+            "cannot open /data/idempotency.db",
+            io::Error::new(io::ErrorKind::PermissionDenied, "permission denied"),
+        );
+        assert_eq!(
+            error.to_string(),
+            "idempotency store: cannot open /data/idempotency.db: permission denied"
+        );
+        // A clone (one failure answers many waiting calls) keeps the cause.
+        let source = error.clone().source().map(ToString::to_string);
+        assert_eq!(source.as_deref(), Some("permission denied"));
+        let cause = error.source().and_then(|e| e.downcast_ref::<io::Error>());
+        assert_eq!(
+            cause.map(io::Error::kind),
+            Some(io::ErrorKind::PermissionDenied)
+        );
+    }
+
+    #[test]
+    fn a_store_error_without_a_cause_has_no_source() {
+        let error = StoreError::new("no commit within 10s");
+        assert_eq!(error.to_string(), "idempotency store: no commit within 10s");
+        assert!(error.source().is_none());
+    }
+
+    #[test]
+    fn a_store_error_from_a_cause_alone_reads_as_the_cause() {
+        let error = StoreError::from_cause(io::Error::other("cannot connect to PostgreSQL"));
+        assert_eq!(
+            error.to_string(),
+            "idempotency store: cannot connect to PostgreSQL"
+        );
+        assert!(error.source().is_some());
+    }
 }

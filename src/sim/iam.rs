@@ -1,7 +1,7 @@
 //! The simulated IAM token endpoint (`POST /v3/auth/tokens`, password method, project scope) and
 //! the tokens it has issued: which are still valid and how many there were.
 //!
-//! Pure logic like `model.rs`: the HTTP layer hands it the method and body and sends back what it
+//! Pure logic like `model/`: the HTTP layer hands it the method and body and sends back what it
 //! answers. It never decides anything about the SWR route beyond "is this token one I issued, and
 //! has it expired".
 

@@ -7,12 +7,14 @@
 //! touching the cloud:
 //!
 //! * the upstream contract (auth, path/query validation, Huawei error
-//!   shapes, `X-Request-Id` on every answer) — pure logic in `model.rs`;
+//!   shapes, `X-Request-Id` on every answer) — pure logic in `model/`: one
+//!   call's flow in `model/mod.rs`, paths, queries and error bodies in
+//!   `model/wire.rs`;
 //! * an idempotency store keyed by `Idempotency-Key`, so a test can prove a
-//!   step was executed exactly once;
-//! * fault injection ([`FaultRule`]): error statuses, `Retry-After`, slow
-//!   answers and dropped connections;
-//! * a bounded call log and counters, readable in-process through
+//!   step was executed exactly once (`model/state.rs`);
+//! * fault injection ([`FaultRule`], `model/rules.rs`): error statuses,
+//!   `Retry-After`, slow answers and dropped connections;
+//! * a bounded call log and counters (`model/state.rs`), readable in-process through
 //!   [`SimHandle`] or over the JSON control API under `/_sim/` (routes in
 //!   `http.rs`).
 //!

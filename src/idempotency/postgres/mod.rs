@@ -18,6 +18,8 @@
 //!
 //! Connections are re-opened on the next call after they break.
 
+mod conn;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,18 +27,19 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, Mutex};
-use tokio_postgres::{Client, Statement};
 
-use super::pg_target::{ConnectFailure, Target};
+use super::pg_target::Target;
 use super::{Claim, Store, StoreError};
 use crate::config::IdempotencyConfig;
 use crate::outcome::Outcome;
+use conn::{Conn, OpenError};
 
 /// Batchers per lane, each with a connection of its own: one can send while the other collects.
 const BATCHERS: usize = 2;
 /// Most calls in one batch.
 const MAX_BATCH: usize = 256;
-/// Calls that may wait in a lane; past that a caller waits for room (within [`OP_TIMEOUT`]).
+/// Calls that may wait in a lane; past that a caller waits for room (within
+/// [`conn::OP_TIMEOUT`]).
 const LANE_CAPACITY: usize = 1024;
 
 /// The statements every call uses, prepared once per connection. Each takes arrays, one element
@@ -75,46 +78,9 @@ const PRUNE_SQL: &str = "DELETE FROM swr_stage_idempotency WHERE key IN (
          SELECT key FROM swr_stage_idempotency WHERE expires_at < now()
           ORDER BY key FOR UPDATE SKIP LOCKED)";
 
-/// One connection and its prepared statements.
-struct Conn {
-    /// The client (pipelines concurrent queries).
-    client: Client,
-    /// A statement on it timed out: the connection may be half-open (a failover, a partition),
-    /// so the next call opens a new one instead of waiting on it again.
-    stalled: std::sync::atomic::AtomicBool,
-    /// Prepared CLAIM_SQL.
-    claim: Statement,
-    /// Prepared LOOKUP_SQL.
-    lookup: Statement,
-    /// Prepared COMPLETE_SQL.
-    complete: Statement,
-    /// Prepared RELEASE_SQL.
-    release: Statement,
-    /// Prepared GUARD_SQL.
-    guard: Statement,
-}
-
-/// Limit for connecting and for any one statement.
-const OP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Limit for one call, queueing included: its statements are bounded by [`OP_TIMEOUT`] each.
+/// Limit for one call, queueing included: its statements are bounded by [`conn::OP_TIMEOUT`]
+/// each.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Versioned migrations, applied in order inside one transaction each.
-const MIGRATIONS: [&str; 2] = ["CREATE TABLE IF NOT EXISTS swr_stage_idempotency (
-         key         TEXT PRIMARY KEY,
-         fingerprint TEXT NOT NULL,
-         state       TEXT NOT NULL CHECK (state IN ('running', 'finished')),
-         owner       TEXT NOT NULL,
-         lease_until TIMESTAMPTZ NOT NULL,
-         outcome     TEXT,
-         expires_at  TIMESTAMPTZ NOT NULL
-     );
-     CREATE INDEX IF NOT EXISTS swr_stage_idempotency_expires ON swr_stage_idempotency (expires_at);",
-    "CREATE TABLE IF NOT EXISTS swr_stage_guard (
-         fingerprint  TEXT PRIMARY KEY,
-         window_start TIMESTAMPTZ NOT NULL,
-         executions   INTEGER NOT NULL
-     );"];
 
 /// The PostgreSQL-backed store: a handle on the two lanes. Dropping it ends the batchers.
 pub struct PostgresStore {
@@ -208,7 +174,7 @@ impl PostgresStore {
     /// that is down at start is not fatal: the worker starts, every claim fails (so deliveries are
     /// requeued and SWR is not called unguarded), and the next call after it returns connects.
     pub async fn connect(config: &IdempotencyConfig) -> Result<PostgresStore, StoreError> {
-        let target = Target::parse(&config.url).map_err(StoreError)?;
+        let target = Target::parse(&config.url).map_err(StoreError::new)?;
         let shared = Arc::new(Shared {
             target,
             claims: (0..BATCHERS).map(|_| Mutex::new(None)).collect(),
@@ -251,16 +217,18 @@ impl PostgresStore {
         let work = async {
             lane.send(call(reply))
                 .await
-                .map_err(|_| StoreError("the PostgreSQL store has shut down".into()))?;
+                .map_err(|_| StoreError::new("the PostgreSQL store has shut down"))?;
             answer
                 .await
-                .map_err(|_| StoreError("the PostgreSQL store dropped the call".into()))?
+                .map_err(|_| StoreError::new("the PostgreSQL store dropped the call"))?
         };
         // A call is a few statements, each bounded by OP_TIMEOUT, behind the calls queued
         // before it.
         tokio::time::timeout(CALL_TIMEOUT, work)
             .await
-            .map_err(|_| StoreError(format!("PostgreSQL gave no answer within {CALL_TIMEOUT:?}")))?
+            .map_err(|_| {
+                StoreError::new(format!("PostgreSQL gave no answer within {CALL_TIMEOUT:?}"))
+            })?
     }
 
     /// A connection for a call that is not batched.
@@ -362,7 +330,7 @@ async fn run_claims(shared: &Shared, conn: &Conn, mut pending: Vec<ClaimCall>) {
     }
     fail_all(
         pending,
-        &StoreError("the key changed state five times during one claim".into()),
+        &StoreError::new("the key changed state five times during one claim"),
     );
 }
 
@@ -446,7 +414,7 @@ async fn claim_pass(
         let answer = match (state.as_str(), outcome) {
             ("finished", Some(json)) => serde_json::from_str::<Outcome>(json)
                 .map(|o| Claim::Finished(Box::new(o)))
-                .map_err(|e| StoreError(format!("stored outcome for this key is unreadable: {e}"))),
+                .map_err(|e| StoreError::caused_by("stored outcome for this key is unreadable", e)),
             _ => Ok(Claim::InFlight {
                 owner: holder.clone(),
             }),
@@ -539,143 +507,6 @@ async fn run_releases(conn: &Conn, mut calls: Vec<KeyCall>) {
             }
         }
         Err(e) => fail_all(calls, &e),
-    }
-}
-
-/// Why a connection could not be opened: a failed TLS handshake is told apart, since at start
-/// it stops the worker.
-enum OpenError {
-    Tls(StoreError),
-    Other(StoreError),
-}
-
-impl From<OpenError> for StoreError {
-    fn from(error: OpenError) -> StoreError {
-        match error {
-            OpenError::Tls(e) | OpenError::Other(e) => e,
-        }
-    }
-}
-
-impl From<StoreError> for OpenError {
-    fn from(error: StoreError) -> OpenError {
-        OpenError::Other(error)
-    }
-}
-
-impl Shared {
-    async fn open(&self) -> Result<Conn, StoreError> {
-        Ok(self.open_checked().await?)
-    }
-
-    async fn open_checked(&self) -> Result<Conn, OpenError> {
-        let shown = self.target.shown();
-        let mut client = match tokio::time::timeout(OP_TIMEOUT, self.target.connect()).await {
-            Err(_) => {
-                return Err(OpenError::Other(StoreError(format!(
-                    "cannot connect to PostgreSQL at {shown}: no answer within {OP_TIMEOUT:?}"
-                ))))
-            }
-            Ok(Err(e @ ConnectFailure::Tls { .. })) => {
-                return Err(OpenError::Tls(StoreError(e.to_string())))
-            }
-            Ok(Err(e)) => return Err(OpenError::Other(StoreError(e.to_string()))),
-            Ok(Ok(client)) => client,
-        };
-        let migrate = async {
-            client
-                .batch_execute(
-                    "CREATE TABLE IF NOT EXISTS swr_stage_schema (version INTEGER NOT NULL)",
-                )
-                .await?;
-            let tx = client.transaction().await?;
-            // One migrator at a time across the fleet.
-            tx.batch_execute("LOCK TABLE swr_stage_schema IN EXCLUSIVE MODE")
-                .await?;
-            let current: i32 = tx
-                .query_opt("SELECT version FROM swr_stage_schema", &[])
-                .await?
-                .map_or(0, |row| row.get(0));
-            for (index, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-                tx.batch_execute(sql).await?;
-                let version = index as i32 + 1;
-                tx.execute("DELETE FROM swr_stage_schema", &[]).await?;
-                tx.execute(
-                    "INSERT INTO swr_stage_schema (version) VALUES ($1)",
-                    &[&version],
-                )
-                .await?;
-            }
-            tx.commit().await
-        };
-        tokio::time::timeout(OP_TIMEOUT, migrate)
-            .await
-            .map_err(|_| {
-                StoreError(format!(
-                    "migrating {shown}: no answer within {OP_TIMEOUT:?}"
-                ))
-            })?
-            .map_err(|e| StoreError(format!("migrating {shown}: {e}")))?;
-        let prepare = async {
-            Ok::<_, tokio_postgres::Error>(Conn {
-                claim: client.prepare(CLAIM_SQL).await?,
-                lookup: client.prepare(LOOKUP_SQL).await?,
-                complete: client.prepare(COMPLETE_SQL).await?,
-                release: client.prepare(RELEASE_SQL).await?,
-                guard: client.prepare(GUARD_SQL).await?,
-                client,
-                stalled: std::sync::atomic::AtomicBool::new(false),
-            })
-        };
-        tokio::time::timeout(OP_TIMEOUT, prepare)
-            .await
-            .map_err(|_| {
-                StoreError(format!(
-                    "preparing statements on {shown}: no answer within {OP_TIMEOUT:?}"
-                ))
-            })?
-            .map_err(|e| StoreError(format!("preparing statements on {shown}: {e}")).into())
-    }
-
-    /// The live connection of a lane's `slot`, re-opened first if it broke (one reconnect at
-    /// a time per slot).
-    async fn conn(&self, durable: bool, slot: usize) -> Result<Arc<Conn>, StoreError> {
-        let pool = if durable { &self.durable } else { &self.claims };
-        let slot = &pool[slot % pool.len()];
-        let mut guard = slot.lock().await;
-        if let Some(conn) = guard
-            .as_ref()
-            .filter(|c| !c.client.is_closed() && !c.stalled.load(Ordering::Relaxed))
-        {
-            return Ok(conn.clone());
-        }
-        let conn = self.open().await?;
-        if !durable {
-            conn.bounded(conn.client.batch_execute("SET synchronous_commit = off"))
-                .await?;
-        }
-        let conn = Arc::new(conn);
-        *guard = Some(conn.clone());
-        Ok(conn)
-    }
-}
-
-impl Conn {
-    /// Bounds a statement in time (errors name PostgreSQL), marking the connection stalled
-    /// when it timed out.
-    async fn bounded<T>(
-        &self,
-        fut: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(OP_TIMEOUT, fut).await {
-            Ok(result) => result.map_err(|e| StoreError(format!("PostgreSQL: {e}"))),
-            Err(_) => {
-                self.stalled.store(true, Ordering::Relaxed);
-                Err(StoreError(format!(
-                    "PostgreSQL gave no answer within {OP_TIMEOUT:?}"
-                )))
-            }
-        }
     }
 }
 
