@@ -20,6 +20,10 @@ const KEY_NAMESPACE: uuid::Uuid = uuid::Uuid::NAMESPACE_URL;
 /// The only `source` value SWR accepts, and only with rollback.
 pub const ROLLBACK_SOURCE: &str = "rollback::true";
 
+/// Header added to the DLQ copy of an invalid request (contract §5): the one-line reason.
+/// The worker writes it on the DLQ copy; `campaign replay` reads it and strips it.
+pub const ERROR_HEADER: &str = "x-swr-error";
+
 /// The fields contract §3 defines; anything else is an error.
 const KNOWN_FIELDS: [&str; 8] = [
     "pipeline_id",

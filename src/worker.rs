@@ -25,6 +25,7 @@ use crate::outcome::{timestamp, ErrorKind, Outcome, OutcomeError, Status, OUTCOM
 use crate::ratelimit::RateLimiter;
 use crate::request::{
     body_key, derive_key, parse_request, valid_key, InvalidRequest, Mode, StageRequest,
+    ERROR_HEADER,
 };
 use crate::swr::auth::{StaticToken, TokenSource};
 use crate::swr::client::SwrClient;
@@ -32,9 +33,6 @@ use crate::swr::iam::{IamClient, IamCredentials, IamToken};
 use crate::swr::{execute, Guards};
 use crate::telemetry::metrics::Metrics;
 use crate::trace::{Hex, JobTrace, TRACEPARENT, TRACESTATE};
-
-/// Header added to a dead-lettered request: the one-line reason.
-pub const ERROR_HEADER: &str = "x-swr-error";
 
 /// Prefix of the store key that remembers a DLQ copy. The marker's parts are joined by spaces,
 /// which no job key can hold (0x21..=0x7E only), so a marker never meets a job's key.
