@@ -1,9 +1,12 @@
 //! The broker side: topology declaration (`topology`), confirmed publishing (`publisher`), the
-//! policy for `reply_to` names (`reply_to`), and the connection helper shared by the worker and
-//! the command-line tools.
+//! policy for `reply_to` names (`reply_to`), a job's deliveries and outcomes (`delivery`: the
+//! adapter between lapin and the job's envelope and sink), the current session's publisher
+//! (`session`), and the connection helper shared by the worker and the command-line tools.
 
+pub mod delivery;
 pub mod publisher;
 pub mod reply_to;
+pub mod session;
 pub mod topology;
 
 use std::net::SocketAddr;
