@@ -83,17 +83,7 @@ pub async fn run_with_context(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
     let config = ctx.config.clone();
-    if !config.telemetry.listen.is_empty() {
-        let telemetry = &config.telemetry;
-        let addr = crate::telemetry::http::serve(
-            &telemetry.listen,
-            telemetry.listen_is_default,
-            ctx.clone(),
-        )
-        .await
-        .map_err(|e| RunError::Telemetry(config.telemetry.listen.clone(), e))?;
-        let _ = ctx.telemetry_addr.set(addr);
-    }
+    start_telemetry(&ctx).await?;
     let sessions = Arc::new(Sessions::new(&config.amqp));
     let slots = Arc::new(Semaphore::new(config.worker.concurrency as usize));
     let mut jobs: JoinSet<()> = JoinSet::new();
@@ -145,15 +135,7 @@ pub async fn run_with_context(
             }
             Err(e) => {
                 let reason = e.to_string();
-                if let SessionError::Connect(connect) = &e {
-                    if let Some(failure) = connect.tls_failure() {
-                        if last_tls.as_ref() != Some(failure) {
-                            // Once per distinct reason: it needs an operator, not more retries.
-                            tracing::error!(error = %reason, "TLS handshake with the broker failed; retrying with back-off");
-                            last_tls = Some(failure.clone());
-                        }
-                    }
-                }
+                report_tls_failure(&e, &reason, &mut last_tls);
                 set_broker_error(&ctx, Some(reason.clone()));
                 SessionEnd::Lost(reason)
             }
@@ -172,6 +154,35 @@ pub async fn run_with_context(
                 }
                 delay = next_reconnect_delay(delay, config.amqp.reconnect_max_interval);
             }
+        }
+    }
+}
+
+/// Starts the telemetry server unless `telemetry.listen` is empty; records where it listens.
+async fn start_telemetry(ctx: &Arc<JobContext>) -> Result<(), RunError> {
+    let telemetry = &ctx.config.telemetry;
+    if telemetry.listen.is_empty() {
+        return Ok(());
+    }
+    let addr =
+        crate::telemetry::http::serve(&telemetry.listen, telemetry.listen_is_default, ctx.clone())
+            .await
+            .map_err(|e| RunError::Telemetry(telemetry.listen.clone(), e))?;
+    let _ = ctx.telemetry_addr.set(addr);
+    Ok(())
+}
+
+/// Logs a failed TLS handshake with the broker at error once per distinct reason (`last`): it
+/// needs an operator, not more retries. The same failure again is left to the warning that
+/// every lost session gets.
+fn report_tls_failure(error: &SessionError, reason: &str, last: &mut Option<crate::tls::Failure>) {
+    let SessionError::Connect(connect) = error else {
+        return;
+    };
+    if let Some(failure) = connect.tls_failure() {
+        if last.as_ref() != Some(failure) {
+            tracing::error!(error = %reason, "TLS handshake with the broker failed; retrying with back-off");
+            *last = Some(failure.clone());
         }
     }
 }
@@ -577,6 +588,35 @@ mod tests {
         }
         // 24 orders are possible; 200 draws that all fell on a few would be a broken shuffle.
         assert!(orders.len() > 12, "{} orders in 200 draws", orders.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_step_that_fails_keeps_the_brokers_error_as_its_source() {
+        let broker_error = lapin::Error::from(lapin::ErrorKind::ChannelsLimitReached);
+        let shown = broker_error.to_string();
+        let failed = session_step("basic.qos", Duration::from_secs(1), async {
+            Err::<(), _>(broker_error)
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(
+            failed.to_string(),
+            format!("opening channels: basic.qos: {shown}")
+        );
+        let source = std::error::Error::source(&failed).expect("the broker's error");
+        assert!(
+            source.downcast_ref::<lapin::Error>().is_some(),
+            "{source:?}"
+        );
+
+        let silent = std::future::pending::<Result<(), lapin::Error>>();
+        let late = session_step("basic.consume", Duration::from_millis(10), silent)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            late.to_string(),
+            "opening channels: basic.consume: no answer within 10ms"
+        );
     }
 
     #[test]
