@@ -18,7 +18,7 @@ use crate::campaign;
 use crate::campaign::input::{self, InputFormat, InputSource};
 use crate::campaign::progress::ProgressMode;
 use crate::campaign::submit::{self, SubmitPlan};
-use crate::config::{Config, Secret};
+use crate::config::{AuthKind, Config, Secret};
 use crate::service;
 use crate::sim::{FaultRule, SimConfig, SimHandle};
 
@@ -113,7 +113,7 @@ pub async fn run(base: Config, count: usize) -> Result<(), DemoError> {
     config.swr.endpoint = sim.url();
     config.swr.auth.token = Secret::new(DEMO_TOKEN);
     // The in-process simulator takes this fixed token, whatever the configured token source.
-    config.swr.auth.kind = "static".into();
+    config.swr.auth.kind = AuthKind::Static;
     config.amqp.name_after(&prefix);
     config.retry.initial_interval = Duration::from_millis(100);
     config.worker.id = "demo-worker".to_owned();

@@ -4,6 +4,8 @@
 //!
 //! The map (one job each):
 //! - [`config`]: typed configuration, built-in defaults, env overrides, validation.
+//! - [`secret`]: values never printed (`Secret`) and URLs shown without their password.
+//! - [`host`]: the machine's host name, for the worker's default id.
 //! - [`request`]: the request message (contract §3): parse, validate, derive the idempotency key.
 //! - [`outcome`]: the outcome message (contract §4): fields, error kinds, routing key.
 //! - [`swr`]: the upstream: one attempt, the classification table (contract §1), token sources
@@ -42,11 +44,13 @@ pub mod campaign;
 pub mod config;
 pub mod deadline;
 pub mod demo;
+pub mod host;
 pub mod idempotency;
 pub mod outcome;
 pub mod ratelimit;
 pub mod request;
 pub mod retry;
+pub mod secret;
 pub mod service;
 pub mod shutdown;
 pub mod sim;

@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
 
 use swr_stage_worker::campaign::input::{InputFormat, InputSource};
 use swr_stage_worker::campaign::progress::ProgressMode;
 use swr_stage_worker::campaign::{replay, submit, watch};
-use swr_stage_worker::config::Config;
+use swr_stage_worker::config::{Config, LogFormat};
 use swr_stage_worker::request::Mode;
 use swr_stage_worker::{bench, demo, service, shutdown, sim, status, telemetry};
 
@@ -26,8 +27,9 @@ struct Cli {
     #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
     /// Log format: "text" for people, "json" (one object a line) for log stores; overrides log.format.
-    #[arg(long, global = true, value_name = "FORMAT", value_parser = ["text", "json"])]
-    log_format: Option<String>,
+    #[arg(long, global = true, value_name = "FORMAT",
+          value_parser = PossibleValuesParser::new(["text", "json"]).try_map(|word| word.parse::<LogFormat>()))]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -274,10 +276,13 @@ fn main() -> ExitCode {
             return ExitCode::from(usage_error_code());
         }
     };
-    let config = match Config::from_process(cli.config.as_deref()) {
+    // The log filter's syntax is the subscriber's: checked here, reported as the config error it is.
+    let loaded = Config::from_process(cli.config.as_deref())
+        .and_then(|config| telemetry::check_level(&config.log).map(|()| config));
+    let config = match loaded {
         Ok(mut config) => {
-            if let Some(format) = &cli.log_format {
-                config.log.format = format.clone();
+            if let Some(format) = cli.log_format {
+                config.log.format = format;
             }
             config
         }

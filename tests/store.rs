@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use swr_stage_worker::config::{IdempotencyConfig, Secret};
+use swr_stage_worker::config::{IdempotencyBackend, IdempotencyConfig, Secret};
 use swr_stage_worker::idempotency::embedded::EmbeddedStore;
 use swr_stage_worker::idempotency::postgres::PostgresStore;
 use swr_stage_worker::idempotency::{Claim, Store};
@@ -19,7 +19,7 @@ fn pg_url() -> String {
 fn config(lease: Duration, ttl: Duration) -> IdempotencyConfig {
     let dir = std::env::temp_dir().join("swr-stage-worker-tests");
     IdempotencyConfig {
-        backend: "embedded".into(),
+        backend: IdempotencyBackend::Embedded,
         path: dir
             .join(format!("store-{}.db", uuid::Uuid::new_v4()))
             .display()

@@ -10,7 +10,9 @@ use std::time::Duration;
 use common::{TestEnv, WorkerProcess, TOKEN};
 use serde_json::{json, Value};
 use swr_stage_worker::amqp::connect;
-use swr_stage_worker::config::{AmqpTlsConfig, Config, IdempotencyConfig, Secret};
+use swr_stage_worker::config::{
+    AmqpTlsConfig, Config, IdempotencyBackend, IdempotencyConfig, Secret,
+};
 use swr_stage_worker::idempotency::postgres::PostgresStore;
 use swr_stage_worker::outcome::{ErrorKind, Status};
 use swr_stage_worker::sim::{SimConfig, SimTls};
@@ -332,7 +334,7 @@ async fn swr_over_https_without_the_ca_is_a_transport_failure_and_swr_sees_nothi
 
 fn pg_config(url: &str) -> IdempotencyConfig {
     let mut config = Config::load(None, Vec::new()).unwrap().idempotency;
-    config.backend = "postgres".into();
+    config.backend = IdempotencyBackend::Postgres;
     config.url = Secret::new(url);
     config
 }

@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 pub mod fleet;
 
 use crate::amqp::{connect, topology};
-use crate::config::{Config, Secret};
+use crate::config::{AuthKind, Config, Secret};
 use crate::sim::{SimConfig, SimHandle};
 
 /// What to measure.
@@ -325,7 +325,7 @@ fn phase_config(base: &Config, sim_url: &str, tag: &str) -> Config {
     config.swr.endpoint = sim_url.to_owned();
     config.swr.auth.token = Secret::new(TOKEN);
     // The in-process simulator takes this fixed token, whatever the configured token source.
-    config.swr.auth.kind = "static".into();
+    config.swr.auth.kind = AuthKind::Static;
     config.amqp.name_after(&prefix);
     config
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
-use crate::config::{Config, IdempotencyConfig};
+use crate::config::{Config, IdempotencyBackend, IdempotencyConfig};
 use crate::outcome::Outcome;
 
 /// What a claim found.
@@ -91,9 +91,9 @@ pub fn fingerprint(pipeline_id: i64, stage_index: i64, mode: &str) -> String {
 /// Opens the configured store, or `None` when `idempotency.backend = "off"`.
 pub async fn open(config: &Config) -> Result<Option<Arc<dyn Store>>, StoreError> {
     let idem = &config.idempotency;
-    Ok(match idem.backend.as_str() {
-        "off" => None,
-        "embedded" => {
+    Ok(match idem.backend {
+        IdempotencyBackend::Off => None,
+        IdempotencyBackend::Embedded => {
             // Opening may wait (up to a few seconds) for a previous process to let go of the
             // file: off the async threads.
             let idem = idem.clone();
@@ -102,8 +102,9 @@ pub async fn open(config: &Config) -> Result<Option<Arc<dyn Store>>, StoreError>
                 .map_err(|e| StoreError(format!("opening the embedded store failed: {e}")))??;
             Some(Arc::new(store))
         }
-        "postgres" => Some(Arc::new(postgres::PostgresStore::connect(idem).await?)),
-        other => return Err(StoreError(format!("unknown idempotency.backend {other:?}"))),
+        IdempotencyBackend::Postgres => {
+            Some(Arc::new(postgres::PostgresStore::connect(idem).await?))
+        }
     })
 }
 

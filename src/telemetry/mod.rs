@@ -2,14 +2,17 @@
 //! JSON (one object a line) for log stores. Secrets never reach it: they are `Secret`s, whose
 //! `Debug` redacts, and no code path formats one.
 
+mod filter;
 pub mod http;
 pub mod metrics;
+
+pub use filter::check_level;
 
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogConfig;
+use crate::config::{LogConfig, LogFormat};
 
 /// Installs the global subscriber, writing to stderr. Safe to call once per process.
 pub fn init(log: &LogConfig) {
@@ -22,13 +25,12 @@ pub fn init(log: &LogConfig) {
         // Colour codes only for people at a terminal, not for files and log shippers.
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
-    let _ = if log.format == "json" {
-        builder
+    let _ = match log.format {
+        LogFormat::Json => builder
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .try_init()
-    } else {
-        builder.try_init()
+            .try_init(),
+        LogFormat::Text => builder.try_init(),
     };
 }

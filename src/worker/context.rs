@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::amqp::reply_to::RefusalLog;
 use crate::breaker::Breaker;
-use crate::config::{redact_url, Config, ConfigError};
+use crate::config::{redact_url, AuthKind, Config, ConfigError};
 use crate::idempotency::{self, Gate, StoreError};
 use crate::ratelimit::RateLimiter;
 use crate::swr::auth::{StaticToken, TokenSource};
@@ -69,8 +69,8 @@ impl JobContext {
         let tls = config.http.client_config()?;
         let swr = SwrClient::new(&config.swr.endpoint, &config.http, tls.clone())?;
         let auth = &config.swr.auth;
-        let tokens: Arc<dyn TokenSource> = match auth.kind.as_str() {
-            "iam_password" => {
+        let tokens: Arc<dyn TokenSource> = match auth.kind {
+            AuthKind::IamPassword => {
                 let credentials = IamCredentials::from_config(auth)?;
                 tracing::info!(
                     endpoint = %redact_url(&config.iam.endpoint),
@@ -84,8 +84,7 @@ impl JobContext {
                         .map_err(ContextError::IamClient)?;
                 Arc::new(IamToken::new(client, auth.refresh_ahead).with_metrics(metrics.clone()))
             }
-            // Config::validate admits only the two kinds.
-            _ => Arc::new(StaticToken::new(auth.token.clone())),
+            AuthKind::Static => Arc::new(StaticToken::new(auth.token.clone())),
         };
         let worker_id = config.worker_id();
         let gate = idempotency::open(&config).await?.map(|store| {
