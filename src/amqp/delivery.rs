@@ -160,11 +160,24 @@ impl<'a> AmqpSink<'a> {
         body: &str,
     ) -> Result<(), PublishError> {
         let publisher = self.publisher;
-        let mut error = match self.publish_once(publisher, envelope, outcome, body).await {
-            Ok(()) => return Ok(()),
-            Err(e) if !session_broke(publisher, &e) => return Err(e),
-            Err(e) => e,
-        };
+        match self.publish_once(publisher, envelope, outcome, body).await {
+            Ok(()) => Ok(()),
+            Err(e) if !session_broke(publisher, &e) => Err(e),
+            // Boxed: a rare path, kept out of every job's state machine.
+            Err(e) => Box::pin(self.publish_on_next_session(e, envelope, outcome, body)).await,
+        }
+    }
+
+    /// The rest of [`publish_surviving_reconnect`](Self::publish_surviving_reconnect), once the
+    /// job's own session failed the publish with `error`.
+    async fn publish_on_next_session(
+        &self,
+        mut error: PublishError,
+        envelope: &Envelope<'_>,
+        outcome: &Outcome,
+        body: &str,
+    ) -> Result<(), PublishError> {
+        let publisher = self.publisher;
         let deadline =
             crate::deadline::after(tokio::time::Instant::now(), republish_wait(self.amqp));
         let mut sessions = self.sessions.subscribe();
