@@ -20,6 +20,10 @@ const KEY_NAMESPACE: uuid::Uuid = uuid::Uuid::NAMESPACE_URL;
 /// The only `source` value SWR accepts, and only with rollback.
 pub const ROLLBACK_SOURCE: &str = "rollback::true";
 
+/// Header added to the DLQ copy of an invalid request (contract §5): the one-line reason.
+/// The worker writes it on the DLQ copy; `campaign replay` reads it and strips it.
+pub const ERROR_HEADER: &str = "x-swr-error";
+
 /// The fields contract §3 defines; anything else is an error.
 const KNOWN_FIELDS: [&str; 8] = [
     "pipeline_id",
@@ -313,64 +317,11 @@ fn validate_fields(fields: Fields) -> Result<StageRequest, Box<InvalidRequest>> 
         metadata,
     } = fields;
     let mut bad = Complaints::default();
-    let mut seen: Vec<&str> = Vec::with_capacity(fields.len());
-    for (name, _) in &fields {
-        if !KNOWN_FIELDS.contains(&name.as_str()) {
-            let shown: String = name.chars().take(64).collect();
-            bad.0.push(format!(
-                "field {shown:?}: unknown field (expected one of {})",
-                KNOWN_FIELDS.join(", ")
-            ));
-        } else if seen.contains(&name.as_str()) {
-            bad.0
-                .push(format!("field `{name}`: appears more than once"));
-        } else {
-            seen.push(name);
-        }
-    }
+    check_names(&fields, &mut bad);
     let get = |name: &str| fields.iter().find(|(n, _)| n == name).map(|(_, v)| v);
-
-    let pipeline_id = match get("pipeline_id") {
-        None => {
-            bad.0
-                .push("field `pipeline_id`: required, expected an integer 1..=2147483647".into());
-            None
-        }
-        Some(v) => int_in_range(v, 1).or_else(|| {
-            bad.add("pipeline_id", "an integer 1..=2147483647", v);
-            None
-        }),
-    };
-    let stage_index = match get("stage_index") {
-        None => {
-            bad.0
-                .push("field `stage_index`: required, expected an integer 0..=2147483647".into());
-            None
-        }
-        Some(v) => int_in_range(v, 0).or_else(|| {
-            bad.add("stage_index", "an integer 0..=2147483647", v);
-            None
-        }),
-    };
-    let mode = match get("mode") {
-        None => Some(Mode::Retry),
-        Some(Value::String(s)) if s == "retry" => Some(Mode::Retry),
-        Some(Value::String(s)) if s == "rollback" => Some(Mode::Rollback),
-        Some(v) => {
-            bad.add("mode", "\"retry\" or \"rollback\"", v);
-            None
-        }
-    };
-    match (get("source"), mode) {
-        (None, _) => {}
-        (Some(Value::String(s)), Some(Mode::Rollback)) if s == ROLLBACK_SOURCE => {}
-        (Some(v), Some(Mode::Retry)) => bad.add(
-            "source",
-            "no source with mode \"retry\" (source is only for rollback)",
-            v,
-        ),
-        (Some(v), _) => bad.add("source", "\"rollback::true\"", v),
-    }
+    let pipeline_id = required_int(get("pipeline_id"), "pipeline_id", 1, &mut bad);
+    let stage_index = required_int(get("stage_index"), "stage_index", 0, &mut bad);
+    let mode = mode_and_source(get("mode"), get("source"), &mut bad);
     let idempotency_key = match get("idempotency_key") {
         None => None,
         Some(Value::String(s)) if valid_key(s) => Some(s.clone()),
@@ -391,28 +342,17 @@ fn validate_fields(fields: Fields) -> Result<StageRequest, Box<InvalidRequest>> 
             None
         }
     };
-    let not_after = match get("not_after") {
-        None => None,
-        Some(Value::String(s)) => match parse_rfc3339(s) {
-            Some(t) => Some(t),
-            None => {
-                bad.add(
-                    "not_after",
-                    "an RFC 3339 time such as \"2026-11-29T06:00:00Z\"",
-                    &Value::String(s.clone()),
-                );
-                None
-            }
-        },
-        Some(v) => {
+    let not_after = get("not_after").and_then(|v| {
+        let parsed = v.as_str().and_then(parse_rfc3339);
+        if parsed.is_none() {
             bad.add(
                 "not_after",
                 "an RFC 3339 time such as \"2026-11-29T06:00:00Z\"",
                 v,
             );
-            None
         }
-    };
+        parsed
+    });
     let metadata = metadata.and_then(|raw| {
         Metadata::from_raw(raw)
             .map_err(|complaint| bad.0.push(complaint))
@@ -441,6 +381,69 @@ fn validate_fields(fields: Fields) -> Result<StageRequest, Box<InvalidRequest>> 
             metadata,
         })),
     }
+}
+
+/// Complains of every unknown field and every field given twice.
+fn check_names(fields: &[(String, Value)], bad: &mut Complaints) {
+    let mut seen: Vec<&str> = Vec::with_capacity(fields.len());
+    for (name, _) in fields {
+        if !KNOWN_FIELDS.contains(&name.as_str()) {
+            let shown: String = name.chars().take(64).collect();
+            bad.0.push(format!(
+                "field {shown:?}: unknown field (expected one of {})",
+                KNOWN_FIELDS.join(", ")
+            ));
+        } else if seen.contains(&name.as_str()) {
+            bad.0
+                .push(format!("field `{name}`: appears more than once"));
+        } else {
+            seen.push(name);
+        }
+    }
+}
+
+/// A required integer field, `min..=2147483647`.
+fn required_int(value: Option<&Value>, field: &str, min: i64, bad: &mut Complaints) -> Option<i64> {
+    let Some(v) = value else {
+        bad.0.push(format!(
+            "field `{field}`: required, expected an integer {min}..=2147483647"
+        ));
+        return None;
+    };
+    let int = int_in_range(v, min);
+    if int.is_none() {
+        bad.add(field, &format!("an integer {min}..=2147483647"), v);
+    }
+    int
+}
+
+/// `mode` (retry when absent), and `source`, which only a rollback may carry, as
+/// `rollback::true`.
+fn mode_and_source(
+    mode: Option<&Value>,
+    source: Option<&Value>,
+    bad: &mut Complaints,
+) -> Option<Mode> {
+    let mode = match mode {
+        None => Some(Mode::Retry),
+        Some(Value::String(s)) if s == "retry" => Some(Mode::Retry),
+        Some(Value::String(s)) if s == "rollback" => Some(Mode::Rollback),
+        Some(v) => {
+            bad.add("mode", "\"retry\" or \"rollback\"", v);
+            None
+        }
+    };
+    match (source, mode) {
+        (None, _) => {}
+        (Some(Value::String(s)), Some(Mode::Rollback)) if s == ROLLBACK_SOURCE => {}
+        (Some(v), Some(Mode::Retry)) => bad.add(
+            "source",
+            "no source with mode \"retry\" (source is only for rollback)",
+            v,
+        ),
+        (Some(v), _) => bad.add("source", "\"rollback::true\"", v),
+    }
+    mode
 }
 
 /// The top-level `idempotency_key` of a JSON object, if it is there and valid, found in one pass

@@ -1,5 +1,6 @@
 //! The running worker: connect, declare the topology, consume with bounded parallelism, hand
-//! each delivery to [`worker::process`], ack or requeue; reconnect when the broker goes away;
+//! each delivery to [`worker::process`] (through the lapin adapter, `amqp::delivery`), ack or
+//! requeue; reconnect when the broker goes away;
 //! drain on shutdown.
 //!
 //! Bounds: at most `worker.concurrency` deliveries are unacked (prefetch) and at most that many
@@ -21,7 +22,9 @@ use lapin::{Channel, Connection, Consumer, Event};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::amqp::publisher::Publisher;
+use crate::amqp::delivery::{self, AmqpSink};
+use crate::amqp::publisher::{PublishError, Publisher};
+use crate::amqp::session::Sessions;
 use crate::amqp::topology::{self, TopologyError};
 use crate::amqp::{connect_from, ConnectError};
 use crate::config::{redact_url, Config};
@@ -80,17 +83,8 @@ pub async fn run_with_context(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
     let config = ctx.config.clone();
-    if !config.telemetry.listen.is_empty() {
-        let telemetry = &config.telemetry;
-        let addr = crate::telemetry::http::serve(
-            &telemetry.listen,
-            telemetry.listen_is_default,
-            ctx.clone(),
-        )
-        .await
-        .map_err(|e| RunError::Telemetry(config.telemetry.listen.clone(), e))?;
-        let _ = ctx.telemetry_addr.set(addr);
-    }
+    start_telemetry(&ctx).await?;
+    let sessions = Arc::new(Sessions::new(&config.amqp));
     let slots = Arc::new(Semaphore::new(config.worker.concurrency as usize));
     let mut jobs: JoinSet<()> = JoinSet::new();
     let mut delay = RECONNECT_INITIAL;
@@ -125,12 +119,7 @@ pub async fn run_with_context(
                 delay = RECONNECT_INITIAL;
                 next_broker = (index + 1) % brokers.len();
                 let node = redact_url(brokers[index].expose());
-                // A "publisher broke" signal stored for the session that just ended must not
-                // end this one: take it once this session's publisher is the current one (a job
-                // signals under the same lock, for the publisher it finds current, so no signal
-                // for the old session can come after this).
-                ctx.publishers.send_replace(Some(session.publisher.clone()));
-                let _ = ctx.session_broken.notified().now_or_never();
+                sessions.begin(session.publisher.clone());
                 ctx.metrics.set_broker_connected(true);
                 set_broker_error(&ctx, None);
                 if let Ok(mut slot) = ctx.broker_node.lock() {
@@ -138,22 +127,15 @@ pub async fn run_with_context(
                 }
                 last_tls = None;
                 tracing::info!(queue = %config.amqp.request_queue, broker = %node, "consuming");
-                consume(&ctx, session, &mut shutdown, &slots, &mut jobs).await
+                let shared = (&ctx, &sessions);
+                consume(shared, session, &mut shutdown, &slots, &mut jobs).await
             }
             Err(SessionError::Topology(e @ TopologyError::Mismatch { .. })) => {
                 return Err(RunError::Topology(e))
             }
             Err(e) => {
                 let reason = e.to_string();
-                if let SessionError::Connect(connect) = &e {
-                    if let Some(failure) = connect.tls_failure() {
-                        if last_tls.as_ref() != Some(failure) {
-                            // Once per distinct reason: it needs an operator, not more retries.
-                            tracing::error!(error = %reason, "TLS handshake with the broker failed; retrying with back-off");
-                            last_tls = Some(failure.clone());
-                        }
-                    }
-                }
+                report_tls_failure(&e, &reason, &mut last_tls);
                 set_broker_error(&ctx, Some(reason.clone()));
                 SessionEnd::Lost(reason)
             }
@@ -172,6 +154,35 @@ pub async fn run_with_context(
                 }
                 delay = next_reconnect_delay(delay, config.amqp.reconnect_max_interval);
             }
+        }
+    }
+}
+
+/// Starts the telemetry server unless `telemetry.listen` is empty; records where it listens.
+async fn start_telemetry(ctx: &Arc<JobContext>) -> Result<(), RunError> {
+    let telemetry = &ctx.config.telemetry;
+    if telemetry.listen.is_empty() {
+        return Ok(());
+    }
+    let addr =
+        crate::telemetry::http::serve(&telemetry.listen, telemetry.listen_is_default, ctx.clone())
+            .await
+            .map_err(|e| RunError::Telemetry(telemetry.listen.clone(), e))?;
+    let _ = ctx.telemetry_addr.set(addr);
+    Ok(())
+}
+
+/// Logs a failed TLS handshake with the broker at error once per distinct reason (`last`): it
+/// needs an operator, not more retries. The same failure again is left to the warning that
+/// every lost session gets.
+fn report_tls_failure(error: &SessionError, reason: &str, last: &mut Option<crate::tls::Failure>) {
+    let SessionError::Connect(connect) = error else {
+        return;
+    };
+    if let Some(failure) = connect.tls_failure() {
+        if last.as_ref() != Some(failure) {
+            tracing::error!(error = %reason, "TLS handshake with the broker failed; retrying with back-off");
+            *last = Some(failure.clone());
         }
     }
 }
@@ -227,8 +238,32 @@ enum SessionError {
     Connect(#[from] ConnectError),
     #[error(transparent)]
     Topology(TopologyError),
-    #[error("opening channels: {0}")]
-    Channel(String),
+    /// The broker failed a step of opening the session's channels.
+    #[error("opening channels: {step}: {source}")]
+    Channel {
+        /// The step: "create channel", "basic.qos", "basic.consume".
+        step: &'static str,
+        source: lapin::Error,
+    },
+    /// The broker did not answer a step within `amqp.connect_timeout`.
+    #[error("opening channels: {step}: no answer within {limit:?}")]
+    ChannelTimeout { step: &'static str, limit: Duration },
+    /// The publisher's confirm-mode channels could not be opened.
+    #[error("opening channels: publisher channel: {0}")]
+    Publisher(#[source] PublishError),
+}
+
+/// Awaits one step of opening a session within `limit`, keeping the broker's error as the cause.
+async fn session_step<T>(
+    step: &'static str,
+    limit: Duration,
+    fut: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, SessionError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(source)) => Err(SessionError::Channel { step, source }),
+        Err(_) => Err(SessionError::ChannelTimeout { step, limit }),
+    }
 }
 
 /// Connects to the first broker of `brokers` that answers, from `start` on, and opens the
@@ -242,19 +277,7 @@ async fn open_session(
     let limit = amqp.connect_timeout;
     let (connection, index) =
         connect_from(brokers, start, &amqp.tls, &amqp.connection_name, limit).await?;
-    let bounded = |what: &'static str| {
-        move |r: Result<Result<(), lapin::Error>, tokio::time::error::Elapsed>| match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(SessionError::Channel(format!("{what}: {e}"))),
-            Err(_) => Err(SessionError::Channel(format!(
-                "{what}: no answer within {limit:?}"
-            ))),
-        }
-    };
-    let setup = tokio::time::timeout(limit, connection.create_channel())
-        .await
-        .map_err(|_| SessionError::Channel(format!("create channel: no answer within {limit:?}")))?
-        .map_err(|e| SessionError::Channel(format!("create channel: {e}")))?;
+    let setup = session_step("create channel", limit, connection.create_channel()).await?;
     match tokio::time::timeout(limit, topology::declare(&setup, amqp)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
@@ -263,28 +286,27 @@ async fn open_session(
             return Err(SessionError::Topology(e));
         }
         Err(_) => {
-            return Err(SessionError::Channel(format!(
-                "declare topology: no answer within {limit:?}"
-            )))
+            return Err(SessionError::ChannelTimeout {
+                step: "declare topology",
+                limit,
+            })
         }
     }
     let _ = tokio::time::timeout(limit, setup.close(200, "topology declared".into())).await;
     let publisher = Publisher::open(&connection, amqp.confirm_timeout)
         .await
-        .map_err(|e| SessionError::Channel(format!("publisher channel: {e}")))?;
-    let consume_channel = tokio::time::timeout(limit, connection.create_channel())
-        .await
-        .map_err(|_| SessionError::Channel(format!("create channel: no answer within {limit:?}")))?
-        .map_err(|e| SessionError::Channel(format!("create channel: {e}")))?;
+        .map_err(SessionError::Publisher)?;
+    let consume_channel =
+        session_step("create channel", limit, connection.create_channel()).await?;
     // Prefetch = concurrency: the broker never hands us more than we can run at once.
-    bounded("basic.qos")(
-        tokio::time::timeout(
-            limit,
-            consume_channel.basic_qos(config.worker.concurrency as u16, BasicQosOptions::default()),
-        )
-        .await,
-    )?;
-    let consumer = tokio::time::timeout(
+    session_step(
+        "basic.qos",
+        limit,
+        consume_channel.basic_qos(config.worker.concurrency as u16, BasicQosOptions::default()),
+    )
+    .await?;
+    let consumer = session_step(
+        "basic.consume",
         limit,
         consume_channel.basic_consume(
             amqp.request_queue.as_str().into(),
@@ -294,9 +316,7 @@ async fn open_session(
             FieldTable::default(),
         ),
     )
-    .await
-    .map_err(|_| SessionError::Channel(format!("basic.consume: no answer within {limit:?}")))?
-    .map_err(|e| SessionError::Channel(format!("basic.consume: {e}")))?;
+    .await?;
     let session = Session {
         connection,
         consume_channel,
@@ -307,7 +327,7 @@ async fn open_session(
 }
 
 async fn consume(
-    ctx: &Arc<JobContext>,
+    (ctx, sessions): (&Arc<JobContext>, &Arc<Sessions>),
     mut session: Session,
     shutdown: &mut std::pin::Pin<&mut (impl Future<Output = ()> + Send)>,
     slots: &Arc<Semaphore>,
@@ -321,7 +341,7 @@ async fn consume(
         let permit = tokio::select! {
             biased;
             () = &mut *shutdown => break None,
-            () = ctx.session_broken.notified() => break Some("the publisher channel broke".to_owned()),
+            () = sessions.broken() => break Some("the publisher channel broke".to_owned()),
             event = events.next() => match lost(event) {
                 Some(reason) => break Some(reason),
                 None => continue,
@@ -333,7 +353,7 @@ async fn consume(
         let pass = tokio::select! {
             biased;
             () = &mut *shutdown => break None,
-            () = ctx.session_broken.notified() => break Some("the publisher channel broke".to_owned()),
+            () = sessions.broken() => break Some("the publisher channel broke".to_owned()),
             event = events.next() => match lost(event) {
                 Some(reason) => break Some(reason),
                 None => continue,
@@ -343,7 +363,7 @@ async fn consume(
         let next = tokio::select! {
             biased;
             () = &mut *shutdown => break None,
-            () = ctx.session_broken.notified() => break Some("the publisher channel broke".to_owned()),
+            () = sessions.broken() => break Some("the publisher channel broke".to_owned()),
             event = events.next() => match lost(event) {
                 Some(reason) => break Some(reason),
                 None => continue,
@@ -352,8 +372,9 @@ async fn consume(
         };
         match next {
             Some(Ok(delivery)) => {
-                let (ctx, publisher) = (ctx.clone(), session.publisher.clone());
-                jobs.spawn(handle(ctx, publisher, delivery, permit, pass.take()));
+                let shared = (ctx.clone(), sessions.clone());
+                let publisher = session.publisher.clone();
+                jobs.spawn(handle(shared, publisher, delivery, permit, pass.take()));
             }
             Some(Err(e)) => break Some(format!("consumer error: {e}")),
             None => break Some("the broker cancelled the consumer".to_owned()),
@@ -438,7 +459,7 @@ async fn drain(jobs: &mut JoinSet<()>, grace: Duration) {
 
 /// One job: process, then ack or requeue. The permit is held until the delivery is settled.
 async fn handle(
-    ctx: Arc<JobContext>,
+    (ctx, sessions): (Arc<JobContext>, Arc<Sessions>),
     publisher: Arc<Publisher>,
     delivery: Delivery,
     permit: OwnedSemaphorePermit,
@@ -451,7 +472,9 @@ async fn handle(
     // closes) nor end the task before the probe and the gauge are settled: it is requeued like
     // a job that could not finish. The job's idempotency ticket was dropped with the panicking
     // future, and an unsettled ticket releases its claim when dropped.
-    let disposition = AssertUnwindSafe(worker::process(&ctx, &publisher, &delivery, probe))
+    let sink = AmqpSink::new(&ctx.config.amqp, &sessions, &publisher, &delivery);
+    let job = worker::process(&ctx, &sink, delivery::envelope(&delivery), probe);
+    let disposition = AssertUnwindSafe(job)
         .catch_unwind()
         .await
         .unwrap_or_else(|panic| {
@@ -465,8 +488,8 @@ async fn handle(
                 .unwrap_or_default();
             tracing::error!(
                 panic = %capped(message, 200),
-                redelivered = worker::is_redelivery(&delivery),
-                delivery_count = worker::delivery_count(&delivery.properties),
+                redelivered = delivery::is_redelivery(&delivery),
+                delivery_count = delivery::delivery_count(&delivery.properties),
                 "the job panicked; requeueing its request and releasing its key"
             );
             Disposition::Requeue("the job panicked".to_owned())
@@ -483,12 +506,13 @@ async fn handle(
             // dead-letters the request once it passes the queue's delivery limit (20 by default).
             tracing::warn!(
                 %reason,
-                delivery_count = worker::delivery_count(&delivery.properties),
+                delivery_count = delivery::delivery_count(&delivery.properties),
                 "requeueing the request"
             );
             // Only a broken publisher of the current session ends it: one of an earlier session
             // (this job outlived its connection) must not end the healthy one that replaced it.
-            ctx.report_broken(|current| Arc::ptr_eq(current, &publisher) && !current.is_usable());
+            sessions
+                .report_broken(|current| Arc::ptr_eq(current, &publisher) && !current.is_usable());
             tokio::time::sleep(REQUEUE_DELAY).await;
             let requeue = BasicNackOptions {
                 requeue: true,
@@ -564,6 +588,35 @@ mod tests {
         }
         // 24 orders are possible; 200 draws that all fell on a few would be a broken shuffle.
         assert!(orders.len() > 12, "{} orders in 200 draws", orders.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_step_that_fails_keeps_the_brokers_error_as_its_source() {
+        let broker_error = lapin::Error::from(lapin::ErrorKind::ChannelsLimitReached);
+        let shown = broker_error.to_string();
+        let failed = session_step("basic.qos", Duration::from_secs(1), async {
+            Err::<(), _>(broker_error)
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(
+            failed.to_string(),
+            format!("opening channels: basic.qos: {shown}")
+        );
+        let source = std::error::Error::source(&failed).expect("the broker's error");
+        assert!(
+            source.downcast_ref::<lapin::Error>().is_some(),
+            "{source:?}"
+        );
+
+        let silent = std::future::pending::<Result<(), lapin::Error>>();
+        let late = session_step("basic.consume", Duration::from_millis(10), silent)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            late.to_string(),
+            "opening channels: basic.consume: no answer within 10ms"
+        );
     }
 
     #[test]

@@ -21,8 +21,8 @@ use swr_stage_worker::campaign::submit::{self, SubmitPlan, SubmitResult};
 use swr_stage_worker::campaign::watch::{OutcomeFilter, Watcher, WATCH_PREFETCH};
 use swr_stage_worker::campaign::CampaignError;
 use swr_stage_worker::outcome::{ErrorKind, Status};
+use swr_stage_worker::request::ERROR_HEADER;
 use swr_stage_worker::sim::FaultRule;
-use swr_stage_worker::worker::ERROR_HEADER;
 
 /// A directory of its own for one test's input and failures files.
 fn scratch(prefix: &str) -> PathBuf {

@@ -1,9 +1,12 @@
 //! The broker side: topology declaration (`topology`), confirmed publishing (`publisher`), the
-//! policy for `reply_to` names (`reply_to`), and the connection helper shared by the worker and
-//! the command-line tools.
+//! policy for `reply_to` names (`reply_to`), a job's deliveries and outcomes (`delivery`: the
+//! adapter between lapin and the job's envelope and sink), the current session's publisher
+//! (`session`), and the connection helper shared by the worker and the command-line tools.
 
+pub mod delivery;
 pub mod publisher;
 pub mod reply_to;
+pub mod session;
 pub mod topology;
 
 use std::net::SocketAddr;
@@ -236,25 +239,31 @@ async fn connect_one(
     );
     match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(source)) => match tls::Failure::find(&source) {
-            Some(failure) => Err(ConnectError::Tls {
-                url: shown(),
-                hint: failure.hint(
-                    "amqp.tls.ca_file",
-                    Some("amqp.tls.server_name"),
-                    Some("amqp.tls.client_cert_file and amqp.tls.client_key_file"),
-                ),
-                failure,
-            }),
-            None => Err(ConnectError::Broker {
-                url: shown(),
-                reason: redact_text(&source.to_string()),
-            }),
-        },
+        Ok(Err(source)) => Err(refused(&source, shown())),
         Err(_) => Err(ConnectError::Timeout {
             url: shown(),
             timeout,
         }),
+    }
+}
+
+/// Why the broker at `url` (redacted) did not take the connection: a failed TLS handshake with
+/// the key that fixes it, or the broker's reason with any URL in it redacted.
+fn refused(source: &lapin::Error, url: String) -> ConnectError {
+    match tls::Failure::find(source) {
+        Some(failure) => ConnectError::Tls {
+            url,
+            hint: failure.hint(
+                "amqp.tls.ca_file",
+                Some("amqp.tls.server_name"),
+                Some("amqp.tls.client_cert_file and amqp.tls.client_key_file"),
+            ),
+            failure,
+        },
+        None => ConnectError::Broker {
+            url,
+            reason: redact_text(&source.to_string()),
+        },
     }
 }
 

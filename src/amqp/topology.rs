@@ -43,138 +43,130 @@ pub fn request_queue_arguments(config: &AmqpConfig) -> FieldTable {
 
 /// Declares DLX, DLQ, request queue (and its extra exchange bindings), results exchange.
 pub async fn declare(channel: &Channel, config: &AmqpConfig) -> Result<(), TopologyError> {
-    let durable_exchange = ExchangeDeclareOptions {
+    let dlx = &config.dead_letter_exchange;
+    let dlq = &config.dead_letter_queue;
+    let dead_letters = Setting::queue("amqp.dead_letter_queue", dlq);
+    declare_exchange(
+        channel,
+        ExchangeKind::Fanout,
+        "amqp.dead_letter_exchange",
+        dlx,
+    )
+    .await?;
+    declare_queue(channel, FieldTable::default(), dead_letters).await?;
+    bind(channel, dlq, dlx, "", dead_letters).await?;
+
+    let requests = &config.request_queue;
+    let arguments = request_queue_arguments(config);
+    declare_queue(
+        channel,
+        arguments,
+        Setting::queue("amqp.request_queue", requests),
+    )
+    .await?;
+    for exchange in &config.request_exchanges {
+        let key = "amqp.request_exchanges";
+        declare_exchange(channel, ExchangeKind::Direct, key, exchange).await?;
+        let setting = Setting::exchange(key, exchange);
+        bind(channel, requests, exchange, requests, setting).await?;
+    }
+
+    let results = &config.results_exchange;
+    declare_exchange(
+        channel,
+        ExchangeKind::Topic,
+        "amqp.results_exchange",
+        results,
+    )
+    .await
+}
+
+/// The setting that names a broker object, for the fix a mismatch message gives.
+#[derive(Clone, Copy)]
+struct Setting<'a> {
+    /// The configuration key, e.g. `amqp.request_queue`.
+    key: &'a str,
+    /// "queue" or "exchange".
+    kind: &'a str,
+    /// The object's name.
+    name: &'a str,
+}
+
+impl<'a> Setting<'a> {
+    fn queue(key: &'a str, name: &'a str) -> Self {
+        Setting {
+            key,
+            kind: "queue",
+            name,
+        }
+    }
+
+    fn exchange(key: &'a str, name: &'a str) -> Self {
+        Setting {
+            key,
+            kind: "exchange",
+            name,
+        }
+    }
+
+    fn explain(self, error: lapin::Error, object: String) -> TopologyError {
+        explain(error, object, self.key, self.kind, self.name)
+    }
+}
+
+/// Declares a durable exchange named by the setting `key`.
+async fn declare_exchange(
+    channel: &Channel,
+    kind: ExchangeKind,
+    key: &str,
+    name: &str,
+) -> Result<(), TopologyError> {
+    let durable = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
     };
-    let durable_queue = QueueDeclareOptions {
+    channel
+        .exchange_declare(name.into(), kind, durable, FieldTable::default())
+        .await
+        .map_err(|e| Setting::exchange(key, name).explain(e, format!("exchange '{name}'")))
+}
+
+/// Declares a durable queue with `arguments`.
+async fn declare_queue(
+    channel: &Channel,
+    arguments: FieldTable,
+    setting: Setting<'_>,
+) -> Result<(), TopologyError> {
+    let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    let dlx = &config.dead_letter_exchange;
+    let name = setting.name;
     channel
-        .exchange_declare(
-            dlx.as_str().into(),
-            ExchangeKind::Fanout,
-            durable_exchange,
-            FieldTable::default(),
-        )
+        .queue_declare(name.into(), durable, arguments)
         .await
-        .map_err(|e| {
-            explain(
-                e,
-                format!("exchange '{dlx}'"),
-                "amqp.dead_letter_exchange",
-                "exchange",
-                dlx,
-            )
-        })?;
-    let dlq = &config.dead_letter_queue;
-    channel
-        .queue_declare(dlq.as_str().into(), durable_queue, FieldTable::default())
-        .await
-        .map_err(|e| {
-            explain(
-                e,
-                format!("queue '{dlq}'"),
-                "amqp.dead_letter_queue",
-                "queue",
-                dlq,
-            )
-        })?;
+        .map(|_| ())
+        .map_err(|e| setting.explain(e, format!("queue '{name}'")))
+}
+
+/// Binds `queue` to `exchange` with `routing_key`; `setting` is the one a failure points to.
+async fn bind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    routing_key: &str,
+    setting: Setting<'_>,
+) -> Result<(), TopologyError> {
     channel
         .queue_bind(
-            dlq.as_str().into(),
-            dlx.as_str().into(),
-            "".into(),
+            queue.into(),
+            exchange.into(),
+            routing_key.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await
-        .map_err(|e| {
-            explain(
-                e,
-                format!("binding of '{dlq}' to '{dlx}'"),
-                "amqp.dead_letter_queue",
-                "queue",
-                dlq,
-            )
-        })?;
-
-    let requests = &config.request_queue;
-    channel
-        .queue_declare(
-            requests.as_str().into(),
-            durable_queue,
-            request_queue_arguments(config),
-        )
-        .await
-        .map_err(|e| {
-            explain(
-                e,
-                format!("queue '{requests}'"),
-                "amqp.request_queue",
-                "queue",
-                requests,
-            )
-        })?;
-    for exchange in &config.request_exchanges {
-        channel
-            .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Direct,
-                durable_exchange,
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| {
-                explain(
-                    e,
-                    format!("exchange '{exchange}'"),
-                    "amqp.request_exchanges",
-                    "exchange",
-                    exchange,
-                )
-            })?;
-        channel
-            .queue_bind(
-                requests.as_str().into(),
-                exchange.as_str().into(),
-                requests.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| {
-                explain(
-                    e,
-                    format!("binding of '{requests}' to '{exchange}'"),
-                    "amqp.request_exchanges",
-                    "exchange",
-                    exchange,
-                )
-            })?;
-    }
-
-    let results = &config.results_exchange;
-    channel
-        .exchange_declare(
-            results.as_str().into(),
-            ExchangeKind::Topic,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| {
-            explain(
-                e,
-                format!("exchange '{results}'"),
-                "amqp.results_exchange",
-                "exchange",
-                results,
-            )
-        })?;
-    Ok(())
+        .map_err(|e| setting.explain(e, format!("binding of '{queue}' to '{exchange}'")))
 }
 
 /// Turns PRECONDITION_FAILED into a `Mismatch` with the fix; anything else stays a broker error.

@@ -24,7 +24,7 @@ use serde_json::Value;
 use super::{bounded, open_channel, CampaignError};
 use crate::amqp::copied_properties;
 use crate::config::Config;
-use crate::worker::ERROR_HEADER;
+use crate::request::ERROR_HEADER;
 
 /// Why a replay stopped.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,7 @@
 //! One HTTP attempt against SWR: build the call of contract §1, send it with the per-attempt
 //! timeout, and read the answer (bounded). No retry logic and no classification here.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{HeaderValue, CONTENT_LENGTH};
@@ -29,14 +30,56 @@ pub struct Reply {
 }
 
 /// An attempt that got no answer.
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum AttemptError {
     /// The per-attempt timeout (`http.timeout`) ran out.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     /// Connect error, reset, broken answer.
-    #[error("{0}")]
-    Transport(String),
+    #[error(transparent)]
+    Transport(TransportError),
+}
+
+/// Why an attempt reached no answer: a line that says what failed (the endpoint's login details
+/// left out), and the HTTP client's error behind it, without its URL, as the `source()`.
+#[derive(Clone, Debug)]
+pub struct TransportError {
+    /// What failed and why, on one line, with the causes.
+    message: String,
+    /// reqwest's error (its URL removed); shared, so the error stays `Clone`.
+    cause: Option<Arc<reqwest::Error>>,
+}
+
+impl std::fmt::Display for TransportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for TransportError {
+    /// reqwest's error itself (not its `Arc`), so a caller can downcast it.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        let cause: &reqwest::Error = self.cause.as_deref()?;
+        Some(cause)
+    }
+}
+
+impl TransportError {
+    /// A failure with no error behind it.
+    fn new(message: impl Into<String>) -> Self {
+        TransportError {
+            message: message.into(),
+            cause: None,
+        }
+    }
+
+    /// A failure caused by `source` (whose URL is already removed).
+    fn caused_by(message: String, cause: reqwest::Error) -> Self {
+        TransportError {
+            message,
+            cause: Some(Arc::new(cause)),
+        }
+    }
 }
 
 /// How long the body of a 2xx answer is waited for (it is read only to reuse the connection).
@@ -108,8 +151,9 @@ impl SwrClient {
         token: &Secret,
         trace: &TraceContext,
     ) -> Result<Reply, AttemptError> {
-        let mut token_header = HeaderValue::from_str(token.expose())
-            .map_err(|_| AttemptError::Transport("the token is not a valid header value".into()))?;
+        let mut token_header = HeaderValue::from_str(token.expose()).map_err(|_| {
+            AttemptError::Transport(TransportError::new("the token is not a valid header value"))
+        })?;
         token_header.set_sensitive(true);
         let request = self
             .http
@@ -173,31 +217,32 @@ impl SwrClient {
     }
 
     fn attempt_error(&self, error: reqwest::Error) -> AttemptError {
-        // The URL holds the endpoint, which may carry login details: it stays out of the text.
-        let error = &error.without_url();
+        // The URL holds the endpoint, which may carry login details: it stays out of the text
+        // and out of the cause.
+        let error = error.without_url();
         // A failed handshake sent nothing (no token): a transport failure that says why.
-        if let Some(failure) = tls::Failure::find(error) {
-            return AttemptError::Transport(format!(
+        let message = if let Some(failure) = tls::Failure::find(&error) {
+            format!(
                 "TLS handshake with {} failed: {failure}; {}",
                 redact_url(&self.endpoint),
                 failure.hint("http.ca_file", None, None)
-            ));
-        }
+            )
         // A connect that failed or ran out of `http.connect_timeout` is a connect error (no
         // request went out), not the attempt's timeout, whose limit would be misreported.
-        if error.is_connect() && error.is_timeout() {
-            AttemptError::Transport(format!(
+        } else if error.is_connect() && error.is_timeout() {
+            format!(
                 "cannot connect within {:?} (http.connect_timeout): {}",
                 self.connect_timeout,
-                error_chain(error)
-            ))
+                error_chain(&error)
+            )
         } else if error.is_connect() {
-            AttemptError::Transport(format!("cannot connect: {}", error_chain(error)))
+            format!("cannot connect: {}", error_chain(&error))
         } else if error.is_timeout() {
-            AttemptError::Timeout(self.timeout)
+            return AttemptError::Timeout(self.timeout);
         } else {
-            AttemptError::Transport(error_chain(error))
-        }
+            error_chain(&error)
+        };
+        AttemptError::Transport(TransportError::caused_by(message, error))
     }
 }
 
@@ -280,10 +325,18 @@ mod tests {
             "the connect timeout, not the attempt's, ended it"
         );
         match error {
-            AttemptError::Transport(message) => assert!(
-                message.contains("connect") && message.contains("300ms"),
-                "{message}"
-            ),
+            AttemptError::Transport(error) => {
+                let message = error.to_string();
+                assert!(
+                    message.contains("connect") && message.contains("300ms"),
+                    "{message}"
+                );
+                let cause = std::error::Error::source(&error).expect("the client's error");
+                assert!(
+                    cause.downcast_ref::<reqwest::Error>().is_some(),
+                    "{cause:?}"
+                );
+            }
             other => panic!("expected a transport error, got {other:?}"),
         }
         // A refused connect is a connect error too.
@@ -298,7 +351,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(&error, AttemptError::Transport(m) if m.starts_with("cannot connect: ")),
+            matches!(&error, AttemptError::Transport(m) if m.to_string().starts_with("cannot connect: ")),
             "{error:?}"
         );
     }
@@ -447,5 +500,16 @@ mod tests {
             !text.contains("hunter2") && !text.contains("swr-user") && !text.contains("/v3/x"),
             "{text}"
         );
+        // The cause is kept, and neither it nor anything under it names the URL either.
+        let mut cause = std::error::Error::source(&error);
+        assert!(cause.is_some(), "the client's error is the source");
+        while let Some(e) = cause {
+            let shown = format!("{e} {e:?}");
+            assert!(
+                !shown.contains("hunter2") && !shown.contains("/v3/x"),
+                "{shown}"
+            );
+            cause = e.source();
+        }
     }
 }

@@ -1,7 +1,10 @@
 //! The worker's small HTTP server on `telemetry.listen`: `/healthz` (the process answers),
 //! `/readyz` (it can do its job: broker session consuming, idempotency store reachable, breaker
 //! closed; 503 with a JSON body naming what is not), `/metrics` (Prometheus text format).
+//!
+//! It reports on what [`Observed`] exposes and knows nothing of the worker that implements it.
 
+use std::future::Future;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,27 +18,42 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::breaker::BreakerState;
-use crate::worker::JobContext;
+use crate::breaker::{Breaker, BreakerState};
+use crate::telemetry::metrics::Metrics;
 
 /// Longest a readiness probe waits for the idempotency store.
 const STORE_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the server reports on; the worker's job context implements it.
+pub trait Observed: Send + Sync + 'static {
+    /// The counters and gauges `/metrics` renders; also whether a broker session is consuming.
+    fn metrics(&self) -> &Metrics;
+    /// The circuit breaker `/readyz` reports and `/metrics` counts as open or not.
+    fn breaker(&self) -> &Breaker;
+    /// Asks the idempotency store whether it answers: `None` when there is none
+    /// (`idempotency.backend = "off"`), else the reason it does not. The caller bounds the wait.
+    fn ping_store(&self) -> impl Future<Output = Option<Result<(), String>>> + Send;
+    /// Why the last attempt to open a broker session failed, if it did.
+    fn broker_error(&self) -> Option<String>;
+    /// The broker of the current or last session, password hidden.
+    fn broker_node(&self) -> Option<String>;
+}
 
 /// Binds `listen` and serves until the process ends; returns the bound address.
 /// With `fallback` (the address is the built-in default, which a second worker on the same host
 /// finds taken), an address in use is replaced by a free port on the same interface, with a
 /// warning naming it; an address the operator chose must be free.
-pub async fn serve(
+pub async fn serve<T: Observed>(
     listen: &str,
     fallback: bool,
-    ctx: Arc<JobContext>,
+    ctx: Arc<T>,
 ) -> std::io::Result<SocketAddr> {
     let listener = bind(listen, fallback).await?;
     let addr = listener.local_addr()?;
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/readyz", get(readyz::<T>))
+        .route("/metrics", get(metrics::<T>))
         .with_state(ctx);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -66,31 +84,26 @@ async fn bind(listen: &str, fallback: bool) -> std::io::Result<TcpListener> {
     }
 }
 
-async fn readyz(State(ctx): State<Arc<JobContext>>) -> impl IntoResponse {
-    let broker = ctx.metrics.broker_connected();
-    let store = match &ctx.gate {
-        None => Ok("off"),
-        Some(gate) => match tokio::time::timeout(STORE_PING_TIMEOUT, gate.store().ping()).await {
-            Ok(Ok(())) => Ok("ok"),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {STORE_PING_TIMEOUT:?}")),
-        },
+async fn readyz<T: Observed>(State(ctx): State<Arc<T>>) -> impl IntoResponse {
+    let broker = ctx.metrics().broker_connected();
+    let store = match tokio::time::timeout(STORE_PING_TIMEOUT, ctx.ping_store()).await {
+        Ok(None) => Ok("off"),
+        Ok(Some(Ok(()))) => Ok("ok"),
+        Ok(Some(Err(e))) => Err(e),
+        Err(_) => Err(format!("no answer within {STORE_PING_TIMEOUT:?}")),
     };
-    let breaker = match ctx.breaker.state() {
+    let breaker = match ctx.breaker().state() {
         BreakerState::Closed => "closed",
         BreakerState::Open { .. } => "open",
         BreakerState::HalfOpen { .. } => "half_open",
     };
     let ready = broker && store.is_ok() && breaker == "closed";
-    let broker_error = match ctx.broker_error.lock() {
-        Ok(error) if !broker => error.clone(),
-        _ => None,
-    };
+    let broker_error = if broker { None } else { ctx.broker_error() };
     let body = json!({
         "ready": ready,
         "broker": if broker { "consuming" } else { "disconnected" },
         "broker_error": broker_error,
-        "broker_node": ctx.broker_node.lock().ok().and_then(|node| node.clone()),
+        "broker_node": ctx.broker_node(),
         "store": match &store { Ok(state) => (*state).to_owned(), Err(e) => format!("unreachable: {e}") },
         "breaker": breaker,
     });
@@ -102,14 +115,15 @@ async fn readyz(State(ctx): State<Arc<JobContext>>) -> impl IntoResponse {
     (status, Json(body))
 }
 
-async fn metrics(State(ctx): State<Arc<JobContext>>) -> impl IntoResponse {
-    ctx.metrics.set_circuit_open(ctx.breaker.is_open());
+async fn metrics<T: Observed>(State(ctx): State<Arc<T>>) -> impl IntoResponse {
+    let metrics = ctx.metrics();
+    metrics.set_circuit_open(ctx.breaker().is_open());
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        ctx.metrics.render(),
+        metrics.render(),
     )
 }
 
