@@ -1,5 +1,6 @@
 //! The `swr-stage-worker` command: parses arguments, sets up logging, loads configuration, and
-//! calls into the library. Nothing here is needed by tests.
+//! calls into the library, or into its own `bench` module for the benchmark commands. Nothing
+//! here is needed by tests.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
