@@ -12,11 +12,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use swr_stage_worker::bench::cpu_seconds;
 use swr_stage_worker::config::{Config, IdempotencyConfig};
 use swr_stage_worker::idempotency::embedded::EmbeddedStore;
 use swr_stage_worker::idempotency::{fingerprint, Claim, Store};
 use swr_stage_worker::outcome::Outcome;
+use swr_stage_worker::procstat::cpu_seconds;
 
 const IN_FLIGHT: usize = 64;
 

@@ -7,17 +7,19 @@
 //! touches a real deployment's topology on the same broker.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::Channel;
+use lapin::{Channel, Connection};
 use serde_json::json;
 
 use crate::amqp::connect;
 use crate::campaign;
 use crate::campaign::input::{self, InputFormat, InputSource};
 use crate::campaign::progress::ProgressMode;
-use crate::campaign::submit::{self, SubmitPlan};
+use crate::campaign::submit::{self, SubmitPlan, SubmitResult};
+use crate::campaign::CampaignError;
 use crate::config::{AuthKind, Config, Secret};
 use crate::service;
 use crate::sim::{FaultRule, SimConfig, SimHandle};
@@ -67,62 +69,13 @@ fn sample_lines(count: usize) -> String {
 /// Runs the demo end to end: a small campaign submitted with `--wait --skip-invalid`, shown with
 /// the same progress and summary an operator sees.
 pub async fn run(base: Config, count: usize) -> Result<(), DemoError> {
-    let url = base.amqp.url.clone();
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let prefix = format!("swr.stage.demo.{suffix}");
-    let probe = connect(
-        &url,
-        &base.amqp.tls,
-        &format!("{prefix}.demo"),
-        Duration::from_secs(5),
-    )
-    .await
-    .map_err(|e| DemoError::NoBroker {
-        url: crate::amqp::redact_urls(&url),
-        reason: e
-            .to_string()
-            .rsplit(": ")
-            .next()
-            .unwrap_or_default()
-            .to_owned(),
-    })?;
-    let sim = SimHandle::start(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        SimConfig {
-            tokens: vec![DEMO_TOKEN.to_owned()],
-            ..SimConfig::default()
-        },
-    )
-    .await
-    .map_err(|e| other(format!("cannot start the simulator: {e}")))?;
-    sim.add_rule(FaultRule {
-        pipeline_range: Some([9000, 9004]),
-        status: Some(503),
-        times: Some(10),
-        ..FaultRule::default()
-    });
-    sim.add_rule(FaultRule {
-        pipeline_range: Some([9005, 9009]),
-        status: Some(429),
-        retry_after: Some("1".into()),
-        times: Some(2),
-        ..FaultRule::default()
-    });
-
-    let mut config = base;
-    config.swr.endpoint = sim.url();
-    config.swr.auth.token = Secret::new(DEMO_TOKEN);
-    // The in-process simulator takes this fixed token, whatever the configured token source.
-    config.swr.auth.kind = AuthKind::Static;
-    config.amqp.name_after(&prefix);
-    config.retry.initial_interval = Duration::from_millis(100);
-    config.worker.id = "demo-worker".to_owned();
-    // A demo must not collide with a real worker's telemetry port on the same host.
-    config.telemetry.listen = String::new();
+    let probe = connect_probe(&base, &prefix).await?;
+    let sim = start_sim().await?;
     // A throw-away store, so repeated demos start fresh and leave nothing behind.
     let store_dir = std::env::temp_dir().join(format!("{prefix}.store"));
-    config.idempotency.path = store_dir.join("idempotency.db").display().to_string();
-    config.validate().map_err(other)?;
+    let config = demo_config(base, &sim.url(), &prefix, &store_dir)?;
 
     // The campaign tools' bounded channel and declare (limit: amqp.confirm_timeout).
     let limit = config.amqp.confirm_timeout;
@@ -144,31 +97,9 @@ pub async fn run(base: Config, count: usize) -> Result<(), DemoError> {
     );
     println!("demo: campaign {campaign}: {count} sample lines (retries, rollbacks, an outage, throttling, invalid lines)");
     println!("demo: the same as `swr-stage-worker submit sample.jsonl --campaign {campaign} --skip-invalid --wait`\n");
-    let parsed = input::parse_input(
-        "sample.jsonl",
-        sample_lines(count).as_bytes(),
-        InputFormat::JsonLines,
-        &campaign,
-        config.limits.max_message_bytes,
-    );
     let failures = store_dir.join("failures.jsonl");
     std::fs::create_dir_all(&store_dir).map_err(other)?;
-    let plan = SubmitPlan {
-        skip_invalid: true,
-        wait: true,
-        timeout: Some(DEMO_DEADLINE),
-        failures: failures.clone(),
-        ..SubmitPlan::new(InputSource::File("sample.jsonl".into()))
-    };
-    let result = submit::submit_parsed(
-        &config,
-        &plan,
-        campaign,
-        parsed,
-        ProgressMode::for_stderr(),
-        std::future::pending(),
-    )
-    .await;
+    let result = submit_sample(&config, campaign, count, failures.clone()).await;
     let _ = stop.send(());
     let _ = worker.await;
     if let Ok(text) = std::fs::read_to_string(&failures) {
@@ -192,6 +123,110 @@ pub async fn run(base: Config, count: usize) -> Result<(), DemoError> {
         )));
     }
     Ok(())
+}
+
+/// The demo's own connection, which also tells a newcomer without a broker how to start one.
+async fn connect_probe(base: &Config, prefix: &str) -> Result<Connection, DemoError> {
+    let url = &base.amqp.url;
+    connect(
+        url,
+        &base.amqp.tls,
+        &format!("{prefix}.demo"),
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|e| DemoError::NoBroker {
+        url: crate::amqp::redact_urls(url),
+        reason: e
+            .to_string()
+            .rsplit(": ")
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+    })
+}
+
+/// The simulator, with an outage (503 ten times) on pipelines 9000-9004 and throttling (429 with
+/// Retry-After, twice) on 9005-9009.
+async fn start_sim() -> Result<SimHandle, DemoError> {
+    let sim = SimHandle::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        SimConfig {
+            tokens: vec![DEMO_TOKEN.to_owned()],
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .map_err(|e| other(format!("cannot start the simulator: {e}")))?;
+    sim.add_rule(FaultRule {
+        pipeline_range: Some([9000, 9004]),
+        status: Some(503),
+        times: Some(10),
+        ..FaultRule::default()
+    });
+    sim.add_rule(FaultRule {
+        pipeline_range: Some([9005, 9009]),
+        status: Some(429),
+        retry_after: Some("1".into()),
+        times: Some(2),
+        ..FaultRule::default()
+    });
+    Ok(sim)
+}
+
+/// `base` pointed at the simulator, on the demo's own names, with its store under `store_dir`.
+fn demo_config(
+    base: Config,
+    sim_url: &str,
+    prefix: &str,
+    store_dir: &Path,
+) -> Result<Config, DemoError> {
+    let mut config = base;
+    config.swr.endpoint = sim_url.to_owned();
+    config.swr.auth.token = Secret::new(DEMO_TOKEN);
+    // The in-process simulator takes this fixed token, whatever the configured token source.
+    config.swr.auth.kind = AuthKind::Static;
+    config.amqp.name_after(prefix);
+    config.retry.initial_interval = Duration::from_millis(100);
+    config.worker.id = "demo-worker".to_owned();
+    // A demo must not collide with a real worker's telemetry port on the same host.
+    config.telemetry.listen = String::new();
+    config.idempotency.path = store_dir.join("idempotency.db").display().to_string();
+    config.validate().map_err(other)?;
+    Ok(config)
+}
+
+/// Submits `count` sample lines as `campaign` with `--skip-invalid --wait`, failures to
+/// `failures`.
+async fn submit_sample(
+    config: &Config,
+    campaign: String,
+    count: usize,
+    failures: PathBuf,
+) -> Result<SubmitResult, CampaignError> {
+    let parsed = input::parse_input(
+        "sample.jsonl",
+        sample_lines(count).as_bytes(),
+        InputFormat::JsonLines,
+        &campaign,
+        config.limits.max_message_bytes,
+    );
+    let plan = SubmitPlan {
+        skip_invalid: true,
+        wait: true,
+        timeout: Some(DEMO_DEADLINE),
+        failures,
+        ..SubmitPlan::new(InputSource::File("sample.jsonl".into()))
+    };
+    submit::submit_parsed(
+        config,
+        &plan,
+        campaign,
+        parsed,
+        ProgressMode::for_stderr(),
+        std::future::pending(),
+    )
+    .await
 }
 
 async fn cleanup(channel: &Channel, config: &Config) {

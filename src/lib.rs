@@ -28,17 +28,17 @@
 //! - [`campaign`]: bulk campaigns for operators: `submit` (validated, confirmed, paced),
 //!   `watch` (outcome counts, summary, failures file), `replay` (dead letters back to work).
 //! - [`demo`]: the newcomer's first command.
-//! - [`bench`]: the benchmark: the worker against the bare broker path, in one run.
+//! - [`procstat`]: a process's CPU time and peak memory from /proc, for the cost figures.
 //! - [`status`]: the operator's look at the topology and a worker's readiness.
 //! - [`tls`]: one TLS rule for every connection (system roots plus a CA file, client
 //!   certificates, libpq's `sslmode` levels) and what a failed handshake means.
 //! - [`telemetry`]: logs (text or JSON), Prometheus metrics, and the /healthz, /readyz,
 //!   /metrics server.
 //!
-//! The binary (`src/main.rs`) only parses arguments and calls into these modules.
+//! The binary (`src/main.rs`) parses arguments and calls into these modules. The benchmark
+//! commands (`bench`, `bench-fleet`) are the binary's own (`src/bench/`), not the library's.
 
 pub mod amqp;
-pub mod bench;
 pub mod breaker;
 pub mod campaign;
 pub mod config;
@@ -47,6 +47,7 @@ pub mod demo;
 pub mod host;
 pub mod idempotency;
 pub mod outcome;
+pub mod procstat;
 pub mod ratelimit;
 pub mod request;
 pub mod retry;

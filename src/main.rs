@@ -1,5 +1,6 @@
 //! The `swr-stage-worker` command: parses arguments, sets up logging, loads configuration, and
-//! calls into the library. Nothing here is needed by tests.
+//! calls into the library, or into its own `bench` module for the benchmark commands. Nothing
+//! here is needed by tests.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,7 +15,9 @@ use swr_stage_worker::campaign::progress::ProgressMode;
 use swr_stage_worker::campaign::{replay, submit, watch};
 use swr_stage_worker::config::{Config, LogFormat};
 use swr_stage_worker::request::Mode;
-use swr_stage_worker::{bench, demo, service, shutdown, sim, status, telemetry};
+use swr_stage_worker::{demo, service, shutdown, sim, status, telemetry};
+
+mod bench;
 
 #[derive(Parser)]
 #[command(
@@ -46,108 +49,9 @@ enum Command {
         telemetry: Option<String>,
     },
     /// Serve the SWR simulator (for tests, demos and your own integration tests).
-    Sim {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:18080")]
-        listen: SocketAddr,
-        /// Accepted X-Auth-Token (repeatable); with none, any non-empty token is accepted.
-        #[arg(long = "token", value_name = "TOKEN")]
-        tokens: Vec<String>,
-        /// Steps per pipeline; the last one is a deploy step.
-        #[arg(long, default_value_t = 5)]
-        stages: u32,
-        /// Fast mode for benchmarks: record no calls (counters only).
-        #[arg(long)]
-        no_record: bool,
-        /// An IAM user that POST /v3/auth/tokens signs in, as NAME:PASSWORD (repeatable).
-        #[arg(long = "iam-user", value_name = "NAME:PASSWORD", value_parser = parse_iam_user)]
-        iam_users: Vec<(String, String)>,
-        /// Lifetime of the tokens the IAM endpoint issues.
-        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
-        token_ttl: std::time::Duration,
-        /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
-        #[arg(long, value_name = "PEM", requires = "tls_key")]
-        tls_cert: Option<std::path::PathBuf>,
-        /// The PEM private key of --tls-cert.
-        #[arg(long, value_name = "PEM", requires = "tls_cert")]
-        tls_key: Option<std::path::PathBuf>,
-    },
-    /// Measure the worker against the bare consume-POST-publish-ack loop (needs RabbitMQ;
-    /// build with --release for meaningful figures).
-    Bench {
-        /// Jobs per phase.
-        #[arg(long, default_value_t = 20_000)]
-        jobs: usize,
-        /// Prefetch and worker concurrency.
-        #[arg(long, default_value_t = 64)]
-        concurrency: u32,
-        /// Idempotency backends to measure the worker with (comma-separated: off, embedded, postgres).
-        #[arg(long, default_value = "off,embedded,postgres", value_delimiter = ',')]
-        stores: Vec<String>,
-        /// PostgreSQL for the postgres backend.
-        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
-        postgres_url: String,
-        /// Also measure publish-to-outcome latency at half of each worker phase's peak rate.
-        #[arg(long)]
-        latency: bool,
-        /// With --latency: publish at this many jobs/s in every phase instead, to compare
-        /// latencies at one load.
-        #[arg(long, value_name = "JOBS_PER_SEC", requires = "latency", value_parser = positive_rate)]
-        latency_rate: Option<f64>,
-        /// Run every phase this many times, interleaved, and report medians.
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// Also run the store-off worker over TLS (amqps) on the same broker, to compare with
-        /// plain AMQP.
-        #[arg(long)]
-        amqps: bool,
-        /// The broker's TLS address for --amqps.
-        #[arg(long, default_value = "amqps://guest:guest@localhost:5671/%2f")]
-        amqps_url: String,
-        /// PEM file of the CA that signed the broker's certificate, for --amqps.
-        #[arg(long, value_name = "PEM", default_value = "")]
-        amqps_ca: String,
-    },
-    /// Measure how a fleet scales out: 1, 2, 3 … worker processes against an SWR that answers
-    /// slowly, per idempotency backend; with --single-url, also one worker at full speed on
-    /// amqp.url (a cluster) against one node alone. Needs RabbitMQ; build with --release.
-    BenchFleet {
-        /// Jobs per scale-out phase.
-        #[arg(long, default_value_t = 3_000)]
-        jobs: usize,
-        /// Jobs in flight per worker (prefetch and worker.concurrency).
-        #[arg(long, default_value_t = 64)]
-        concurrency: u32,
-        /// Fleet sizes (comma-separated); the first is the baseline of the ratios.
-        #[arg(long, default_value = "1,2,3", value_delimiter = ',')]
-        workers: Vec<usize>,
-        /// Idempotency backends (comma-separated: off, embedded, postgres); postgres is shared
-        /// by the fleet, embedded is a file per worker.
-        #[arg(long, default_value = "embedded,postgres", value_delimiter = ',')]
-        stores: Vec<String>,
-        /// How long the simulator takes to answer in the scale-out phases.
-        #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
-        swr_delay: std::time::Duration,
-        /// PostgreSQL for the postgres backend.
-        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
-        postgres_url: String,
-        /// Run every phase this many times and report medians.
-        #[arg(long, default_value_t = 1)]
-        rounds: usize,
-        /// One broker node to compare amqp.url with: one worker at full speed on each.
-        #[arg(long, value_name = "AMQP_URL")]
-        single_url: Option<String>,
-        /// Jobs per full-speed phase (with --single-url).
-        #[arg(long, default_value_t = 20_000)]
-        full_speed_jobs: usize,
-    },
-    /// The benchmark's baseline: a bare consume-POST-publish-ack loop (run by `bench`).
-    #[command(hide = true)]
-    BenchBareLoop {
-        /// Deliveries to process before exiting.
-        #[arg(long)]
-        jobs: usize,
-    },
+    Sim(SimArgs),
+    #[command(flatten)]
+    Bench(bench::BenchCommand),
     /// A first look: runs the simulator and a worker in-process against the local RabbitMQ,
     /// publishes sample requests and prints a summary of their outcomes.
     Demo {
@@ -157,47 +61,7 @@ enum Command {
     },
     /// Publish a campaign of requests (JSON Lines or CSV, from a file or stdin, or one from
     /// flags), validated first, with publisher confirms. Exit 0 ok, 2 some failed (--wait), 1 error.
-    Submit {
-        /// JSON Lines or CSV (header pipeline_id,stage_index[,mode]) file; `-` reads stdin.
-        #[arg(value_name = "FILE", conflicts_with_all = ["pipeline", "stage"])]
-        file: Option<PathBuf>,
-        /// Input format; by default `.csv` files are CSV and anything else is sniffed.
-        #[arg(long, value_parser = ["jsonl", "csv"])]
-        format: Option<String>,
-        /// One request from flags: the pipeline id.
-        #[arg(long, requires = "stage")]
-        pipeline: Option<i64>,
-        /// One request from flags: the step index.
-        #[arg(long, requires = "pipeline")]
-        stage: Option<i64>,
-        /// One request from flags: retry (default) or rollback.
-        #[arg(long, requires = "pipeline", value_parser = ["retry", "rollback"])]
-        mode: Option<String>,
-        /// Campaign id (default: generated and printed); part of every derived idempotency key.
-        #[arg(long, value_name = "ID")]
-        campaign: Option<String>,
-        /// Publish the valid lines even if some are invalid.
-        #[arg(long)]
-        skip_invalid: bool,
-        /// Validate and print the bodies that would be sent; publish nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Pace publishing to N messages per second.
-        #[arg(long, value_name = "N", value_parser = positive_rate)]
-        rate: Option<f64>,
-        /// Publishes awaiting their confirm at once.
-        #[arg(long, default_value_t = submit::DEFAULT_WINDOW)]
-        window: usize,
-        /// Then count the campaign's outcomes, print the summary, write the failures file.
-        #[arg(long)]
-        wait: bool,
-        /// With --wait: stop waiting after this long (e.g. 30m).
-        #[arg(long, requires = "wait", value_parser = humantime::parse_duration)]
-        timeout: Option<Duration>,
-        /// With --wait: where failed and rejected requests go, as their input lines.
-        #[arg(long, default_value = "failures.jsonl", value_name = "PATH")]
-        failures: PathBuf,
-    },
+    Submit(SubmitArgs),
     /// Count a campaign's outcomes from now on; summary and failures file at the end.
     /// Exit 0 all succeeded, 2 some failed/rejected/missing, 1 error.
     Watch {
@@ -229,6 +93,79 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+/// `sim`: where the simulator listens and what it accepts.
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:18080")]
+    listen: SocketAddr,
+    /// Accepted X-Auth-Token (repeatable); with none, any non-empty token is accepted.
+    #[arg(long = "token", value_name = "TOKEN")]
+    tokens: Vec<String>,
+    /// Steps per pipeline; the last one is a deploy step.
+    #[arg(long, default_value_t = 5)]
+    stages: u32,
+    /// Fast mode for benchmarks: record no calls (counters only).
+    #[arg(long)]
+    no_record: bool,
+    /// An IAM user that POST /v3/auth/tokens signs in, as NAME:PASSWORD (repeatable).
+    #[arg(long = "iam-user", value_name = "NAME:PASSWORD", value_parser = parse_iam_user)]
+    iam_users: Vec<(String, String)>,
+    /// Lifetime of the tokens the IAM endpoint issues.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    token_ttl: std::time::Duration,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+/// `submit`: the campaign's input and how it is published.
+#[derive(clap::Args)]
+struct SubmitArgs {
+    /// JSON Lines or CSV (header pipeline_id,stage_index[,mode]) file; `-` reads stdin.
+    #[arg(value_name = "FILE", conflicts_with_all = ["pipeline", "stage"])]
+    file: Option<PathBuf>,
+    /// Input format; by default `.csv` files are CSV and anything else is sniffed.
+    #[arg(long, value_parser = ["jsonl", "csv"])]
+    format: Option<String>,
+    /// One request from flags: the pipeline id.
+    #[arg(long, requires = "stage")]
+    pipeline: Option<i64>,
+    /// One request from flags: the step index.
+    #[arg(long, requires = "pipeline")]
+    stage: Option<i64>,
+    /// One request from flags: retry (default) or rollback.
+    #[arg(long, requires = "pipeline", value_parser = ["retry", "rollback"])]
+    mode: Option<String>,
+    /// Campaign id (default: generated and printed); part of every derived idempotency key.
+    #[arg(long, value_name = "ID")]
+    campaign: Option<String>,
+    /// Publish the valid lines even if some are invalid.
+    #[arg(long)]
+    skip_invalid: bool,
+    /// Validate and print the bodies that would be sent; publish nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Pace publishing to N messages per second.
+    #[arg(long, value_name = "N", value_parser = positive_rate)]
+    rate: Option<f64>,
+    /// Publishes awaiting their confirm at once.
+    #[arg(long, default_value_t = submit::DEFAULT_WINDOW)]
+    window: usize,
+    /// Then count the campaign's outcomes, print the summary, write the failures file.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: stop waiting after this long (e.g. 30m).
+    #[arg(long, requires = "wait", value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// With --wait: where failed and rejected requests go, as their input lines.
+    #[arg(long, default_value = "failures.jsonl", value_name = "PATH")]
+    failures: PathBuf,
 }
 
 impl Command {
@@ -291,18 +228,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if cli.command.is_campaign() { 1 } else { 2 });
         }
     };
-    let quiet = matches!(
-        cli.command,
-        Command::Demo { .. } | Command::Bench { .. } | Command::BenchFleet { .. }
-    ) || cli.command.is_campaign();
-    if quiet && std::env::var_os("RUST_LOG").is_none() {
-        // These commands print their own progress and summary; log lines would bury them.
-        let mut quiet = config.log.clone();
-        quiet.level = "warn".into();
-        telemetry::init(&quiet);
-    } else {
-        telemetry::init(&config.log);
-    }
+    init_logging(&cli.command, &config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -313,241 +239,196 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
-        match cli.command {
-            Command::Run => {
-                if let Err(e) = config.validate_for_worker() {
-                    eprintln!("swr-stage-worker: {e}");
-                    return ExitCode::from(2);
+    runtime.block_on(dispatch(cli.command, config))
+}
+
+/// Logs as configured, or only warnings for the commands that print their own progress and
+/// summary (log lines would bury them) unless RUST_LOG asks for more.
+fn init_logging(command: &Command, config: &Config) {
+    let quiet = match command {
+        Command::Demo { .. } => true,
+        Command::Bench(bench) => bench.prints_own_summary(),
+        _ => command.is_campaign(),
+    };
+    if quiet && std::env::var_os("RUST_LOG").is_none() {
+        let mut quiet = config.log.clone();
+        quiet.level = "warn".into();
+        telemetry::init(&quiet);
+    } else {
+        telemetry::init(&config.log);
+    }
+}
+
+/// Runs the command; its exit code.
+async fn dispatch(command: Command, config: Config) -> ExitCode {
+    match command {
+        Command::Run => run_worker(config).await,
+        Command::Sim(args) => serve_sim(args).await,
+        Command::Bench(bench) => match bench.run(config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => failed(e),
+        },
+        Command::Status { telemetry } => {
+            match status::report(&config, telemetry.as_deref()).await {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
                 }
-                match service::run(config, shutdown::termination_signal()).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        tracing::error!(error = %e, "worker stopped");
-                        eprintln!("swr-stage-worker: {e}");
-                        ExitCode::FAILURE
-                    }
-                }
+                Err(e) => failed(e),
             }
-            Command::Sim {
-                listen,
-                tokens,
-                stages,
-                no_record,
-                iam_users,
-                token_ttl,
-                tls_cert,
-                tls_key,
-            } => {
-                let sim_config = sim::SimConfig {
-                    tokens,
-                    stages,
-                    record: !no_record,
-                    iam_users,
-                    token_ttl,
-                    tls: tls_cert
-                        .zip(tls_key)
-                        .map(|(cert, key)| sim::SimTls { cert, key }),
-                    ..sim::SimConfig::default()
-                };
-                match sim::serve_forever(listen, sim_config, shutdown::termination_signal()).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("swr-stage-worker sim: cannot serve on {listen}: {e}");
-                        ExitCode::FAILURE
-                    }
-                }
-            }
-            Command::Bench {
-                jobs,
-                concurrency,
-                stores,
-                postgres_url,
-                latency,
-                latency_rate,
-                rounds,
-                amqps,
-                amqps_url,
-                amqps_ca,
-            } => {
-                let options = bench::BenchOptions {
-                    jobs,
-                    concurrency,
-                    stores,
-                    postgres_url,
-                    latency,
-                    latency_rate,
-                    rounds,
-                    amqps: amqps.then_some(amqps_url),
-                    amqps_ca,
-                };
-                match bench::run(config, options).await {
-                    Ok(_) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("swr-stage-worker {e}");
-                        ExitCode::FAILURE
-                    }
-                }
-            }
-            Command::BenchFleet {
-                jobs,
-                concurrency,
-                workers,
-                stores,
-                swr_delay,
-                postgres_url,
-                rounds,
-                single_url,
-                full_speed_jobs,
-            } => {
-                let options = bench::fleet::FleetOptions {
-                    jobs,
-                    concurrency,
-                    workers,
-                    stores,
-                    swr_delay,
-                    postgres_url,
-                    rounds,
-                    single_url,
-                    full_speed_jobs,
-                };
-                match bench::fleet::run(config, options).await {
-                    Ok(_) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("swr-stage-worker {e}");
-                        ExitCode::FAILURE
-                    }
-                }
-            }
-            Command::BenchBareLoop { jobs } => match bench::bare_loop(config, jobs).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("swr-stage-worker {e}");
-                    ExitCode::FAILURE
-                }
-            },
-            Command::Status { telemetry } => {
-                match status::report(&config, telemetry.as_deref()).await {
-                    Ok(report) => {
-                        print!("{report}");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("swr-stage-worker {e}");
-                        ExitCode::FAILURE
-                    }
-                }
-            }
-            Command::Demo { count } => match demo::run(config, count).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("swr-stage-worker demo: {e}");
-                    ExitCode::FAILURE
-                }
-            },
-            Command::Submit {
-                file,
-                format,
-                pipeline,
-                stage,
-                mode,
-                campaign,
-                skip_invalid,
-                dry_run,
-                rate,
-                window,
-                wait,
-                timeout,
-                failures,
-            } => {
-                let input = match (file, pipeline, stage) {
-                    (Some(path), _, _) if path.as_os_str() == "-" => InputSource::Stdin,
-                    (Some(path), _, _) => InputSource::File(path),
-                    (None, Some(pipeline_id), Some(stage_index)) => InputSource::Flags {
-                        pipeline_id,
-                        stage_index,
-                        mode: mode.map(|m| if m == "rollback" { Mode::Rollback } else { Mode::Retry }),
-                    },
-                    _ => {
-                        eprintln!("swr-stage-worker submit: give a FILE (`-` for stdin), or --pipeline and --stage");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                let plan = submit::SubmitPlan {
-                    format: format.map(|f| if f == "csv" { InputFormat::Csv } else { InputFormat::JsonLines }),
-                    campaign,
-                    skip_invalid,
-                    dry_run,
-                    rate,
-                    window,
-                    wait,
-                    timeout,
-                    failures,
-                    ..submit::SubmitPlan::new(input)
-                };
-                let mode = ProgressMode::for_stderr();
-                match submit::submit(&config, &plan, mode, shutdown::termination_signal()).await {
-                    Ok(result) if result.all_succeeded() => ExitCode::SUCCESS,
-                    Ok(_) => ExitCode::from(2),
-                    Err(e) => {
-                        eprintln!("swr-stage-worker submit: {e}");
-                        ExitCode::FAILURE
-                    }
-                }
-            }
-            Command::Watch {
+        }
+        Command::Demo { count } => match demo::run(config, count).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => failed(format_args!("demo: {e}")),
+        },
+        Command::Submit(args) => submit_campaign(&config, args).await,
+        Command::Watch {
+            campaign,
+            expect,
+            timeout,
+            failures,
+        } => {
+            let plan = watch::WatchPlan {
                 campaign,
                 expect,
                 timeout,
                 failures,
-            } => {
-                let plan = watch::WatchPlan {
-                    campaign,
-                    expect,
-                    timeout,
-                    failures,
-                };
-                let mode = ProgressMode::for_stderr();
-                match watch::watch(&config, &plan, mode, shutdown::termination_signal()).await {
-                    Ok(result) if result.summary.all_succeeded() => ExitCode::SUCCESS,
-                    Ok(_) => ExitCode::from(2),
-                    Err(e) => {
-                        eprintln!("swr-stage-worker watch: {e}");
-                        ExitCode::FAILURE
-                    }
-                }
-            }
-            Command::Replay {
-                from,
-                limit,
-                filters,
-                dry_run,
-            } => {
-                let plan = match replay::parse_filters(&filters) {
-                    Ok(filters) => replay::ReplayPlan {
-                        from,
-                        limit,
-                        filters,
-                        dry_run,
-                    },
-                    Err(e) => {
-                        eprintln!("swr-stage-worker replay: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                match replay::replay(&config, &plan).await {
-                    Ok(report) => {
-                        println!("{}", report.render());
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("swr-stage-worker replay: {e}");
-                        ExitCode::FAILURE
-                    }
-                }
+            };
+            let mode = ProgressMode::for_stderr();
+            match watch::watch(&config, &plan, mode, shutdown::termination_signal()).await {
+                Ok(result) if result.summary.all_succeeded() => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::from(2),
+                Err(e) => failed(format_args!("watch: {e}")),
             }
         }
-    })
+        Command::Replay {
+            from,
+            limit,
+            filters,
+            dry_run,
+        } => replay_dead_letters(&config, from, limit, &filters, dry_run).await,
+    }
+}
+
+/// Prints `message` after the command's name; exit 1.
+fn failed(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("swr-stage-worker {message}");
+    ExitCode::FAILURE
+}
+
+/// `run`: the worker until SIGTERM/SIGINT; exit 2 for a configuration it cannot run with.
+async fn run_worker(config: Config) -> ExitCode {
+    if let Err(e) = config.validate_for_worker() {
+        eprintln!("swr-stage-worker: {e}");
+        return ExitCode::from(2);
+    }
+    match service::run(config, shutdown::termination_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "worker stopped");
+            eprintln!("swr-stage-worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sim`: serves the simulator until SIGTERM/SIGINT.
+async fn serve_sim(args: SimArgs) -> ExitCode {
+    let SimArgs {
+        listen,
+        tokens,
+        stages,
+        no_record,
+        iam_users,
+        token_ttl,
+        tls_cert,
+        tls_key,
+    } = args;
+    let sim_config = sim::SimConfig {
+        tokens,
+        stages,
+        record: !no_record,
+        iam_users,
+        token_ttl,
+        tls: tls_cert
+            .zip(tls_key)
+            .map(|(cert, key)| sim::SimTls { cert, key }),
+        ..sim::SimConfig::default()
+    };
+    match sim::serve_forever(listen, sim_config, shutdown::termination_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => failed(format_args!("sim: cannot serve on {listen}: {e}")),
+    }
+}
+
+/// `submit`: exit 0 all published (and, with --wait, succeeded), 2 some failed, 1 an error.
+async fn submit_campaign(config: &Config, args: SubmitArgs) -> ExitCode {
+    let input = match (args.file, args.pipeline, args.stage) {
+        (Some(path), _, _) if path.as_os_str() == "-" => InputSource::Stdin,
+        (Some(path), _, _) => InputSource::File(path),
+        (None, Some(pipeline_id), Some(stage_index)) => InputSource::Flags {
+            pipeline_id,
+            stage_index,
+            mode: args.mode.map(|m| {
+                if m == "rollback" {
+                    Mode::Rollback
+                } else {
+                    Mode::Retry
+                }
+            }),
+        },
+        _ => return failed("submit: give a FILE (`-` for stdin), or --pipeline and --stage"),
+    };
+    let plan = submit::SubmitPlan {
+        format: args.format.map(|f| {
+            if f == "csv" {
+                InputFormat::Csv
+            } else {
+                InputFormat::JsonLines
+            }
+        }),
+        campaign: args.campaign,
+        skip_invalid: args.skip_invalid,
+        dry_run: args.dry_run,
+        rate: args.rate,
+        window: args.window,
+        wait: args.wait,
+        timeout: args.timeout,
+        failures: args.failures,
+        ..submit::SubmitPlan::new(input)
+    };
+    let mode = ProgressMode::for_stderr();
+    match submit::submit(config, &plan, mode, shutdown::termination_signal()).await {
+        Ok(result) if result.all_succeeded() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(2),
+        Err(e) => failed(format_args!("submit: {e}")),
+    }
+}
+
+/// `replay`: moves the matching dead letters and prints what moved.
+async fn replay_dead_letters(
+    config: &Config,
+    from: Option<String>,
+    limit: Option<usize>,
+    filters: &[String],
+    dry_run: bool,
+) -> ExitCode {
+    let plan = match replay::parse_filters(filters) {
+        Ok(filters) => replay::ReplayPlan {
+            from,
+            limit,
+            filters,
+            dry_run,
+        },
+        Err(e) => return failed(format_args!("replay: {e}")),
+    };
+    match replay::replay(config, &plan).await {
+        Ok(report) => {
+            println!("{}", report.render());
+            ExitCode::SUCCESS
+        }
+        Err(e) => failed(format_args!("replay: {e}")),
+    }
 }
 
 /// `--iam-user NAME:PASSWORD`: split at the first colon (a password may contain colons).

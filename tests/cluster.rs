@@ -843,12 +843,12 @@ async fn all_nodes_down_then_up() {
     // The outage lasts a fixed time: what the worker does during it is what is measured.
     let (connects_before, cpu_before) = (
         ctx.metrics.broker_connects(),
-        swr_stage_worker::bench::cpu_seconds(std::process::id()).expect("/proc"),
+        swr_stage_worker::procstat::cpu_seconds(std::process::id()).expect("/proc"),
     );
     tokio::time::sleep(DOWN_FOR).await;
     let (connects_down, cpu_down) = (
         ctx.metrics.broker_connects() - connects_before,
-        swr_stage_worker::bench::cpu_seconds(std::process::id()).expect("/proc") - cpu_before,
+        swr_stage_worker::procstat::cpu_seconds(std::process::id()).expect("/proc") - cpu_before,
     );
     let up = Instant::now();
     cluster(&["up"]).await;

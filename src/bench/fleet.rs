@@ -17,33 +17,46 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{
-    cleanup, count_outcomes, fail, fast_sim, fill, phase_config, prepare, worker_env, BenchError,
-    Bounded,
-};
-use crate::amqp::connect;
-use crate::config::{redact_url, Config, Secret};
+use lapin::Connection;
+
+use swr_stage_worker::amqp::broker_urls;
+use swr_stage_worker::config::{redact_url, Config, Secret};
+
+use super::child::{spawn, worker_env};
+use super::endpoint::fast_sim;
+use super::queues::{cleanup, count_outcomes, fill, phase_config, prepare};
+use super::{close_broker, connect_broker, fail, terminate, BenchError, Bounded};
 
 /// What to measure.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct FleetOptions {
     /// Jobs per scale-out phase.
+    #[arg(long, default_value_t = 3_000)]
     pub jobs: usize,
-    /// Jobs in flight per worker (prefetch and `worker.concurrency`).
+    /// Jobs in flight per worker (prefetch and worker.concurrency).
+    #[arg(long, default_value_t = 64)]
     pub concurrency: u32,
-    /// Fleet sizes to measure, e.g. [1, 2, 3]; the first is the baseline of the ratios.
+    /// Fleet sizes (comma-separated); the first is the baseline of the ratios.
+    #[arg(long, default_value = "1,2,3", value_delimiter = ',')]
     pub workers: Vec<usize>,
-    /// Idempotency backends ("off", "embedded", "postgres").
+    /// Idempotency backends (comma-separated: off, embedded, postgres); postgres is shared
+    /// by the fleet, embedded is a file per worker.
+    #[arg(long, default_value = "embedded,postgres", value_delimiter = ',')]
     pub stores: Vec<String>,
     /// How long the simulator takes to answer in the scale-out phases.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
     pub swr_delay: Duration,
-    /// PostgreSQL for the "postgres" backend (shared by the fleet).
+    /// PostgreSQL for the postgres backend.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
     pub postgres_url: String,
-    /// Rounds of every phase (medians are reported).
+    /// Run every phase this many times and report medians.
+    #[arg(long, default_value_t = 1)]
     pub rounds: usize,
-    /// A single broker node to compare `amqp.url` with (the replication phase), if any.
+    /// One broker node to compare amqp.url with: one worker at full speed on each.
+    #[arg(long, value_name = "AMQP_URL")]
     pub single_url: Option<String>,
-    /// Jobs per replication phase.
+    /// Jobs per full-speed phase (with --single-url).
+    #[arg(long, default_value_t = 20_000)]
     pub full_speed_jobs: usize,
 }
 
@@ -64,6 +77,37 @@ pub struct FleetResult {
 
 /// Runs every phase, prints both tables, and returns the figures.
 pub async fn run(base: Config, options: FleetOptions) -> Result<Vec<FleetResult>, BenchError> {
+    check(&options)?;
+    let slow = fast_sim(Some(options.swr_delay)).await?;
+    let fast = fast_sim(None).await?;
+    let cluster = connect_broker(&base.amqp, "swr-stage-worker.bench-fleet").await?;
+    let brokers = broker_urls(&base.amqp.url);
+    println!(
+        "bench-fleet: amqp.url has {} node(s) ({}); SWR answers after {:?}; {} jobs in flight per worker",
+        brokers.len(),
+        brokers
+            .iter()
+            .map(|u| redact_url(u.expose()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        options.swr_delay,
+        options.concurrency
+    );
+    let mut scale = scale_out(&cluster, &base, &slow.url(), &options).await?;
+    let replication = match &options.single_url {
+        Some(single) => replication(&cluster, &base, single, &fast.url(), &options).await?,
+        None => Vec::new(),
+    };
+    print_tables(&scale, &replication, &options);
+    close_broker(&cluster, "bench done").await;
+    slow.shutdown().await;
+    fast.shutdown().await;
+    scale.extend(replication);
+    Ok(scale)
+}
+
+/// Fleet sizes of at least one worker, and backends that exist.
+fn check(options: &FleetOptions) -> Result<(), BenchError> {
     if options.workers.is_empty() || options.workers.contains(&0) {
         return Err(fail("--workers: fleet sizes of at least 1, e.g. 1,2,3"));
     }
@@ -76,29 +120,16 @@ pub async fn run(base: Config, options: FleetOptions) -> Result<Vec<FleetResult>
             "--stores: {bad:?} is not a backend (off, embedded, postgres)"
         )));
     }
-    let slow = fast_sim(Some(options.swr_delay)).await?;
-    let fast = fast_sim(None).await?;
-    let cluster = connect(
-        &base.amqp.url,
-        &base.amqp.tls,
-        "swr-stage-worker.bench-fleet",
-        Duration::from_secs(10),
-    )
-    .bounded()
-    .await?;
-    let brokers = crate::amqp::broker_urls(&base.amqp.url);
-    println!(
-        "bench-fleet: amqp.url has {} node(s) ({}); SWR answers after {:?}; {} jobs in flight per worker",
-        brokers.len(),
-        brokers
-            .iter()
-            .map(|u| redact_url(u.expose()))
-            .collect::<Vec<_>>()
-            .join(", "),
-        options.swr_delay,
-        options.concurrency
-    );
+    Ok(())
+}
 
+/// Every store with every fleet size on `amqp.url`, against the slow simulator at `sim_url`.
+async fn scale_out(
+    cluster: &Connection,
+    base: &Config,
+    sim_url: &str,
+    options: &FleetOptions,
+) -> Result<Vec<FleetResult>, BenchError> {
     let mut scale: Vec<FleetResult> = Vec::new();
     for store in &options.stores {
         for &n in &options.workers {
@@ -114,16 +145,16 @@ pub async fn run(base: Config, options: FleetOptions) -> Result<Vec<FleetResult>
     for round in 1..=options.rounds.max(1) {
         for phase in scale.iter_mut() {
             let rate = fleet_phase(
-                &cluster,
-                &base,
-                &slow.url(),
+                cluster,
+                base,
+                sim_url,
                 Phase {
                     workers: phase.workers,
                     store: &phase.store,
                     jobs: options.jobs,
                     fill_first: false,
                 },
-                &options,
+                options,
             )
             .await?;
             println!(
@@ -136,71 +167,73 @@ pub async fn run(base: Config, options: FleetOptions) -> Result<Vec<FleetResult>
     for phase in scale.iter_mut() {
         phase.jobs_per_sec = median(&phase.rounds);
     }
+    Ok(scale)
+}
 
-    let mut replication: Vec<FleetResult> = Vec::new();
-    if let Some(single) = &options.single_url {
-        let mut single_base = base.clone();
-        single_base.amqp.url = Secret::new(single.as_str());
-        let single_broker = connect(
-            &single_base.amqp.url,
-            &single_base.amqp.tls,
-            "swr-stage-worker.bench-fleet",
-            Duration::from_secs(10),
-        )
-        .bounded()
-        .await?;
-        let mut on_cluster = Vec::new();
-        let mut on_single = Vec::new();
-        for round in 1..=options.rounds.max(1) {
-            // Alternating which goes first, so neither always inherits the other's cleanup.
-            let order = if round % 2 == 1 {
-                [true, false]
+/// One worker at full speed (the fast simulator at `sim_url`, no store) on `amqp.url` and on
+/// the node at `single`.
+async fn replication(
+    cluster: &Connection,
+    base: &Config,
+    single: &str,
+    sim_url: &str,
+    options: &FleetOptions,
+) -> Result<Vec<FleetResult>, BenchError> {
+    let mut single_base = base.clone();
+    single_base.amqp.url = Secret::new(single);
+    let single_broker = connect_broker(&single_base.amqp, "swr-stage-worker.bench-fleet").await?;
+    let mut on_cluster = Vec::new();
+    let mut on_single = Vec::new();
+    for round in 1..=options.rounds.max(1) {
+        // Alternating which goes first, so neither always inherits the other's cleanup.
+        let order = if round % 2 == 1 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for cluster_first in order {
+            let (broker, config, figures) = if cluster_first {
+                (cluster, base, &mut on_cluster)
             } else {
-                [false, true]
+                (&single_broker, &single_base, &mut on_single)
             };
-            for cluster_first in order {
-                let (broker, config, figures) = if cluster_first {
-                    (&cluster, &base, &mut on_cluster)
-                } else {
-                    (&single_broker, &single_base, &mut on_single)
-                };
-                let rate = fleet_phase(
-                    broker,
-                    config,
-                    &fast.url(),
-                    Phase {
-                        workers: 1,
-                        store: "off",
-                        jobs: options.full_speed_jobs,
-                        fill_first: true,
-                    },
-                    &options,
-                )
-                .await?;
-                figures.push(rate);
-            }
-            println!(
-                "round {round}: one worker at full speed: amqp.url {:.0} jobs/s, single node {:.0} jobs/s",
-                on_cluster[round - 1],
-                on_single[round - 1]
-            );
+            let rate = fleet_phase(
+                broker,
+                config,
+                sim_url,
+                Phase {
+                    workers: 1,
+                    store: "off",
+                    jobs: options.full_speed_jobs,
+                    fill_first: true,
+                },
+                options,
+            )
+            .await?;
+            figures.push(rate);
         }
-        for (broker, rounds) in [("amqp.url", on_cluster), ("single node", on_single)] {
-            replication.push(FleetResult {
-                store: "off".into(),
-                workers: 1,
-                broker: broker.into(),
-                jobs_per_sec: median(&rounds),
-                rounds,
-            });
-        }
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            single_broker.close(200, "bench done".into()),
-        )
-        .await;
+        println!(
+            "round {round}: one worker at full speed: amqp.url {:.0} jobs/s, single node {:.0} jobs/s",
+            on_cluster[round - 1],
+            on_single[round - 1]
+        );
     }
+    let replication = [("amqp.url", on_cluster), ("single node", on_single)]
+        .into_iter()
+        .map(|(broker, rounds)| FleetResult {
+            store: "off".into(),
+            workers: 1,
+            broker: broker.into(),
+            jobs_per_sec: median(&rounds),
+            rounds,
+        })
+        .collect();
+    close_broker(&single_broker, "bench done").await;
+    Ok(replication)
+}
 
+/// The scale-out table and, when measured, the replication table.
+fn print_tables(scale: &[FleetResult], replication: &[FleetResult], options: &FleetOptions) {
     println!();
     println!(
         "scale-out, medians over {} round(s) of {} jobs:",
@@ -212,7 +245,7 @@ pub async fn run(base: Config, options: FleetOptions) -> Result<Vec<FleetResult>
         options.workers[0]
     );
     println!("|---|---:|---:|---:|");
-    for phase in &scale {
+    for phase in scale {
         let baseline = scale
             .iter()
             .find(|p| p.store == phase.store && p.workers == options.workers[0])
@@ -225,7 +258,7 @@ pub async fn run(base: Config, options: FleetOptions) -> Result<Vec<FleetResult>
             phase.jobs_per_sec / baseline
         );
     }
-    if let [clustered, single] = replication.as_slice() {
+    if let [clustered, single] = replication {
         println!();
         println!(
             "one worker at full speed (store off), medians of {} jobs:",
@@ -242,15 +275,6 @@ pub async fn run(base: Config, options: FleetOptions) -> Result<Vec<FleetResult>
             );
         }
     }
-    let _ = tokio::time::timeout(
-        Duration::from_secs(5),
-        cluster.close(200, "bench done".into()),
-    )
-    .await;
-    slow.shutdown().await;
-    fast.shutdown().await;
-    scale.extend(replication);
-    Ok(scale)
 }
 
 /// What one phase runs.
@@ -267,7 +291,7 @@ struct Phase<'a> {
 
 /// `phase.workers` worker processes drain `phase.jobs` jobs from one fresh queue; returns jobs/s.
 async fn fleet_phase(
-    broker: &lapin::Connection,
+    broker: &Connection,
     base: &Config,
     sim_url: &str,
     phase: Phase<'_>,
@@ -285,7 +309,6 @@ async fn fleet_phase(
     // measure their start-up; the filling (thousands a second) outruns the fleet. A full-speed
     // phase is filled first, so that the filling does not set its pace.
     let (channel, results) = prepare(broker, &config, if fill_first { jobs } else { 0 }).await?;
-    let exe = std::env::current_exe().map_err(fail)?;
     let mut children = Vec::with_capacity(workers);
     let mut dirs: Vec<PathBuf> = Vec::with_capacity(workers);
     for i in 0..workers {
@@ -304,15 +327,7 @@ async fn fleet_phase(
             format!("{}.w{i}", config.amqp.connection_name),
         );
         dirs.push(dir);
-        let child = tokio::process::Command::new(&exe)
-            .arg("run")
-            .envs(env)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(fail)?;
-        children.push(child);
+        children.push(spawn(&["run"], env)?);
     }
     let counted = match consumers(&channel, &config.amqp.request_queue, workers).await {
         Ok(()) if fill_first => count_outcomes(broker, &results, jobs).await,
@@ -331,10 +346,7 @@ async fn fleet_phase(
     };
     for child in &mut children {
         if let (Ok(None), Some(pid)) = (child.try_wait(), child.id()) {
-            let _ = std::process::Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status();
+            terminate(pid);
         }
     }
     for child in &mut children {

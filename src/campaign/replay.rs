@@ -10,7 +10,9 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
+use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions,
@@ -18,7 +20,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Acker;
 use lapin::BasicProperties;
-use lapin::Confirmation;
+use lapin::{Channel, Confirmation};
 use serde_json::Value;
 
 use super::{bounded, open_channel, CampaignError};
@@ -166,10 +168,55 @@ pub async fn replay(config: &Config, plan: &ReplayPlan) -> Result<ReplayReport, 
     let connection = super::connect(config, "replay").await?;
     let login = connection.status().username();
     let channel = open_channel(&connection, config).await?;
-    let depth = match tokio::time::timeout(
+    let depth = source_depth(&channel, &from, limit).await?;
+    bounded(
+        limit,
+        "confirm_select",
+        channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await?;
+    let mut report = ReplayReport {
+        from,
+        to,
+        examined: 0,
+        moved: Vec::new(),
+        dry_run: plan.dry_run,
+    };
+    // Messages handed back at the end; held unacked until then so basic.get does not return
+    // them again.
+    let mut held: Vec<Acker> = Vec::new();
+    let mover = Mover {
+        channel: &channel,
+        plan,
+        limit,
+        login: &login,
+    };
+    let result = mover.move_all(depth, &mut report, &mut held).await;
+    for acker in held {
+        // Closing the channel would requeue them too; nack says so explicitly and at once.
+        let _ = tokio::time::timeout(
+            limit,
+            acker.nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            }),
+        )
+        .await;
+    }
+    let _ = tokio::time::timeout(limit, connection.close(200, "replay done".into())).await;
+    result.map(|()| report)
+}
+
+/// How many messages the source queue holds; an error if it does not exist.
+async fn source_depth(
+    channel: &Channel,
+    from: &str,
+    limit: Duration,
+) -> Result<usize, CampaignError> {
+    match tokio::time::timeout(
         limit,
         channel.queue_declare(
-            from.as_str().into(),
+            from.into(),
             QueueDeclareOptions {
                 // Only look: replay never creates or changes the source.
                 passive: true,
@@ -180,43 +227,47 @@ pub async fn replay(config: &Config, plan: &ReplayPlan) -> Result<ReplayReport, 
     )
     .await
     {
-        Ok(Ok(queue)) => queue.message_count() as usize,
-        Ok(Err(source)) => {
-            return Err(ReplayError::NoSource {
-                queue: from.clone(),
-                source,
-            }
-            .into())
+        Ok(Ok(queue)) => Ok(queue.message_count() as usize),
+        Ok(Err(source)) => Err(ReplayError::NoSource {
+            queue: from.to_owned(),
+            source,
         }
-        Err(_) => {
-            return Err(CampaignError::Timeout {
-                step: "queue.declare (passive)",
-                timeout: limit,
-            })
-        }
-    };
-    bounded(
-        limit,
-        "confirm_select",
-        channel.confirm_select(ConfirmSelectOptions::default()),
-    )
-    .await?;
-    let mut report = ReplayReport {
-        from: from.clone(),
-        to: to.clone(),
-        examined: 0,
-        moved: Vec::new(),
-        dry_run: plan.dry_run,
-    };
-    // Messages handed back at the end; held unacked until then so basic.get does not return
-    // them again.
-    let mut held: Vec<Acker> = Vec::new();
-    let result = async {
+        .into()),
+        Err(_) => Err(CampaignError::Timeout {
+            step: "queue.declare (passive)",
+            timeout: limit,
+        }),
+    }
+}
+
+/// What moving one message needs.
+struct Mover<'a> {
+    channel: &'a Channel,
+    plan: &'a ReplayPlan,
+    /// Limit of every call to the broker (`amqp.confirm_timeout`).
+    limit: Duration,
+    /// The user replay connected as, recorded in each copy.
+    login: &'a str,
+}
+
+impl Mover<'_> {
+    /// Examines at most `depth` messages (the source's depth when replay began) and moves the
+    /// matching ones, up to the plan's limit. Messages not moved go to `held`.
+    async fn move_all(
+        &self,
+        depth: usize,
+        report: &mut ReplayReport,
+        held: &mut Vec<Acker>,
+    ) -> Result<(), CampaignError> {
+        let plan = self.plan;
         while report.examined < depth && plan.limit.is_none_or(|n| report.moved.len() < n) {
             let got = bounded(
-                limit,
+                self.limit,
                 "basic.get",
-                channel.basic_get(from.as_str().into(), BasicGetOptions { no_ack: false }),
+                self.channel.basic_get(
+                    report.from.as_str().into(),
+                    BasicGetOptions { no_ack: false },
+                ),
             )
             .await?;
             let Some(message) = got else { break };
@@ -234,69 +285,68 @@ pub async fn replay(config: &Config, plan: &ReplayPlan) -> Result<ReplayReport, 
                 report.moved.push(moved);
                 continue;
             }
-            let confirm = bounded(
-                limit,
-                "basic.publish",
-                channel.basic_publish(
-                    "".into(),
-                    to.as_str().into(),
-                    BasicPublishOptions {
-                        // A missing request queue must not swallow the message.
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &delivery.data,
-                    requeued_properties(&delivery.properties, &login),
-                ),
-            )
-            .await?;
-            match bounded(limit, "publisher confirm", confirm).await? {
-                Confirmation::Ack(None) | Confirmation::NotRequested => {}
-                Confirmation::Ack(Some(_)) => {
-                    held.push(delivery.acker);
-                    return Err(ReplayError::Unroutable {
-                        at: report.examined,
-                        from: from.clone(),
-                        to: to.clone(),
-                        moved: report.moved.len(),
-                    }
-                    .into());
-                }
-                Confirmation::Nack(_) => {
-                    held.push(delivery.acker);
-                    return Err(ReplayError::Nacked {
-                        at: report.examined,
-                        from: from.clone(),
-                        moved: report.moved.len(),
-                    }
-                    .into());
-                }
+            let confirmation = self.copy(&delivery, &report.to).await?;
+            if let Some(refused) = refused(&confirmation, report) {
+                held.push(delivery.acker);
+                return Err(refused);
             }
             // Only now, with the copy confirmed, may the original go.
             bounded(
-                limit,
+                self.limit,
                 "basic.ack",
                 delivery.acker.ack(BasicAckOptions::default()),
             )
             .await?;
             report.moved.push(moved);
         }
-        Ok::<(), CampaignError>(())
+        Ok(())
     }
-    .await;
-    for acker in held {
-        // Closing the channel would requeue them too; nack says so explicitly and at once.
-        let _ = tokio::time::timeout(
-            limit,
-            acker.nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            }),
+
+    /// Publishes a copy of `delivery` to `to` and waits for the broker's confirmation.
+    async fn copy(&self, delivery: &Delivery, to: &str) -> Result<Confirmation, CampaignError> {
+        let confirm = bounded(
+            self.limit,
+            "basic.publish",
+            self.channel.basic_publish(
+                "".into(),
+                to.into(),
+                BasicPublishOptions {
+                    // A missing request queue must not swallow the message.
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &delivery.data,
+                requeued_properties(&delivery.properties, self.login),
+            ),
         )
-        .await;
+        .await?;
+        bounded(self.limit, "publisher confirm", confirm).await
     }
-    let _ = tokio::time::timeout(limit, connection.close(200, "replay done".into())).await;
-    result.map(|()| report)
+}
+
+/// Why a copy did not arrive: the broker returned it (no request queue) or refused it. None
+/// when it is safely in the request queue.
+fn refused(confirmation: &Confirmation, report: &ReplayReport) -> Option<CampaignError> {
+    match confirmation {
+        Confirmation::Ack(None) | Confirmation::NotRequested => None,
+        Confirmation::Ack(Some(_)) => Some(
+            ReplayError::Unroutable {
+                at: report.examined,
+                from: report.from.clone(),
+                to: report.to.clone(),
+                moved: report.moved.len(),
+            }
+            .into(),
+        ),
+        Confirmation::Nack(_) => Some(
+            ReplayError::Nacked {
+                at: report.examined,
+                from: report.from.clone(),
+                moved: report.moved.len(),
+            }
+            .into(),
+        ),
+    }
 }
 
 /// The original properties as [`copied_properties`] gives them for `login`, without the

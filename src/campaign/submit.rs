@@ -15,7 +15,7 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::Confirmation;
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, Connection};
 
 use super::input::{self, CampaignRequest, InputFormat, InputSource, ParsedInput};
 use super::progress::{Meter, ProgressMode};
@@ -352,6 +352,110 @@ pub async fn submit_parsed(
     mode: ProgressMode,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<SubmitResult, CampaignError> {
+    report_input(&parsed, plan)?;
+    let mut result = SubmitResult {
+        campaign,
+        input: parsed,
+        published: None,
+        summary: None,
+        failures: None,
+    };
+    if plan.dry_run {
+        print_dry_run(config, &result);
+        return Ok(result);
+    }
+    if result.input.requests.is_empty() {
+        return Err(CampaignError::NothingToSend {
+            invalid: result.input.errors.len(),
+        });
+    }
+
+    let (connection, channel, watcher) = open(config, plan.wait).await?;
+    let total = result.input.requests.len();
+    let meter = Meter::new(mode, "submitted", &["submitted"], Some(total as u64));
+    let originals: HashMap<String, (usize, String)> = result
+        .input
+        .requests
+        .iter()
+        .map(|r| (r.idempotency_key.clone(), (r.line, r.original.clone())))
+        .collect();
+    let filter = OutcomeFilter {
+        campaign: result.campaign.clone(),
+        keys: Some(originals.keys().cloned().collect()),
+    };
+    // Ctrl-C (or SIGTERM) stops a paced campaign between publishes; what was confirmed stays
+    // sent, and submitting the same input again sends the rest (the keys de-duplicate).
+    let stop = stop.shared();
+    let (published_tx, published_rx) = tokio::sync::oneshot::channel();
+    let publishing = publish_campaign(
+        config,
+        plan,
+        &channel,
+        &result,
+        meter,
+        stop.clone(),
+        published_tx,
+    );
+    // The outcomes are read while publishing, so they pass through the watcher's bounded
+    // prefetch as they come instead of waiting, unacked, for the last publish.
+    let counting = async {
+        let watcher = watcher?;
+        let counting = Counting {
+            filter: &filter,
+            total,
+            timeout: plan.timeout,
+            mode,
+        };
+        Some(count_while_publishing(watcher, counting, stop.clone(), published_rx).await)
+    };
+    let ((published, confirmed), summary) = tokio::join!(publishing, counting);
+    let Some(report) = published else {
+        let _ = tokio::time::timeout(
+            config.amqp.confirm_timeout,
+            connection.close(200, "submit interrupted".into()),
+        )
+        .await;
+        return Err(CampaignError::Interrupted { confirmed, total });
+    };
+    result.published = Some(report?);
+    if let Some(summary) = summary {
+        report_outcomes(plan, summary?, &originals, &mut result)?;
+    }
+    let _ = tokio::time::timeout(
+        config.amqp.confirm_timeout,
+        connection.close(200, "submit done".into()),
+    )
+    .await;
+    Ok(result)
+}
+
+/// The connection, a channel in confirm mode with the topology declared, and with `wait` the
+/// outcome watcher, bound before the first publish so that an outcome published a millisecond
+/// later is not missed.
+async fn open(
+    config: &Config,
+    wait: bool,
+) -> Result<(Connection, Channel, Option<Watcher>), CampaignError> {
+    let connection = super::connect(config, "submit").await?;
+    let channel = open_channel(&connection, config).await?;
+    super::declare_topology(&channel, &config.amqp, config.amqp.confirm_timeout).await?;
+    let watcher = if wait {
+        Some(Watcher::bind(&connection, &config.amqp, config.amqp.confirm_timeout).await?)
+    } else {
+        None
+    };
+    super::bounded(
+        config.amqp.confirm_timeout,
+        "confirm_select",
+        channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await?;
+    Ok((connection, channel, watcher))
+}
+
+/// Says which lines are invalid and which repeat another; refuses invalid lines unless
+/// `skip_invalid`.
+fn report_input(parsed: &ParsedInput, plan: &SubmitPlan) -> Result<(), CampaignError> {
     for error in &parsed.errors {
         eprintln!("{error}");
     }
@@ -367,49 +471,35 @@ pub async fn submit_parsed(
             valid: parsed.requests.len(),
         });
     }
-    let mut result = SubmitResult {
-        campaign,
-        input: parsed,
-        published: None,
-        summary: None,
-        failures: None,
-    };
-    if plan.dry_run {
-        for request in &result.input.requests {
-            println!("{}", String::from_utf8_lossy(&request.body));
-        }
-        eprintln!(
-            "dry run: {} request(s) would be sent to queue '{}' for campaign {}; {} invalid line(s)",
-            result.input.requests.len(),
-            config.amqp.request_queue,
-            result.campaign,
-            result.input.errors.len()
-        );
-        return Ok(result);
-    }
-    if result.input.requests.is_empty() {
-        return Err(CampaignError::NothingToSend {
-            invalid: result.input.errors.len(),
-        });
-    }
+    Ok(())
+}
 
-    let connection = super::connect(config, "submit").await?;
-    let channel = open_channel(&connection, config).await?;
-    super::declare_topology(&channel, &config.amqp, config.amqp.confirm_timeout).await?;
-    // Bound before the first publish: an outcome published a millisecond later is not missed.
-    let watcher = if plan.wait {
-        Some(Watcher::bind(&connection, &config.amqp, config.amqp.confirm_timeout).await?)
-    } else {
-        None
-    };
-    super::bounded(
-        config.amqp.confirm_timeout,
-        "confirm_select",
-        channel.confirm_select(ConfirmSelectOptions::default()),
-    )
-    .await?;
-    let total = result.input.requests.len();
-    let meter = Meter::new(mode, "submitted", &["submitted"], Some(total as u64));
+/// The bodies that would be sent (stdout) and what would happen (stderr).
+fn print_dry_run(config: &Config, result: &SubmitResult) {
+    for request in &result.input.requests {
+        println!("{}", String::from_utf8_lossy(&request.body));
+    }
+    eprintln!(
+        "dry run: {} request(s) would be sent to queue '{}' for campaign {}; {} invalid line(s)",
+        result.input.requests.len(),
+        config.amqp.request_queue,
+        result.campaign,
+        result.input.errors.len()
+    );
+}
+
+/// Publishes the campaign's requests, in one new trace, until done or `stop`, then tells the
+/// outcome count through `published` whether every request went out. Returns the report (None:
+/// stopped) and how many requests were confirmed.
+async fn publish_campaign(
+    config: &Config,
+    plan: &SubmitPlan,
+    channel: &Channel,
+    result: &SubmitResult,
+    meter: Meter,
+    stop: impl std::future::Future<Output = ()>,
+    published: tokio::sync::oneshot::Sender<bool>,
+) -> (Option<Result<PublishReport, PublishError>>, usize) {
     let trace = TraceContext::root();
     let options = PublishOptions {
         window: plan.window,
@@ -417,107 +507,97 @@ pub async fn submit_parsed(
         confirm_timeout: config.amqp.confirm_timeout,
         trace: Some(trace.clone()),
     };
-    let originals: HashMap<String, (usize, String)> = result
-        .input
-        .requests
-        .iter()
-        .map(|r| (r.idempotency_key.clone(), (r.line, r.original.clone())))
-        .collect();
-    let filter = OutcomeFilter {
-        campaign: result.campaign.clone(),
-        keys: Some(originals.keys().cloned().collect()),
+    let report = tokio::select! {
+        report = publish_requests(
+            channel,
+            &config.amqp.request_queue,
+            &result.input.requests,
+            &options,
+            &meter,
+        ) => Some(report),
+        () = stop => None,
     };
-    // Ctrl-C (or SIGTERM) stops a paced campaign between publishes; what was confirmed stays
-    // sent, and submitting the same input again sends the rest (the keys de-duplicate).
-    let stop = stop.shared();
-    let (published_tx, published_rx) = tokio::sync::oneshot::channel();
-    let publishing = async {
-        let published = tokio::select! {
-            report = publish_requests(
-                &channel,
-                &config.amqp.request_queue,
-                &result.input.requests,
-                &options,
-                &meter,
-            ) => Some(report),
-            () = stop.clone() => None,
-        };
-        let confirmed = meter.done() as usize;
-        meter.finish();
-        if let Some(Ok(report)) = &published {
-            // Said here, before the outcome count shows itself.
-            eprintln!(
-                "submitted {} request(s) to queue '{}' for campaign {} ({:.0}/s, all confirmed; trace {})",
-                report.confirmed,
-                config.amqp.request_queue,
-                result.campaign,
-                report.per_second(),
-                trace.trace_id_hex()
-            );
-        }
-        // Tells the outcome count to show itself and start --timeout, or to stop.
-        let _ = published_tx.send(matches!(published, Some(Ok(_))));
-        (published, confirmed)
-    };
-    // The outcomes are read while publishing, so they pass through the watcher's bounded
-    // prefetch as they come instead of waiting, unacked, for the last publish.
+    let confirmed = meter.done() as usize;
+    meter.finish();
+    if let Some(Ok(report)) = &report {
+        // Said here, before the outcome count shows itself.
+        eprintln!(
+            "submitted {} request(s) to queue '{}' for campaign {} ({:.0}/s, all confirmed; trace {})",
+            report.confirmed,
+            config.amqp.request_queue,
+            result.campaign,
+            report.per_second(),
+            trace.trace_id_hex()
+        );
+    }
+    // Tells the outcome count to show itself and start --timeout, or to stop.
+    let _ = published.send(matches!(report, Some(Ok(_))));
+    (report, confirmed)
+}
+
+/// What the outcome count of a submission looks for.
+struct Counting<'a> {
+    filter: &'a OutcomeFilter,
+    /// Outcomes expected: one per request.
+    total: usize,
+    timeout: Option<Duration>,
+    mode: ProgressMode,
+}
+
+/// Counts the campaign's outcomes while it is published; the count shows itself once
+/// `published` says every request went out.
+async fn count_while_publishing(
+    watcher: Watcher,
+    counting: Counting<'_>,
+    stop: impl std::future::Future<Output = ()>,
+    published: tokio::sync::oneshot::Receiver<bool>,
+) -> Result<CampaignSummary, CampaignError> {
     let publishing_done = std::sync::atomic::AtomicBool::new(false);
-    let counting = async {
-        let watcher = watcher?;
-        let counted = watcher
-            .collect_after(
-                &filter,
-                Some(total),
-                plan.timeout,
-                mode,
-                stop.clone(),
-                async {
-                    let published = published_rx.await.unwrap_or(false);
-                    publishing_done.store(true, std::sync::atomic::Ordering::Relaxed);
-                    published
-                },
-            )
-            .await;
-        if let Err(e) = &counted {
-            if !publishing_done.load(std::sync::atomic::Ordering::Relaxed) {
-                // Publishing matters more and goes on; say now why no count will follow.
-                eprintln!(
-                    "warning: counting outcomes stopped: {e}; publishing goes on (count them afterwards with `watch --campaign {}`)",
-                    result.campaign
-                );
-            }
-        }
-        Some(counted)
-    };
-    let ((published, confirmed), summary) = tokio::join!(publishing, counting);
-    let Some(report) = published else {
-        let _ = tokio::time::timeout(
-            config.amqp.confirm_timeout,
-            connection.close(200, "submit interrupted".into()),
+    let counted = watcher
+        .collect_after(
+            counting.filter,
+            Some(counting.total),
+            counting.timeout,
+            counting.mode,
+            stop,
+            async {
+                let published = published.await.unwrap_or(false);
+                publishing_done.store(true, std::sync::atomic::Ordering::Relaxed);
+                published
+            },
         )
         .await;
-        return Err(CampaignError::Interrupted { confirmed, total });
-    };
-    result.published = Some(report?);
+    if let Err(e) = &counted {
+        if !publishing_done.load(std::sync::atomic::Ordering::Relaxed) {
+            // Publishing matters more and goes on; say now why no count will follow.
+            eprintln!(
+                "warning: counting outcomes stopped: {e}; publishing goes on (count them afterwards with `watch --campaign {}`)",
+                counting.filter.campaign
+            );
+        }
+    }
+    counted
+}
 
-    if let Some(summary) = summary {
-        let summary = summary?;
-        println!("{}", summary.render());
-        if summary.has_failures() || summary.missing() > 0 {
-            let written = watch::write_failures(&plan.failures, &summary, Some(&originals))
-                .map_err(|source| CampaignError::Failures {
+/// Prints the summary and writes the failures file when a request failed or has no outcome.
+fn report_outcomes(
+    plan: &SubmitPlan,
+    summary: CampaignSummary,
+    originals: &HashMap<String, (usize, String)>,
+    result: &mut SubmitResult,
+) -> Result<(), CampaignError> {
+    println!("{}", summary.render());
+    if summary.has_failures() || summary.missing() > 0 {
+        let written =
+            watch::write_failures(&plan.failures, &summary, Some(originals)).map_err(|source| {
+                CampaignError::Failures {
                     path: plan.failures.clone(),
                     source,
-                })?;
-            println!("{}", written.describe(&plan.failures));
-            result.failures = Some(written);
-        }
-        result.summary = Some(summary);
+                }
+            })?;
+        println!("{}", written.describe(&plan.failures));
+        result.failures = Some(written);
     }
-    let _ = tokio::time::timeout(
-        config.amqp.confirm_timeout,
-        connection.close(200, "submit done".into()),
-    )
-    .await;
-    Ok(result)
+    result.summary = Some(summary);
+    Ok(())
 }

@@ -198,26 +198,7 @@ impl Watcher {
                 delivery.acker.ack(BasicAckOptions::default()),
             )
             .await?;
-            let Ok(outcome) = serde_json::from_slice::<Outcome>(&delivery.data) else {
-                // Not a contract outcome (another publisher on the exchange): not ours to count.
-                continue;
-            };
-            if !filter.matches(&outcome) {
-                continue;
-            }
-            if summary.received_keys.contains(&outcome.idempotency_key) {
-                // The same job answered twice (a redelivered request): one job, one count.
-                summary.duplicates += 1;
-                continue;
-            }
-            let index = STATUSES
-                .iter()
-                .position(|s| *s == outcome.status)
-                .expect("every status is listed");
-            if let Some(meter) = &meter {
-                meter.inc(index, 1);
-            }
-            summary.add(outcome);
+            count(&mut summary, &delivery.data, filter, meter.as_ref());
         }
         // Every outcome came before publishing ended: show the count once it has.
         if waiting && !summary.interrupted && started.await {
@@ -237,6 +218,36 @@ pub struct OutcomeFilter {
     pub campaign: String,
     /// When known (`submit --wait`), the outcome's key must be one of these.
     pub keys: Option<HashSet<String>>,
+}
+
+/// Counts one outcome's `data` in `summary` (and on `meter`) when it is an outcome of the
+/// campaign `filter` names, and not a second answer of the same job.
+fn count(
+    summary: &mut CampaignSummary,
+    data: &[u8],
+    filter: &OutcomeFilter,
+    meter: Option<&Meter>,
+) {
+    let Ok(outcome) = serde_json::from_slice::<Outcome>(data) else {
+        // Not a contract outcome (another publisher on the exchange): not ours to count.
+        return;
+    };
+    if !filter.matches(&outcome) {
+        return;
+    }
+    if summary.received_keys.contains(&outcome.idempotency_key) {
+        // The same job answered twice (a redelivered request): one job, one count.
+        summary.duplicates += 1;
+        return;
+    }
+    let index = STATUSES
+        .iter()
+        .position(|s| *s == outcome.status)
+        .expect("every status is listed");
+    if let Some(meter) = meter {
+        meter.inc(index, 1);
+    }
+    summary.add(outcome);
 }
 
 impl OutcomeFilter {

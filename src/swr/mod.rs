@@ -10,7 +10,7 @@ pub mod iam;
 use tracing::Instrument;
 
 use crate::breaker::Breaker;
-use crate::config::RetryConfig;
+use crate::config::{RetryConfig, Secret};
 use crate::outcome::{capped, ErrorKind, OutcomeError, Status, MAX_ERROR_MESSAGE_CHARS};
 use crate::ratelimit::RateLimiter;
 use crate::request::StageRequest;
@@ -19,7 +19,7 @@ use crate::telemetry::metrics::Metrics;
 use crate::trace::TraceContext;
 use auth::{AuthError, TokenSource};
 use classify::{classify, Class};
-use client::{AttemptError, SwrClient};
+use client::{AttemptError, Reply, SwrClient};
 
 /// What every attempt passes through besides the schedule.
 #[derive(Clone, Copy)]
@@ -67,71 +67,97 @@ pub async fn execute(
     key: &str,
     trace: &TraceContext,
 ) -> Execution {
-    let mut probe = guards.probe;
-    let url = client.url(request);
-    let mut schedule = RetrySchedule::new(retry);
-    let mut reauthed = false;
-    // HTTP attempts sent to SWR; lower than the schedule's count when getting a token failed.
-    let mut sent = 0u32;
-    let mut http_status = None;
-    let mut swr_request_id = None;
-    let finish =
-        |sent: u32, http_status, swr_request_id, error: Option<(LastError, bool)>| Execution {
-            status: if error.is_some() {
-                Status::Failed
-            } else {
-                Status::Succeeded
-            },
-            http_status,
-            attempts: sent,
-            swr_request_id,
-            error: error.map(|(e, retryable)| OutcomeError {
-                kind: e.kind,
-                // Built from SWR's and IAM's words, each capped; the whole is capped too.
-                message: capped(e.message, MAX_ERROR_MESSAGE_CHARS),
-                retryable,
-                swr_error_code: e.swr_error_code,
-            }),
-        };
-    let no_token = |kind: ErrorKind, why: &AuthError, before: &str| LastError {
-        kind,
-        message: format!("{before}could not get an SWR token: {why}"),
-        swr_error_code: None,
+    let mut job = Attempts {
+        client,
+        tokens,
+        guards,
+        url: client.url(request),
+        key,
+        trace,
+        probe: guards.probe,
+        reauthed: false,
+        sent: 0,
+        http_status: None,
+        swr_request_id: None,
     };
+    let mut schedule = RetrySchedule::new(retry);
     loop {
         schedule.begin_attempt();
-        let token = match tokens.token().await {
-            Ok(token) => token,
+        let next = match tokens.token().await {
+            Ok(token) => job.send(&token).await,
+            // SWR was not called, and the fix is in the worker's credentials: retryable, so
+            // the key is released and a re-submission runs once they are fixed.
             Err(why @ AuthError::Refused(_)) => {
-                // SWR was not called, and the fix is in the worker's credentials: retryable, so
-                // the key is released and a re-submission runs once they are fixed.
-                let last = no_token(ErrorKind::Unauthorized, &why, "");
-                return finish(sent, http_status, swr_request_id, Some((last, true)));
+                Next::Finish(Some((no_token(ErrorKind::Unauthorized, &why, ""), true)))
             }
+            // Like a transport error: back off and try again.
             Err(why @ AuthError::Unavailable(_)) => {
-                // Like a transport error: back off and try again.
-                let last = no_token(ErrorKind::Transport, &why, "");
-                if let Err(last) = backoff(&mut schedule, last, None).await {
-                    return finish(sent, http_status, swr_request_id, Some((last, true)));
-                }
-                continue;
+                Next::Backoff(no_token(ErrorKind::Transport, &why, ""), None)
             }
         };
-        sent += 1;
-        guards.pace.until_ready().await;
+        match next {
+            Next::Finish(error) => return job.finish(error),
+            Next::Again => continue,
+            Next::Backoff(last, retry_after) => {
+                if let Err(last) = backoff(&mut schedule, last, retry_after).await {
+                    return job.finish(Some((last, true)));
+                }
+            }
+        }
+    }
+}
+
+/// What to do after an attempt.
+enum Next {
+    /// The final answer: success (None), or the failure and whether it is retryable.
+    Finish(Option<(LastError, bool)>),
+    /// A transient failure: wait as the schedule says (and SWR's Retry-After), then try again.
+    Backoff(LastError, Option<std::time::Duration>),
+    /// Try again at once (with a renewed token).
+    Again,
+}
+
+/// One job's attempts: what each needs, and what they learnt so far.
+struct Attempts<'a> {
+    client: &'a SwrClient,
+    tokens: &'a dyn TokenSource,
+    guards: Guards<'a>,
+    url: String,
+    key: &'a str,
+    trace: &'a TraceContext,
+    /// This attempt is the breaker's probe (only the job's first can be).
+    probe: bool,
+    /// The token was renewed once already after SWR refused it.
+    reauthed: bool,
+    /// HTTP attempts sent to SWR; lower than the schedule's count when getting a token failed.
+    sent: u32,
+    /// Status of the last answer SWR gave.
+    http_status: Option<u16>,
+    /// `X-Request-Id` of the last answer.
+    swr_request_id: Option<String>,
+}
+
+impl Attempts<'_> {
+    /// Sends one attempt with `token`, counts it, tells the breaker, and decides what follows.
+    async fn send(&mut self, token: &Secret) -> Next {
+        self.sent += 1;
+        self.guards.pace.until_ready().await;
         let sent_at = std::time::Instant::now();
         // Each attempt is a child span of the job; SWR gets its `traceparent`.
-        let attempt_trace = trace.child();
-        let attempt = client
-            .attempt(&url, key, &token, &attempt_trace)
-            .instrument(tracing::debug_span!("attempt", attempt = sent, span_id = %crate::trace::Hex(&attempt_trace.span_id)))
+        let attempt_trace = self.trace.child();
+        let attempt = self
+            .client
+            .attempt(&self.url, self.key, token, &attempt_trace)
+            .instrument(tracing::debug_span!("attempt", attempt = self.sent, span_id = %crate::trace::Hex(&attempt_trace.span_id)))
             .await;
         let code = match &attempt {
             Ok(reply) => reply.status.to_string(),
             Err(AttemptError::Timeout(_)) => "timeout".to_owned(),
             Err(AttemptError::Transport(_)) => "transport".to_owned(),
         };
-        guards.metrics.swr_attempt(&code, sent_at.elapsed(), sent);
+        self.guards
+            .metrics
+            .swr_attempt(&code, sent_at.elapsed(), self.sent);
         let transient = match &attempt {
             Ok(reply) => matches!(
                 classify(reply.status, reply.error_code.as_deref()),
@@ -139,83 +165,11 @@ pub async fn execute(
             ),
             Err(_) => true,
         };
-        guards.breaker.record(transient, probe);
-        probe = false;
-        let (last, retry_after) = match attempt {
-            Ok(reply) => {
-                http_status = Some(reply.status);
-                swr_request_id = reply.request_id.clone();
-                let describe = |kind: ErrorKind| LastError {
-                    kind,
-                    message: describe_answer(reply.status, &reply.error_code, &reply.error_msg),
-                    swr_error_code: reply.error_code.clone(),
-                };
-                match classify(reply.status, reply.error_code.as_deref()) {
-                    Class::Success => return finish(sent, http_status, swr_request_id, None),
-                    Class::Permanent(kind) => {
-                        return finish(
-                            sent,
-                            http_status,
-                            swr_request_id,
-                            Some((describe(kind), false)),
-                        )
-                    }
-                    Class::Reauth => {
-                        let unauthorized = describe(ErrorKind::Unauthorized);
-                        // A refused token means nothing ran and the fix is in the credentials,
-                        // like a refused sign-in: `retryable: true` releases the key, so a
-                        // re-submission runs once the token is fixed (only permanent failures
-                        // are stored, contract §5).
-                        // Once per job, outside the transient budget (contract §1): a 401 on
-                        // the last allowed attempt still gets its renewed token and one more try.
-                        if reauthed {
-                            return finish(
-                                sent,
-                                http_status,
-                                swr_request_id,
-                                Some((unauthorized, true)),
-                            );
-                        }
-                        match tokens.refresh(&token).await {
-                            Ok(true) => {
-                                reauthed = true;
-                                tracing::info!(
-                                    "SWR refused the token; retrying once with a renewed one"
-                                );
-                                continue;
-                            }
-                            Ok(false) => {
-                                return finish(
-                                    sent,
-                                    http_status,
-                                    swr_request_id,
-                                    Some((unauthorized, true)),
-                                )
-                            }
-                            Err(why @ AuthError::Refused(_)) => {
-                                let before = format!("{}; then ", unauthorized.message);
-                                let mut last = no_token(ErrorKind::Unauthorized, &why, &before);
-                                last.swr_error_code = unauthorized.swr_error_code;
-                                // As above: nothing ran, and the fix is in the credentials.
-                                return finish(
-                                    sent,
-                                    http_status,
-                                    swr_request_id,
-                                    Some((last, true)),
-                                );
-                            }
-                            Err(why @ AuthError::Unavailable(_)) => {
-                                let before = format!("{}; then ", unauthorized.message);
-                                let mut last = no_token(ErrorKind::Transport, &why, &before);
-                                last.swr_error_code = unauthorized.swr_error_code;
-                                (last, None)
-                            }
-                        }
-                    }
-                    Class::Transient(kind) => (describe(kind), reply.retry_after),
-                }
-            }
-            Err(AttemptError::Timeout(limit)) => (
+        self.guards.breaker.record(transient, self.probe);
+        self.probe = false;
+        match attempt {
+            Ok(reply) => self.answered(reply, token).await,
+            Err(AttemptError::Timeout(limit)) => Next::Backoff(
                 LastError {
                     kind: ErrorKind::Timeout,
                     message: format!(
@@ -226,7 +180,7 @@ pub async fn execute(
                 },
                 None,
             ),
-            Err(AttemptError::Transport(message)) => (
+            Err(AttemptError::Transport(message)) => Next::Backoff(
                 LastError {
                     kind: ErrorKind::Transport,
                     message: format!("could not reach SWR: {message}"),
@@ -234,10 +188,87 @@ pub async fn execute(
                 },
                 None,
             ),
-        };
-        if let Err(last) = backoff(&mut schedule, last, retry_after).await {
-            return finish(sent, http_status, swr_request_id, Some((last, true)));
         }
+    }
+
+    /// What SWR's answer to an attempt with `token` means (contract §1).
+    async fn answered(&mut self, reply: Reply, token: &Secret) -> Next {
+        self.http_status = Some(reply.status);
+        self.swr_request_id = reply.request_id.clone();
+        let describe = |kind: ErrorKind| LastError {
+            kind,
+            message: describe_answer(reply.status, &reply.error_code, &reply.error_msg),
+            swr_error_code: reply.error_code.clone(),
+        };
+        match classify(reply.status, reply.error_code.as_deref()) {
+            Class::Success => Next::Finish(None),
+            Class::Permanent(kind) => Next::Finish(Some((describe(kind), false))),
+            Class::Reauth => self.reauth(describe(ErrorKind::Unauthorized), token).await,
+            Class::Transient(kind) => Next::Backoff(describe(kind), reply.retry_after),
+        }
+    }
+
+    /// SWR refused `token`: renew it and try once more, or fail `unauthorized`.
+    async fn reauth(&mut self, unauthorized: LastError, token: &Secret) -> Next {
+        // A refused token means nothing ran and the fix is in the credentials, like a refused
+        // sign-in: `retryable: true` releases the key, so a re-submission runs once the token
+        // is fixed (only permanent failures are stored, contract §5).
+        // Once per job, outside the transient budget (contract §1): a 401 on the last allowed
+        // attempt still gets its renewed token and one more try.
+        if self.reauthed {
+            return Next::Finish(Some((unauthorized, true)));
+        }
+        match self.tokens.refresh(token).await {
+            Ok(true) => {
+                self.reauthed = true;
+                tracing::info!("SWR refused the token; retrying once with a renewed one");
+                Next::Again
+            }
+            Ok(false) => Next::Finish(Some((unauthorized, true))),
+            Err(why @ AuthError::Refused(_)) => {
+                let before = format!("{}; then ", unauthorized.message);
+                let mut last = no_token(ErrorKind::Unauthorized, &why, &before);
+                last.swr_error_code = unauthorized.swr_error_code;
+                // As above: nothing ran, and the fix is in the credentials.
+                Next::Finish(Some((last, true)))
+            }
+            Err(why @ AuthError::Unavailable(_)) => {
+                let before = format!("{}; then ", unauthorized.message);
+                let mut last = no_token(ErrorKind::Transport, &why, &before);
+                last.swr_error_code = unauthorized.swr_error_code;
+                Next::Backoff(last, None)
+            }
+        }
+    }
+
+    /// The job's result: a success (`error` None) or a failure and whether it is retryable.
+    fn finish(self, error: Option<(LastError, bool)>) -> Execution {
+        Execution {
+            status: if error.is_some() {
+                Status::Failed
+            } else {
+                Status::Succeeded
+            },
+            http_status: self.http_status,
+            attempts: self.sent,
+            swr_request_id: self.swr_request_id,
+            error: error.map(|(e, retryable)| OutcomeError {
+                kind: e.kind,
+                // Built from SWR's and IAM's words, each capped; the whole is capped too.
+                message: capped(e.message, MAX_ERROR_MESSAGE_CHARS),
+                retryable,
+                swr_error_code: e.swr_error_code,
+            }),
+        }
+    }
+}
+
+/// Getting a token failed (`before`: what happened first, if anything).
+fn no_token(kind: ErrorKind, why: &AuthError, before: &str) -> LastError {
+    LastError {
+        kind,
+        message: format!("{before}could not get an SWR token: {why}"),
+        swr_error_code: None,
     }
 }
 
