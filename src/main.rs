@@ -228,7 +228,6 @@ fn main() -> ExitCode {
             return ExitCode::from(if cli.command.is_campaign() { 1 } else { 2 });
         }
     };
-    init_logging(&cli.command, &config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -239,12 +238,41 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(dispatch(cli.command, config))
+    // Span export is the worker's alone; it starts on the runtime, before the first span.
+    let export = match (&cli.command, config.telemetry.otlp_enabled()) {
+        (Command::Run, true) => {
+            let _runtime = runtime.enter();
+            match start_export(&config) {
+                Ok(export) => Some(export),
+                Err(e) => {
+                    eprintln!("swr-stage-worker: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        _ => None,
+    };
+    init_logging(&cli.command, &config, export.as_ref());
+    runtime.block_on(dispatch(cli.command, config, export))
+}
+
+/// Span export from `[telemetry]`: the collector's URL and headers, trusted like SWR.
+fn start_export(config: &Config) -> Result<telemetry::otlp::Export, String> {
+    let telemetry = &config.telemetry;
+    telemetry::otlp::Export::start(telemetry::otlp::Settings {
+        url: telemetry.otlp_traces_url(),
+        headers: telemetry.otlp_headers().map_err(|e| e.to_string())?,
+        timeout: telemetry.otlp_timeout,
+        queue: telemetry.otlp_queue,
+        worker_id: config.worker_id(),
+        tls: config.http.client_config().map_err(|e| e.to_string())?,
+    })
+    .map_err(|e| e.to_string())
 }
 
 /// Logs as configured, or only warnings for the commands that print their own progress and
 /// summary (log lines would bury them) unless RUST_LOG asks for more.
-fn init_logging(command: &Command, config: &Config) {
+fn init_logging(command: &Command, config: &Config, export: Option<&telemetry::otlp::Export>) {
     let quiet = match command {
         Command::Demo { .. } => true,
         Command::Bench(bench) => bench.prints_own_summary(),
@@ -253,16 +281,20 @@ fn init_logging(command: &Command, config: &Config) {
     if quiet && std::env::var_os("RUST_LOG").is_none() {
         let mut quiet = config.log.clone();
         quiet.level = "warn".into();
-        telemetry::init(&quiet);
+        telemetry::init(&quiet, None);
     } else {
-        telemetry::init(&config.log);
+        telemetry::init(&config.log, export);
     }
 }
 
 /// Runs the command; its exit code.
-async fn dispatch(command: Command, config: Config) -> ExitCode {
+async fn dispatch(
+    command: Command,
+    config: Config,
+    export: Option<telemetry::otlp::Export>,
+) -> ExitCode {
     match command {
-        Command::Run => run_worker(config).await,
+        Command::Run => run_worker(config, export).await,
         Command::Sim(args) => serve_sim(args).await,
         Command::Bench(bench) => match bench.run(config).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -316,13 +348,30 @@ fn failed(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// `run`: the worker until SIGTERM/SIGINT; exit 2 for a configuration it cannot run with.
-async fn run_worker(config: Config) -> ExitCode {
+/// `run`: the worker until SIGTERM/SIGINT; exit 2 for a configuration it cannot run with. Span
+/// export, when on, flushes within the same `shutdown.grace` as the jobs, counted from the signal.
+async fn run_worker(config: Config, export: Option<telemetry::otlp::Export>) -> ExitCode {
     if let Err(e) = config.validate_for_worker() {
         eprintln!("swr-stage-worker: {e}");
         return ExitCode::from(2);
     }
-    match service::run(config, shutdown::termination_signal()).await {
+    let grace = config.shutdown.grace;
+    let signalled = std::sync::Arc::new(std::sync::OnceLock::new());
+    let signal = {
+        let signalled = signalled.clone();
+        async move {
+            shutdown::termination_signal().await;
+            let _ = signalled.set(std::time::Instant::now());
+        }
+    };
+    let result = service::run(config, signal).await;
+    if let Some(export) = export {
+        let since = signalled.get().copied();
+        export
+            .shutdown(since.unwrap_or_else(std::time::Instant::now) + grace)
+            .await;
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "worker stopped");

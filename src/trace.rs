@@ -200,7 +200,7 @@ fn next_u64() -> u64 {
 }
 
 /// A random id, never all zero.
-fn random_id<const N: usize>() -> [u8; N] {
+pub(crate) fn random_id<const N: usize>() -> [u8; N] {
     loop {
         let mut id = [0u8; N];
         for chunk in id.chunks_mut(8) {

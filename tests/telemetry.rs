@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use common::TestEnv;
@@ -16,23 +15,6 @@ async fn start_with_telemetry(test: &str) -> (TestEnv, String) {
     let mut env = TestEnv::without_worker(test, &[]).await;
     let base = env.start_worker_with_telemetry().await;
     (env, base)
-}
-
-/// Scrapes /metrics into "name{labels}" → value.
-async fn scrape(base: &str) -> HashMap<String, f64> {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            l.rsplit_once(' ')
-                .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
-        })
-        .collect()
 }
 
 async fn wait_ready(base: &str, ready: bool) -> Value {
@@ -73,7 +55,7 @@ async fn metrics_move_as_jobs_run_and_the_health_endpoints_answer() {
         ),
         (Some("consuming"), Some("ok"), Some("closed"))
     );
-    let before = scrape(&base).await;
+    let before = common::scrape(&base).await;
     assert_eq!(before["swr_stage_broker_connected"], 1.0);
 
     env.sim.add_rule(FaultRule {
@@ -93,7 +75,7 @@ async fn metrics_move_as_jobs_run_and_the_health_endpoints_answer() {
     // The last outcome is confirmed before its delivery is settled: wait for the settling.
     let deadline = tokio::time::Instant::now() + common::WAIT;
     let after = loop {
-        let after = scrape(&base).await;
+        let after = common::scrape(&base).await;
         if after
             .get("swr_stage_job_seconds_count")
             .copied()
@@ -208,11 +190,17 @@ async fn readiness_follows_the_broker_connection() {
     common::rabbitmqctl(&["stop_app"]).await;
     let down = wait_ready(&base, false).await;
     assert_eq!(down["broker"], "disconnected");
-    assert_eq!(scrape(&base).await["swr_stage_broker_connected"], 0.0);
+    assert_eq!(
+        common::scrape(&base).await["swr_stage_broker_connected"],
+        0.0
+    );
     common::rabbitmqctl(&["start_app"]).await;
     common::rabbitmqctl(&["await_startup"]).await;
     wait_ready(&base, true).await;
-    assert_eq!(scrape(&base).await["swr_stage_broker_connected"], 1.0);
+    assert_eq!(
+        common::scrape(&base).await["swr_stage_broker_connected"],
+        1.0
+    );
     env.reconnect().await;
     env.teardown().await;
 }

@@ -172,7 +172,11 @@ fn set_from_env(table: &mut Table, var: &str, key: &str, raw: &str) -> Result<()
         key: key.to_owned(),
         expected,
         // Never echo a secret back, even in an error.
-        got: if key.ends_with("token") || key.ends_with("url") || key.ends_with("password") {
+        got: if key.ends_with("token")
+            || key.ends_with("url")
+            || key.ends_with("password")
+            || key.ends_with("headers")
+        {
             "<redacted>".into()
         } else {
             raw.to_owned()

@@ -452,6 +452,67 @@ pub struct TelemetryConfig {
     /// port instead of stopping the worker.
     #[serde(skip)]
     pub listen_is_default: bool,
+    /// OTLP/HTTP collector base URL; empty disables span export.
+    pub otlp_endpoint: String,
+    /// Collector request headers, `name=value,...`: may hold an API key.
+    pub otlp_headers: Secret,
+    /// One export request, at most.
+    #[serde(deserialize_with = "duration")]
+    pub otlp_timeout: Duration,
+    /// Finished spans waiting for export, at most.
+    pub otlp_queue: usize,
+}
+
+impl TelemetryConfig {
+    /// Whether span export is on.
+    pub fn otlp_enabled(&self) -> bool {
+        !self.otlp_endpoint.trim().is_empty()
+    }
+
+    /// The URL spans are posted to: the collector's base URL plus `/v1/traces`, as
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` does; a URL that already ends with it is used as written.
+    pub fn otlp_traces_url(&self) -> String {
+        let endpoint = self.otlp_endpoint.trim();
+        if endpoint.trim_end_matches('/').ends_with("/v1/traces") {
+            endpoint.to_owned()
+        } else {
+            format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+        }
+    }
+
+    /// `otlp_headers` (`name=value,name=value`, as `OTEL_EXPORTER_OTLP_HEADERS`), each a valid
+    /// header. An error names the entry by its position, never its value (a secret).
+    pub fn otlp_headers(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        let bad = |message: String| ConfigError::Invalid {
+            key: "telemetry.otlp_headers",
+            message,
+        };
+        let mut headers = Vec::new();
+        for (i, entry) in self.otlp_headers.expose().split(',').enumerate() {
+            if entry.trim().is_empty() {
+                continue;
+            }
+            let n = i + 1;
+            let Some((name, value)) = entry.split_once('=') else {
+                return Err(bad(format!(
+                    "entry {n} is not name=value (expected name=value pairs separated by commas)"
+                )));
+            };
+            let (name, value) = (name.trim(), value.trim());
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(bad(format!(
+                    "entry {n}: {name:?} is not a valid header name"
+                )));
+            }
+            if http::HeaderValue::from_str(value).is_err() {
+                return Err(bad(format!(
+                    "entry {n} ({name}): the value is not a valid header value (printable ASCII)"
+                )));
+            }
+            headers.push((name.to_owned(), value.to_owned()));
+        }
+        Ok(headers)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -569,6 +630,63 @@ fn parse_duration<E: serde::de::Error>(text: &str, also: &str) -> Result<Duratio
 mod tests {
     use super::super::test_env::{env, iam_env};
     use super::*;
+
+    #[test]
+    fn the_collector_url_gets_the_traces_path_and_a_full_one_is_kept() {
+        let url = |endpoint: &str| {
+            TelemetryConfig {
+                otlp_endpoint: endpoint.to_owned(),
+                ..telemetry()
+            }
+            .otlp_traces_url()
+        };
+        assert_eq!(url("http://c:4318"), "http://c:4318/v1/traces");
+        assert_eq!(url("http://c:4318/"), "http://c:4318/v1/traces");
+        assert_eq!(url("https://c/otlp"), "https://c/otlp/v1/traces");
+        assert_eq!(url("http://c:4318/v1/traces"), "http://c:4318/v1/traces");
+    }
+
+    #[test]
+    fn collector_headers_are_name_value_pairs_and_errors_never_show_a_value() {
+        let headers = |text: &str| {
+            TelemetryConfig {
+                otlp_headers: Secret::new(text),
+                ..telemetry()
+            }
+            .otlp_headers()
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            headers("api-key=s3cret, x-team = ops ,").unwrap(),
+            vec![
+                ("api-key".to_owned(), "s3cret".to_owned()),
+                ("x-team".to_owned(), "ops".to_owned())
+            ]
+        );
+        assert_eq!(headers("").unwrap(), vec![]);
+        let e = headers("api-key").unwrap_err();
+        assert!(
+            e.contains("telemetry.otlp_headers")
+                && e.contains("entry 1")
+                && e.contains("name=value"),
+            "{e}"
+        );
+        let e = headers("a=1,bad name=s3cret").unwrap_err();
+        assert!(e.contains("entry 2") && !e.contains("s3cret"), "{e}");
+        let e = headers("k=s3cret\u{1}").unwrap_err();
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    fn telemetry() -> TelemetryConfig {
+        TelemetryConfig {
+            listen: String::new(),
+            listen_is_default: false,
+            otlp_endpoint: String::new(),
+            otlp_headers: Secret::new(""),
+            otlp_timeout: Duration::from_secs(10),
+            otlp_queue: 4096,
+        }
+    }
 
     #[test]
     fn reply_to_is_safe_by_default_and_takes_a_word_or_prefixes() {

@@ -344,6 +344,23 @@ impl Config {
                 ),
             );
         }
+        self.validate_otlp()
+    }
+
+    /// `telemetry.otlp_*`: a collector URL checked like SWR's (its headers may carry an API
+    /// key), headers that parse, a timeout and a queue above zero.
+    fn validate_otlp(&self) -> Result<(), ConfigError> {
+        let telemetry = &self.telemetry;
+        if telemetry.otlp_enabled() {
+            self.check_endpoint("telemetry.otlp_endpoint", telemetry.otlp_endpoint.trim())?;
+        }
+        telemetry.otlp_headers()?;
+        if telemetry.otlp_timeout.is_zero() {
+            return invalid("telemetry.otlp_timeout", "expected a duration above 0");
+        }
+        if telemetry.otlp_queue == 0 {
+            return invalid("telemetry.otlp_queue", "expected a number of spans above 0");
+        }
         Ok(())
     }
 
@@ -367,6 +384,50 @@ mod tests {
 
     use super::super::test_env::{env, iam_env};
     use super::*;
+
+    #[test]
+    fn otlp_settings_are_checked_and_the_headers_never_echoed() {
+        let load = |vars: &[(&str, &str)]| {
+            Config::load(None, env(vars)).and_then(|c| c.validate().map(|()| c))
+        };
+        let c = load(&[
+            (
+                "SWR_STAGE_WORKER__TELEMETRY__OTLP_ENDPOINT",
+                "http://127.0.0.1:4318",
+            ),
+            (
+                "SWR_STAGE_WORKER__TELEMETRY__OTLP_HEADERS",
+                "api-key=s3cret",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(c.telemetry.otlp_queue, 4096);
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let remote = load(&[(
+            "SWR_STAGE_WORKER__TELEMETRY__OTLP_ENDPOINT",
+            "http://collector:4318",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            remote.contains("telemetry.otlp_endpoint") && remote.contains("allow_plain_http"),
+            "{remote}"
+        );
+        let headers = load(&[(
+            "SWR_STAGE_WORKER__TELEMETRY__OTLP_HEADERS",
+            "api-key:s3cret",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            headers.contains("telemetry.otlp_headers") && !headers.contains("s3cret"),
+            "{headers}"
+        );
+        let queue = load(&[("SWR_STAGE_WORKER__TELEMETRY__OTLP_QUEUE", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(queue.contains("telemetry.otlp_queue"), "{queue}");
+    }
 
     #[test]
     fn plain_http_to_another_host_is_refused_unless_allowed() {

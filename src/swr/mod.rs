@@ -144,17 +144,21 @@ impl Attempts<'_> {
         self.guards.pace.until_ready().await;
         let sent_at = std::time::Instant::now();
         // Each attempt is a child span of the job; SWR gets its `traceparent`.
+        // With span export on, the exported attempt span takes these ids.
         let attempt_trace = self.trace.child();
+        let span = tracing::debug_span!("attempt", attempt = self.sent, span_id = %crate::trace::Hex(&attempt_trace.span_id), http.response.status_code = tracing::field::Empty);
+        crate::telemetry::otlp::adopt_child(&span, &attempt_trace);
         let attempt = self
             .client
             .attempt(&self.url, self.key, token, &attempt_trace)
-            .instrument(tracing::debug_span!("attempt", attempt = self.sent, span_id = %crate::trace::Hex(&attempt_trace.span_id)))
+            .instrument(span.clone())
             .await;
         let code = match &attempt {
             Ok(reply) => reply.status.to_string(),
             Err(AttemptError::Timeout(_)) => "timeout".to_owned(),
             Err(AttemptError::Transport(_)) => "transport".to_owned(),
         };
+        span.record("http.response.status_code", code.as_str());
         self.guards
             .metrics
             .swr_attempt(&code, sent_at.elapsed(), self.sent);

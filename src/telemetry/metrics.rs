@@ -190,14 +190,23 @@ impl Metrics {
                 "swr_stage_jobs_total{{mode=\"{mode}\",status=\"{status}\"}} {n}"
             );
         }
-        let _ = writeln!(out, "# HELP swr_stage_errors_total Jobs that did not succeed, by error kind.\n# TYPE swr_stage_errors_total counter");
-        for (kind, n) in self.errors.lock().expect("metrics lock").iter() {
-            let _ = writeln!(out, "swr_stage_errors_total{{kind=\"{kind}\"}} {n}");
-        }
-        let _ = writeln!(out, "# HELP swr_stage_swr_requests_total SWR attempts by HTTP status (or timeout/transport).\n# TYPE swr_stage_swr_requests_total counter");
-        for (code, n) in self.swr_requests.lock().expect("metrics lock").iter() {
-            let _ = writeln!(out, "swr_stage_swr_requests_total{{code=\"{code}\"}} {n}");
-        }
+        let by = |map: &Mutex<BTreeMap<&'static str, u64>>| -> Vec<(&'static str, u64)> {
+            let map = map.lock().expect("metrics lock");
+            map.iter().map(|(k, n)| (*k, *n)).collect()
+        };
+        counters(
+            &mut out,
+            ("swr_stage_errors_total", "kind"),
+            "Jobs that did not succeed, by error kind.",
+            by(&self.errors),
+        );
+        let swr_requests = self.swr_requests.lock().expect("metrics lock").clone();
+        counters(
+            &mut out,
+            ("swr_stage_swr_requests_total", "code"),
+            "SWR attempts by HTTP status (or timeout/transport).",
+            swr_requests,
+        );
         self.swr_request_seconds.render(
             &mut out,
             "swr_stage_swr_request_seconds",
@@ -208,7 +217,43 @@ impl Metrics {
             "swr_stage_job_seconds",
             "Time from delivery to ack (or requeue).",
         );
-        let scalars: [(&str, &str, &str, i64); 6] = [
+        for (name, kind, help, value) in self.scalars() {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        counters(
+            &mut out,
+            ("swr_stage_broker_connects_total", "result"),
+            "Attempts to open a broker session (each tries the nodes of amqp.url in turn), by result.",
+            by(&self.broker_connects),
+        );
+        let (exported, dropped, failed) = super::otlp::COUNTS.get();
+        counters(
+            &mut out,
+            ("swr_stage_otlp_spans_total", "result"),
+            "Spans for OTLP export (telemetry.otlp_endpoint), by result: exported; dropped (the export queue was full, or shutdown came first); failed (the collector refused them or did not answer).",
+            [("exported", exported), ("dropped", dropped), ("failed", failed)],
+        );
+        counters(
+            &mut out,
+            ("swr_stage_token_refresh_total", "result"),
+            "Token refreshes by result.",
+            by(&self.token_refresh),
+        );
+        counters(
+            &mut out,
+            ("swr_stage_reply_to_refused_total", "reason"),
+            "Requests whose reply_to got no copy of the outcome (amqp.reply_to), by reason.",
+            by(&self.reply_to_refused),
+        );
+        out
+    }
+
+    /// The unlabelled metrics: name, type, help, value.
+    fn scalars(&self) -> [(&'static str, &'static str, &'static str, i64); 6] {
+        [
             (
                 "swr_stage_retries_total",
                 "counter",
@@ -245,35 +290,20 @@ impl Metrics {
                 "Jobs that panicked; their requests were requeued.",
                 self.job_panics.load(Ordering::Relaxed) as i64,
             ),
-        ];
-        for (name, kind, help, value) in scalars {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        }
-        let _ = writeln!(out, "# HELP swr_stage_broker_connects_total Attempts to open a broker session (each tries the nodes of amqp.url in turn), by result.\n# TYPE swr_stage_broker_connects_total counter");
-        for (result, n) in self.broker_connects.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "swr_stage_broker_connects_total{{result=\"{result}\"}} {n}"
-            );
-        }
-        let _ = writeln!(out, "# HELP swr_stage_token_refresh_total Token refreshes by result.\n# TYPE swr_stage_token_refresh_total counter");
-        for (result, n) in self.token_refresh.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "swr_stage_token_refresh_total{{result=\"{result}\"}} {n}"
-            );
-        }
-        let _ = writeln!(out, "# HELP swr_stage_reply_to_refused_total Requests whose reply_to got no copy of the outcome (amqp.reply_to), by reason.\n# TYPE swr_stage_reply_to_refused_total counter");
-        for (reason, n) in self.reply_to_refused.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "swr_stage_reply_to_refused_total{{reason=\"{reason}\"}} {n}"
-            );
-        }
-        out
+        ]
+    }
+}
+
+/// A counter family with one label: its HELP and TYPE lines, then a line per label value.
+fn counters<K: std::fmt::Display>(
+    out: &mut String,
+    (name, label): (&str, &str),
+    help: &str,
+    series: impl IntoIterator<Item = (K, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (value, n) in series {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
     }
 }
 

@@ -81,6 +81,7 @@ pub async fn process<S: OutcomeSink>(
     };
     let key = derive_key(field, envelope.message_id, envelope.body);
     let span = job_span(&key, &parsed, &envelope.trace);
+    crate::telemetry::otlp::adopt_job(&span, &envelope.trace);
     warn_unusable_message_id(&span, &envelope, field);
     apply_reply_to_policy(ctx, &span, &mut envelope);
     let job = Job {
@@ -101,7 +102,9 @@ pub async fn process<S: OutcomeSink>(
 }
 
 /// The job's span, made here and only here: a valid request's fields, or those an invalid one
-/// had valid.
+/// had valid. With span export on, the caller hands it the job's ids ([`adopt_job`]).
+///
+/// [`adopt_job`]: crate::telemetry::otlp::adopt_job
 fn job_span(
     key: &str,
     parsed: &Result<StageRequest, Box<InvalidRequest>>,

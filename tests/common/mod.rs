@@ -676,3 +676,20 @@ pub async fn close_connections_named(name: &str) -> usize {
     }
     pids.len()
 }
+
+/// Scrapes /metrics into "name{labels}" → value.
+pub async fn scrape(base: &str) -> std::collections::HashMap<String, f64> {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            l.rsplit_once(' ')
+                .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
+        })
+        .collect()
+}
