@@ -198,6 +198,12 @@ pub(super) fn worker_env(
     // Every run's keys are new, so a shared PostgreSQL would keep each run's rows for the default
     // 7 days; an hour lets later workers' pruning take them.
     env.insert("SWR_STAGE_WORKER__IDEMPOTENCY__TTL".into(), "1h".into());
+    if config.telemetry.otlp_enabled() {
+        env.insert(
+            "SWR_STAGE_WORKER__TELEMETRY__OTLP_ENDPOINT".into(),
+            config.telemetry.otlp_endpoint.clone(),
+        );
+    }
     // A port of its own: a worker already running here (on the default 9464) must not make
     // the phase's worker fail to start.
     env.insert(

@@ -22,6 +22,7 @@ use swr_stage_worker::config::{AmqpConfig, Config};
 
 mod bare_loop;
 mod child;
+mod collector;
 mod endpoint;
 pub mod fleet;
 mod host;

@@ -5,7 +5,9 @@
 //! 1. the endpoint alone (is SWR's stand-in fast enough not to be the bottleneck?);
 //! 2. the bare loop: consume, POST, publish a result with a confirm, ack, no job logic;
 //! 3. the real worker binary (a child process) with each idempotency backend asked for;
-//! 4. with `--amqps`, the store-off worker over TLS.
+//! 4. with `--amqps`, the store-off worker over TLS;
+//! 5. with `--otlp`, the store-off worker exporting its spans (OTLP/HTTP) to a receiver here that
+//!    discards them.
 //!
 //! Throughput is measured on the outcome side (first to last result seen by a consumer), with
 //! the queue filled before the consumer starts. Latency is measured separately, publishing at half
@@ -16,6 +18,7 @@ use lapin::Connection;
 use swr_stage_worker::config::{Config, Secret};
 
 use super::child::{child_phase, Child};
+use super::collector::DiscardingCollector;
 use super::endpoint::{endpoint_rate, fast_sim};
 use super::latency::latency_jobs;
 use super::{close_broker, connect_broker, report, BenchError};
@@ -55,6 +58,10 @@ pub struct BenchOptions {
     /// PEM file of the CA that signed the broker's certificate, for --amqps.
     #[arg(long, value_name = "PEM", default_value = "")]
     pub amqps_ca: String,
+    /// Also run the store-off worker with span export on (OTLP/HTTP to a receiver in this
+    /// process that accepts and discards), to compare with export off.
+    #[arg(long)]
+    pub otlp: bool,
 }
 
 /// One phase's figures.
@@ -84,6 +91,8 @@ enum Phase {
     Worker(String),
     /// The worker binary without a store, connected over amqps.
     WorkerAmqps,
+    /// The worker binary without a store, exporting its spans over OTLP.
+    WorkerOtlp,
 }
 
 impl Phase {
@@ -93,6 +102,7 @@ impl Phase {
         std::iter::once(Phase::Bare)
             .chain(options.stores.iter().cloned().map(Phase::Worker))
             .chain(options.amqps.then_some(Phase::WorkerAmqps))
+            .chain(options.otlp.then_some(Phase::WorkerOtlp))
             .collect()
     }
 
@@ -102,6 +112,7 @@ impl Phase {
             Phase::Bare => "bare loop".into(),
             Phase::Worker(store) => format!("worker, store {store}"),
             Phase::WorkerAmqps => "worker, store off, amqps".into(),
+            Phase::WorkerOtlp => "worker, store off, otlp export".into(),
         }
     }
 
@@ -124,6 +135,7 @@ impl Phase {
             }
             Phase::Worker(store) => Child::new(bench.base, store, &["run"]),
             Phase::WorkerAmqps => Child::new(&bench.amqps_base, "off", &["run"]),
+            Phase::WorkerOtlp => Child::new(&bench.otlp_base, "off", &["run"]),
         };
         let mut result = child_phase(bench.broker, &bench.sim_url, options, child).await?;
         result.name = self.name();
@@ -138,6 +150,8 @@ struct Bench<'a> {
     base: &'a Config,
     /// `base` on the `--amqps` URL with its CA (used only by [`Phase::WorkerAmqps`]).
     amqps_base: Config,
+    /// `base` exporting spans to the bench's receiver (used only by [`Phase::WorkerOtlp`]).
+    otlp_base: Config,
     sim_url: String,
     options: &'a BenchOptions,
 }
@@ -158,10 +172,19 @@ pub async fn run(base: Config, options: BenchOptions) -> Result<Vec<PhaseResult>
     let mut amqps_base = base.clone();
     amqps_base.amqp.url = Secret::new(options.amqps_url.as_str());
     amqps_base.amqp.tls.ca_file = options.amqps_ca.clone();
+    let collector = match options.otlp {
+        true => Some(DiscardingCollector::start().await?),
+        false => None,
+    };
+    let mut otlp_base = base.clone();
+    if let Some(collector) = &collector {
+        otlp_base.telemetry.otlp_endpoint = collector.url.clone();
+    }
     let bench = Bench {
         broker: &broker,
         base: &base,
         amqps_base,
+        otlp_base,
         sim_url: sim.url(),
         options: &options,
     };
@@ -174,6 +197,9 @@ pub async fn run(base: Config, options: BenchOptions) -> Result<Vec<PhaseResult>
     }
     let results = medians(&rounds);
     report::table(&rounds, &results, endpoint);
+    if let Some(collector) = &collector {
+        println!("otlp receiver: {}", collector.summary());
+    }
     close_broker(&broker, "bench done").await;
     sim.shutdown().await;
     Ok(results)
